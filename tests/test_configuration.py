@@ -1,0 +1,60 @@
+import pytest
+
+from medformer_hf import MedformerConfig
+from medformer_hf.configuration_medformer import AUTO_MAP
+
+from .conftest import TASKS, make_tiny_config
+
+
+def test_round_trip_keeps_tasks_and_vocabularies(tmp_path):
+    config = make_tiny_config()
+    config.save_pretrained(tmp_path)
+    loaded = MedformerConfig.from_pretrained(tmp_path)
+    assert loaded.tasks == config.tasks
+    assert loaded.tasks["pneumonia"]["id2label"] == {0: "normal", 1: "pneumonia"}
+    assert loaded.modality_names == config.modality_names
+    assert loaded.auto_map == AUTO_MAP
+
+
+def test_task_defaults_are_filled():
+    task = make_tiny_config().tasks["age"]
+    assert task == {
+        "type": "regression",
+        "num_labels": 2,
+        "id2label": {0: "LABEL_0", 1: "LABEL_1"},
+        "modality": "unknown",
+        "body_part": "unknown",
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_size": 30}, "hidden_size"),
+        ({"num_latents": 0}, "num_latents"),
+        ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"hidden_dropout_prob": -0.1}, "hidden_dropout_prob"),
+        ({"patch_size_3d": 2.5}, "patch_size_3d"),
+        ({"input_channels_2d": [1, 1]}, "input_channels_2d"),
+        ({"modality_names": ["ct", "unknown"]}, "modality_names"),
+        ({"ssl_tasks": ["jigsaw"]}, "ssl_tasks"),
+        ({"tasks": {"a.b": {"type": "binary", "num_labels": 2}}}, "without '.'"),
+        ({"tasks": {"x": {"type": "segmentation", "num_labels": 2}}}, "segmentation"),
+        ({"tasks": {"x": {"type": "binary", "num_labels": 3}}}, "num_labels=2"),
+        ({"tasks": {"x": {"type": "multiclass", "num_labels": 3, "modality": "sonar"}}}, "sonar"),
+    ],
+)
+def test_bad_values_raise_naming_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_tiny_config(**overrides)
+
+
+def test_add_task_validates_and_refuses_duplicates():
+    config = make_tiny_config()
+    config.add_task("derma", type="multiclass", num_labels=7, modality="dermatoscopy", body_part="skin")
+    assert config.task_output_size("derma") == 7
+    assert config.task_output_size("pneumonia") == 1
+    assert config.task_output_size("retina") == 4
+    with pytest.raises(ValueError, match="already exists"):
+        config.add_task("derma", type="binary", num_labels=2)
+    assert set(TASKS) < set(config.tasks)

@@ -1,0 +1,259 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medformer_hf import (
+    MedformerForImageClassification,
+    MedformerForMultiTask,
+    MedformerForPreTraining,
+    MedformerModel,
+    task_loss,
+    task_probabilities,
+)
+from medformer_hf.modeling_medformer import patchify, unpatchify
+
+from .conftest import make_tiny_config
+
+SHAPES = [(2, 1, 28, 28), (2, 1, 64, 64), (2, 3, 28, 28), (2, 3, 224, 224), (2, 1, 28, 28, 28), (2, 1, 64, 64, 64)]
+
+
+def test_one_model_reads_every_size_and_kind(tiny_config):
+    model = MedformerModel(tiny_config).eval()
+    for shape in SHAPES:
+        output = model(torch.randn(shape))
+        assert output.last_hidden_state.shape == (2, tiny_config.num_latents, tiny_config.hidden_size), shape
+        assert output.pooler_output.shape == (2, tiny_config.hidden_size)
+        assert torch.isfinite(output.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("field", ["modality_ids", "body_part_ids"])
+def test_context_ids_change_the_output(tiny_config, field):
+    model = MedformerModel(tiny_config).eval()
+    pixels = torch.randn(2, 1, 28, 28)
+    first = model(pixels, **{field: torch.tensor([1, 1])}).last_hidden_state
+    second = model(pixels, **{field: torch.tensor([2, 2])}).last_hidden_state
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_dimensionality_embedding_is_used(tiny_config):
+    context = MedformerModel(tiny_config).input_adaptformer.context_embeddings
+    ids = torch.zeros(1, dtype=torch.long)
+    assert not torch.allclose(context(2, ids, ids), context(3, ids, ids))
+
+
+def test_hidden_states_and_attentions(tiny_config):
+    model = MedformerModel(tiny_config).eval()
+    pixels = torch.randn(2, 1, 28, 28)
+    output = model(pixels, output_hidden_states=True, output_attentions=True)
+    assert len(output.hidden_states) == 1 + tiny_config.num_hidden_layers
+    cross, *body = output.attentions
+    assert cross.shape == (2, tiny_config.num_cross_attention_heads, tiny_config.num_latents, 49)
+    assert body[0].shape == (2, tiny_config.num_attention_heads, tiny_config.num_latents, tiny_config.num_latents)
+    torch.testing.assert_close(cross.sum(-1), torch.ones(cross.shape[:-1]))
+    # The explicit path that returns weights computes the same latents as SDPA.
+    torch.testing.assert_close(output.last_hidden_state, model(pixels).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12), (2, 1, 8, 4, 12)])
+def test_patchify_round_trip_and_order(shape):
+    pixels = torch.randn(shape)
+    patches = patchify(pixels, 4)
+    assert patches.shape == (2, math.prod(s // 4 for s in shape[2:]), shape[1] * 4 ** (len(shape) - 2))
+    torch.testing.assert_close(unpatchify(patches, shape, 4), pixels)
+    # Patch 1 is the second patch along the last axis, channels last within a patch.
+    index = (0, slice(None), *[slice(0, 4)] * (len(shape) - 3), slice(4, 8))
+    second = pixels[index]
+    torch.testing.assert_close(patches[0, 1], second.movedim(0, -1).reshape(-1))
+
+
+def test_masking_keeps_the_lowest_noise_patches(tiny_config):
+    model = MedformerModel(tiny_config).eval()
+    noise = torch.rand(2, 49)
+    output = model(torch.randn(2, 1, 28, 28), noise=noise)
+    kept = int(49 * (1 - tiny_config.mask_ratio))
+    assert output.mask.sum(1).tolist() == [49 - kept] * 2
+    assert torch.equal(output.mask[0] == 0, noise[0] <= noise[0].sort().values[kept - 1])
+
+
+# ------------------------------------------------------------------------------------------ losses against references
+
+
+def test_multiclass_loss_matches_hand_computation():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    expected = (-math.log(math.e**2 / (math.e**2 + math.e + 1)) - math.log(math.e**3 / (2 + math.e**3))) / 2
+    assert task_loss(logits, torch.tensor([0, 2]), "multiclass", 3).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_binary_loss_matches_hand_computation():
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = (-math.log(sigmoid(0.5)) - math.log(1 - sigmoid(-1.0))) / 2
+    loss = task_loss(torch.tensor([[0.5], [-1.0]]), torch.tensor([1, 0]), "binary", 2)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ordinal_loss_matches_hand_computation():
+    # 3 levels -> 2 cumulative logits: P(y > 0), P(y > 1). Label 1 means targets (1, 0).
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = (-math.log(sigmoid(1.0)) - math.log(1 - sigmoid(-2.0))) / 2
+    loss = task_loss(torch.tensor([[1.0, -2.0]]), torch.tensor([1]), "ordinal", 3)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multilabel_loss_matches_hand_computation():
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = (-math.log(sigmoid(2.0)) - math.log(1 - sigmoid(0.0))) / 2
+    loss = task_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 0.0]]), "multilabel", 2)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_regression_loss_matches_hand_computation():
+    loss = task_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "regression", 2)
+    assert loss.item() == pytest.approx((1 + 4) / 2)
+
+
+def test_ordinal_probabilities_are_a_distribution():
+    probabilities = task_probabilities(torch.tensor([[3.0, 0.0, -3.0], [-1.0, 2.0, 0.0]]), "ordinal")
+    assert probabilities.shape == (2, 4)
+    torch.testing.assert_close(probabilities.sum(-1), torch.ones(2))
+    assert (probabilities >= 0).all()
+    assert torch.equal(task_probabilities(torch.tensor([[0.0]]), "binary"), torch.tensor([[0.5, 0.5]]))
+
+
+def test_multitask_loss_is_the_sample_weighted_mean_of_task_losses(tiny_config):
+    model = MedformerForMultiTask(tiny_config).eval()
+    pixels = torch.randn(5, 1, 28, 28)
+    task_ids = torch.tensor([0, 1, 1, 0, 1])  # pneumonia, organ
+    labels = torch.tensor([[1], [7], [3], [0], [10]])
+    mixed = model(pixels, task=task_ids, labels=labels)
+    assert mixed.logits is None and set(mixed.task_logits) == {"pneumonia", "organ"}
+    assert mixed.task_indices["organ"].tolist() == [1, 2, 4]
+    expected = (
+        2 * task_loss(mixed.task_logits["pneumonia"], torch.tensor([1, 0]), "binary", 2)
+        + 3 * task_loss(mixed.task_logits["organ"], torch.tensor([7, 3, 10]), "multiclass", 11)
+    ) / 5
+    torch.testing.assert_close(mixed.loss, expected)
+    # The same samples alone, as single-task batches, give the same logits.
+    alone = model(pixels[[1, 2, 4]], task="organ")
+    torch.testing.assert_close(alone.logits, mixed.task_logits["organ"], atol=1e-5, rtol=1e-5)
+
+
+def test_multitask_output_widths(tiny_config):
+    model = MedformerForMultiTask(tiny_config).eval()
+    widths = {"pneumonia": 1, "organ": 11, "retina": 4, "chest": 3, "age": 2}
+    for name, width in widths.items():
+        assert model(torch.randn(2, 1, 28, 28), task=name).logits.shape == (2, width)
+
+
+def test_multitask_defaults_context_to_the_task(tiny_config):
+    model = MedformerForMultiTask(tiny_config).eval()
+    pixels = torch.randn(2, 1, 28, 28)
+    xray = tiny_config.modality_names.index("xray")
+    chest = tiny_config.body_part_names.index("chest")
+    implicit = model(pixels, task="pneumonia").logits
+    ids = {"modality_ids": torch.tensor([xray] * 2), "body_part_ids": torch.tensor([chest] * 2)}
+    explicit = model(pixels, task="pneumonia", **ids)
+    torch.testing.assert_close(implicit, explicit.logits)
+
+
+def test_image_classification_uses_transformers_conventions():
+    config = make_tiny_config(tasks=None, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    model = MedformerForImageClassification(config).eval()
+    labels = torch.tensor([0, 2])
+    output = model(torch.randn(2, 3, 28, 28), labels=labels)
+    assert output.logits.shape == (2, 3)
+    assert config.problem_type == "single_label_classification"
+    torch.testing.assert_close(output.loss, F.cross_entropy(output.logits, labels))
+
+
+# ------------------------------------------------------------------------------------------ weights and training
+
+
+def test_add_task_on_a_loaded_checkpoint_keeps_every_weight(tiny_config, tmp_path):
+    MedformerForMultiTask(tiny_config).save_pretrained(tmp_path)
+    model = MedformerForMultiTask.from_pretrained(tmp_path)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.add_task("derma", type="multiclass", num_labels=7, modality="dermatoscopy", body_part="skin")
+    after = model.state_dict()
+    new_keys = {f"task_heads.derma.{name}" for name in ("queries", "classifier.weight", "classifier.bias")}
+    assert set(after) - set(before) == new_keys
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    assert model(torch.randn(2, 3, 28, 28), task="derma").logits.shape == (2, 7)
+    # The grown model saves and reloads with its new task.
+    model.save_pretrained(tmp_path / "grown")
+    reloaded = MedformerForMultiTask.from_pretrained(tmp_path / "grown")
+    assert torch.equal(reloaded.task_heads["derma"].queries, model.task_heads["derma"].queries)
+
+
+def test_save_and_load_restore_every_parameter_and_buffer(tiny_config, tmp_path):
+    model = MedformerForPreTraining(tiny_config)
+    model.save_pretrained(tmp_path)
+    loaded = MedformerForPreTraining.from_pretrained(tmp_path)
+    original = dict(model.state_dict())
+    assert set(loaded.state_dict()) == set(original)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    assert (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("model_class", [MedformerForMultiTask, MedformerForPreTraining])
+@pytest.mark.parametrize("shape", [(3, 1, 28, 28), (3, 1, 16, 16, 16)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_config, model_class, shape):
+    model = model_class(tiny_config).train()
+    pixels = torch.randn(shape)
+    kwargs = {"task": "organ", "labels": torch.tensor([1, 5, 9])} if model_class is MedformerForMultiTask else {}
+    if model_class is MedformerForPreTraining:
+        kwargs["noise"] = torch.rand(6, math.prod(s // 4 for s in shape[2:]))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(pixels, **kwargs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = loss_and_grads()
+    model.activation_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.medformer.main_body.layers)
+    checkpointed_loss, checkpointed_grads = loss_and_grads()
+    torch.testing.assert_close(checkpointed_loss, loss, atol=1e-5, rtol=1e-5)
+    assert checkpointed_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (torch.randn(1, 28, 28), "rank 3"),
+        (torch.randn(2, 2, 28, 28), "no 2D patch embedding for 2-channel"),
+        (torch.randn(2, 3, 28, 28, 28), "no 3D patch embedding for 3-channel"),
+        (torch.randn(2, 1, 30, 28), "not a multiple of the 2D patch size 4"),
+        (torch.randint(0, 255, (2, 1, 28, 28)), "floating point"),
+        (torch.full((2, 1, 28, 28), float("nan")), "NaN"),
+    ],
+)
+def test_bad_pixels_raise_clear_errors(tiny_config, pixels, message):
+    with pytest.raises(ValueError, match=message):
+        MedformerModel(tiny_config)(pixels)
+
+
+def test_bad_task_and_labels_raise_clear_errors(tiny_config):
+    model = MedformerForMultiTask(tiny_config)
+    pixels = torch.randn(2, 1, 28, 28)
+    with pytest.raises(ValueError, match="Unknown task 'liver'; known tasks"):
+        model(pixels, task="liver")
+    with pytest.raises(ValueError, match="pass task=<name>"):
+        model(pixels)
+    with pytest.raises(ValueError, match=r"labels \[11\] outside 0..10"):
+        model(pixels, task="organ", labels=torch.tensor([3, 11]))
+    with pytest.raises(ValueError, match=r"labels \[2\] outside 0..1"):
+        model(pixels, task="pneumonia", labels=torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match="0/1 labels"):
+        model(pixels, task="chest", labels=torch.tensor([[0.0, 0.5, 1.0]] * 2))
+    with pytest.raises(ValueError, match="modality_ids has ids outside"):
+        model(pixels, task="organ", modality_ids=torch.tensor([0, 99]))

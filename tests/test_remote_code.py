@@ -1,0 +1,98 @@
+"""A saved folder loads with trust_remote_code in a process where `medformer_hf` cannot be imported."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from medformer_hf import MedformerForImageClassification, MedformerForMultiTask, MedformerForPreTraining, MedformerModel
+
+from .conftest import make_tiny_config
+
+LOADER = textwrap.dedent(
+    """
+    import sys
+    sys.modules["medformer_hf"] = None  # any import of our package now raises ImportError
+    try:
+        import medformer_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("medformer_hf is importable; the test would prove nothing")
+    import torch
+    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    folder, how, inputs_path, outputs_path = sys.argv[1:]
+    inputs = torch.load(inputs_path)
+    if how == "multitask":
+        model_class = get_class_from_dynamic_module("modeling_medformer.MedformerForMultiTask", folder)
+        model = model_class.from_pretrained(folder)
+    else:
+        autos = {"base": AutoModel, "classification": AutoModelForImageClassification}
+        auto = autos.get(how, AutoModelForPreTraining)
+        model = auto.from_pretrained(folder, trust_remote_code=True)
+    assert "transformers_modules" in type(model).__module__, type(model).__module__
+    with torch.no_grad():
+        output = model(**inputs)
+    key = "last_hidden_state" if how == "base" else "logits"
+    torch.save({"output": output[key], "class": type(model).__name__}, outputs_path)
+    """
+)
+
+CASES = {
+    "base": (MedformerModel, {}, "last_hidden_state"),
+    "multitask": (MedformerForMultiTask, {"task": "organ"}, "logits"),
+    "classification": (MedformerForImageClassification, {}, "logits"),
+    "pretraining": (MedformerForPreTraining, {"noise": torch.rand(4, 343)}, "logits"),
+}
+
+
+@pytest.mark.parametrize("how", list(CASES))
+def test_saved_folder_loads_without_the_package(how, tmp_path):
+    model_class, extra_inputs, key = CASES[how]
+    torch.manual_seed(0)
+    model = model_class(make_tiny_config()).eval()
+    inputs = {"pixel_values": torch.randn(2, 1, 28, 28, 28), **extra_inputs}
+    with torch.no_grad():
+        expected = model(**inputs)[key]
+
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    assert {"config.json", "model.safetensors", "modeling_medformer.py", "configuration_medformer.py"} <= {
+        path.name for path in saved.iterdir()
+    }
+    auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
+    assert {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"} <= set(auto_map)
+
+    elsewhere = shutil.copytree(saved, tmp_path / "copied elsewhere")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HF_HOME"] = str(tmp_path / "hf_home")
+    environment["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(elsewhere), how, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = torch.load(tmp_path / "out.pt")
+    assert loaded["class"] == model_class.__name__
+    assert (loaded["output"] - expected).abs().max().item() <= 1e-6
+
+
+def test_installed_package_loads_without_trust_remote_code(tmp_path):
+    model = MedformerForPreTraining(make_tiny_config())
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is MedformerModel
+    assert torch.equal(base.input_adaptformer.latents, model.medformer.input_adaptformer.latents)
