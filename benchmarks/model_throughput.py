@@ -1,7 +1,7 @@
 """Training-step throughput of Medformer: forward + backward + AdamW step, images/s, median over repeats.
 
-    python benchmarks/model_throughput.py                       # default config, batch 64, 28x28 and 28^3, CPU
-    python benchmarks/model_throughput.py --shapes 1x64x64x64 --device cuda --dtype bfloat16
+python benchmarks/model_throughput.py                       # default config, batch 64, 28x28 and 28^3, CPU
+python benchmarks/model_throughput.py --shapes 1x64x64x64 --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ from transformers import get_cosine_schedule_with_warmup
 from medformer_hf import MedformerConfig, MedformerForPreTraining
 
 MODEL_SIZES = {
-    "tiny": dict(hidden_size=64, num_latents=32, num_hidden_layers=2, num_attention_heads=4, num_cross_attention_heads=2),
+    "tiny": dict(
+        hidden_size=64, num_latents=32, num_hidden_layers=2, num_attention_heads=4, num_cross_attention_heads=2
+    ),
     "small": dict(hidden_size=128, num_latents=48, num_hidden_layers=4, num_attention_heads=4),
     "base": dict(),  # MedformerConfig defaults
 }
@@ -67,7 +69,8 @@ def main() -> None:
     datasets = load_train_images(args.data_dir)
     sizes = np.array([len(images) for images in datasets.values()], dtype=float)
     probabilities = sizes**args.sampling_alpha / (sizes**args.sampling_alpha).sum()
-    accelerator.print({name: f"{len(images)} images, p={p:.2f}" for (name, images), p in zip(datasets.items(), probabilities)})
+    for (name, images), probability in zip(datasets.items(), probabilities, strict=True):
+        accelerator.print(f"{name}: {len(images)} train images, drawn with p={probability:.2f}")
 
     model = MedformerForPreTraining(MedformerConfig(**MODEL_SIZES[args.model_size]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
