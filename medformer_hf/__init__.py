@@ -4,9 +4,16 @@ Importing the package registers Medformer with the Auto classes, so `AutoModel.f
 `trust_remote_code` where the package is installed; saved folders also carry the code for machines where it is not.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForPreTraining,
+)
 
 from .configuration_medformer import MedformerConfig
+from .image_processing_medformer import CT_WINDOWS, MedformerImageProcessor, MedicalImage, load_dicom, load_nifti
 from .modeling_medformer import (
     MedformerForImageClassification,
     MedformerForMultiTask,
@@ -24,11 +31,21 @@ AutoConfig.register("medformer", MedformerConfig, exist_ok=True)
 AutoModel.register(MedformerConfig, MedformerModel, exist_ok=True)
 AutoModelForPreTraining.register(MedformerConfig, MedformerForPreTraining, exist_ok=True)
 AutoModelForImageClassification.register(MedformerConfig, MedformerForImageClassification, exist_ok=True)
+AutoImageProcessor.register(
+    MedformerConfig,
+    image_processor_classes={"torchvision": MedformerImageProcessor, "pil": MedformerImageProcessor},
+    exist_ok=True,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CT_WINDOWS",
     "MedformerConfig",
+    "MedformerImageProcessor",
+    "MedicalImage",
+    "load_dicom",
+    "load_nifti",
     "MedformerForImageClassification",
     "MedformerForMultiTask",
     "MedformerForPreTraining",

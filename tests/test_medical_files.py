@@ -1,0 +1,109 @@
+"""Real medical files bundled with pydicom and nibabel (and Debian's mricron-data where installed).
+
+None of these files is copied into the project: the tests find them in the installed packages.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medformer_hf import MedformerImageProcessor, MedformerModel, load_dicom, load_nifti
+
+from .conftest import make_tiny_config
+
+pydicom = pytest.importorskip("pydicom")
+nibabel = pytest.importorskip("nibabel")
+from pydicom.data import get_testdata_file  # noqa: E402
+
+NIBABEL_DATA = Path(nibabel.__file__).parent / "tests" / "data"
+MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
+
+
+def _through_model(image, config, **processor_kwargs):
+    """The loaded file goes into the processor as it is: it carries its layout, modality and body part."""
+    processor = MedformerImageProcessor.from_model_config(config)
+    inputs = processor(image, **processor_kwargs)
+    assert inputs.modality_ids.item() == config.modality_names.index(image.modality)
+    assert inputs.body_part_ids.item() == config.body_part_names.index(image.body_part)
+    output = MedformerModel(config).eval()(**inputs)
+    assert torch.isfinite(output.last_hidden_state).all()
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("name", "modality", "body_part", "kwargs"),
+    [
+        ("CT_small.dcm", "ct", "unknown", {"window": "soft_tissue"}),
+        ("MR_small.dcm", "mri", "unknown", {"normalization": "image", "rescale_range": [0, 4096]}),
+        ("examples_overlay.dcm", "mri", "abdomen", {"normalization": "image", "rescale_range": [0, 4096]}),
+        ("examples_rgb_color.dcm", "ultrasound", "unknown", {"rescale_range": [0, 255]}),
+    ],
+)
+def test_bundled_dicom_files_load_with_their_tags(name, modality, body_part, kwargs):
+    image = load_dicom(get_testdata_file(name))
+    assert (image.modality, image.body_part) == (modality, body_part)
+    config = make_tiny_config()
+    inputs = _through_model(image, config, size_2d=[64, 64], **kwargs)
+    assert inputs.modality_ids.item() == config.modality_names.index(modality)
+
+
+def test_ct_dicom_comes_out_in_hounsfield_units():
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    image = load_dicom(get_testdata_file("CT_small.dcm"))
+    expected = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
+    np.testing.assert_array_equal(image.array, expected)
+    assert float(dataset.RescaleIntercept) == -1024 and image.array.min() < 0
+
+
+@pytest.mark.parametrize("positions", [[20.0, 0.0, 10.0, 30.0], [10.0, 0.0, 20.0]], ids=["4-slices", "3-slices"])
+def test_a_folder_of_dicom_slices_stacks_by_position(tmp_path, positions):
+    """Slices written out of order come back sorted; 3 slices stay a volume (not an RGB image)."""
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for order, z in enumerate(positions):
+        dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.ImagePositionPatient = [source.ImagePositionPatient[0], source.ImagePositionPatient[1], z]
+        dataset.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        arr = dataset.pixel_array.copy()
+        arr[0, 0] = int(z)  # marks the slice
+        dataset.PixelData = arr.tobytes()
+        dataset.save_as(tmp_path / f"slice_{order}.dcm")
+    volume = load_dicom(tmp_path)
+    assert volume.array.shape == (len(positions), 128, 128) and volume.modality == "ct"
+    marks = volume.array[:, 0, 0] - float(source.RescaleIntercept)
+    assert marks.tolist() == sorted(positions)
+    assert volume.spacing[0] == 10.0
+    inputs = _through_model(volume, make_tiny_config(), window="lung", size_3d=[8, 32, 32])
+    assert inputs.pixel_values.shape == (1, 1, 8, 32, 32)
+
+
+def test_bundled_nifti_loads_and_runs(tmp_path):
+    image = load_nifti(NIBABEL_DATA / "anatomical.nii", modality="mri", body_part="brain")
+    # NIfTI's (x, y, z) = (33, 41, 25) comes out as (D, H, W) = (z, y, x).
+    assert image.array.shape == (25, 41, 33) and image.spatial_dims == 3 and image.spacing is not None
+    _through_model(image, make_tiny_config(), normalization="image", size_3d=[16, 16, 16])
+    series = load_nifti(NIBABEL_DATA / "example4d.nii.gz", volume=1)
+    assert series.array.ndim == 3 and series.modality == "unknown"
+    with pytest.raises(ValueError, match="volume=<index>"):
+        load_nifti(NIBABEL_DATA / "example4d.nii.gz")
+    with pytest.raises(FileNotFoundError, match="No NIfTI file"):
+        load_nifti(tmp_path / "missing.nii.gz")
+
+
+@pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")
+@pytest.mark.parametrize("name", ["ch2.nii.gz", "ch2better.nii.gz", "inia19-t1-brain.nii.gz"])
+def test_mricron_brain_templates_load_and_run(name):
+    path = MRICRON_TEMPLATES / name
+    if not path.exists():
+        pytest.skip(f"{path} is not in this mricron-data version")
+    image = load_nifti(path, modality="mri", body_part="brain")
+    assert image.array.ndim == 3 and min(image.array.shape) > 50
+    _through_model(image, make_tiny_config(), normalization="image", size_3d=[32, 32, 32])
+
+
+def test_missing_optional_dependency_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install 'medformer-hf\[medical\]'"):
+        load_dicom(get_testdata_file("CT_small.dcm"))
