@@ -11,7 +11,13 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from medformer_hf import MedformerForImageClassification, MedformerForMultiTask, MedformerForPreTraining, MedformerModel
+from medformer_hf import (
+    MedformerForImageClassification,
+    MedformerForMultiTask,
+    MedformerForPreTraining,
+    MedformerImageProcessor,
+    MedformerModel,
+)
 
 from .conftest import make_tiny_config
 
@@ -26,11 +32,17 @@ LOADER = textwrap.dedent(
     else:
         raise SystemExit("medformer_hf is importable; the test would prove nothing")
     import torch
-    from transformers import AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     folder, how, inputs_path, outputs_path = sys.argv[1:]
     inputs = torch.load(inputs_path)
+    if how == "processor":
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert "transformers_modules" in type(processor).__module__, type(processor).__module__
+        features = processor(inputs["image"].numpy(), modality="ct")
+        torch.save({"output": features["pixel_values"], "class": type(processor).__name__}, outputs_path)
+        raise SystemExit(0)
     if how == "multitask":
         model_class = get_class_from_dynamic_module("modeling_medformer.MedformerForMultiTask", folder)
         model = model_class.from_pretrained(folder)
@@ -54,6 +66,25 @@ CASES = {
 }
 
 
+def run_without_the_package(folder, how: str, inputs: dict, tmp_path) -> dict:
+    """Run LOADER on a copy of `folder` in a fresh process where `import medformer_hf` fails."""
+    elsewhere = shutil.copytree(folder, tmp_path / "copied elsewhere")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    environment["HF_HOME"] = str(tmp_path / "hf_home")
+    environment["HF_HUB_OFFLINE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(elsewhere), how, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
 @pytest.mark.parametrize("how", list(CASES))
 def test_saved_folder_loads_without_the_package(how, tmp_path):
     model_class, extra_inputs, key = CASES[how]
@@ -71,23 +102,18 @@ def test_saved_folder_loads_without_the_package(how, tmp_path):
     auto_map = json.loads((saved / "config.json").read_text())["auto_map"]
     assert {"AutoConfig", "AutoModel", "AutoModelForPreTraining", "AutoModelForImageClassification"} <= set(auto_map)
 
-    elsewhere = shutil.copytree(saved, tmp_path / "copied elsewhere")
-    torch.save(inputs, tmp_path / "inputs.pt")
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    environment["HF_HOME"] = str(tmp_path / "hf_home")
-    environment["HF_HUB_OFFLINE"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(elsewhere), how, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = torch.load(tmp_path / "out.pt")
+    loaded = run_without_the_package(saved, how, inputs, tmp_path)
     assert loaded["class"] == model_class.__name__
     assert (loaded["output"] - expected).abs().max().item() <= 1e-6
+
+
+def test_saved_processor_loads_without_the_package(tmp_path):
+    processor = MedformerImageProcessor(window="lung", size_3d=[8, 8, 8])
+    processor.save_pretrained(tmp_path / "saved")
+    volume = torch.randint(-1024, 2000, (6, 10, 10), dtype=torch.int16)
+    loaded = run_without_the_package(tmp_path / "saved", "processor", {"image": volume}, tmp_path)
+    assert loaded["class"] == "MedformerImageProcessor"
+    assert torch.equal(loaded["output"], processor(volume.numpy(), modality="ct").pixel_values)
 
 
 def test_installed_package_loads_without_trust_remote_code(tmp_path):
