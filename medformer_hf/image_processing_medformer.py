@@ -376,7 +376,9 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
             layout = item.layout
         else:
             layout = _image_layout(tuple(array.shape[1:] if batched else array.shape), spatial_dims, data_format)
-        tensor = torch.as_tensor(np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array)
+        if isinstance(array, np.ndarray):  # torch cannot share read-only buffers (memmaps, Arrow views): copy those
+            array = np.ascontiguousarray(array) if array.flags.writeable else np.array(array)
+        tensor = torch.as_tensor(array)
         tensor = tensor if batched else tensor[None]
         if layout in ("HW", "DHW"):
             tensor = tensor[:, None]

@@ -1,0 +1,26 @@
+"""MedMNIST through Hugging Face `datasets`: the catalogue, the loader, and multi-task batching."""
+
+from .catalogue import CATALOGUE, MedMNISTInfo, dataset_info
+from .medmnist import default_cache_dir, load_medmnist
+from .multitask import (
+    MedformerCollator,
+    MultiTaskDataset,
+    TaskBatchSampler,
+    build_multitask_dataset,
+    multitask_dataloader,
+    stratified_subset,
+)
+
+__all__ = [
+    "CATALOGUE",
+    "MedMNISTInfo",
+    "MedformerCollator",
+    "MultiTaskDataset",
+    "TaskBatchSampler",
+    "build_multitask_dataset",
+    "dataset_info",
+    "default_cache_dir",
+    "load_medmnist",
+    "multitask_dataloader",
+    "stratified_subset",
+]

@@ -1,0 +1,107 @@
+"""The MedMNIST catalogue: what `medmnist.INFO` says of each dataset, plus what it lacks (modality, body part).
+
+Everything here is data: a new dataset is a new row, never a new code branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from medmnist import INFO
+
+# What medmnist.INFO does not say, in the vocabularies of MedformerConfig.
+MEDMNIST_CONTEXT = {
+    "pathmnist": {"modality": "pathology", "body_part": "colon"},
+    "chestmnist": {"modality": "xray", "body_part": "chest"},
+    "dermamnist": {"modality": "dermatoscopy", "body_part": "skin"},
+    "octmnist": {"modality": "oct", "body_part": "eye"},
+    "pneumoniamnist": {"modality": "xray", "body_part": "chest"},
+    "retinamnist": {"modality": "fundus", "body_part": "eye"},
+    "breastmnist": {"modality": "ultrasound", "body_part": "breast"},
+    "bloodmnist": {"modality": "microscopy", "body_part": "blood"},
+    "tissuemnist": {"modality": "microscopy", "body_part": "kidney"},
+    "organamnist": {"modality": "ct", "body_part": "abdomen"},
+    "organcmnist": {"modality": "ct", "body_part": "abdomen"},
+    "organsmnist": {"modality": "ct", "body_part": "abdomen"},
+    "organmnist3d": {"modality": "ct", "body_part": "abdomen"},
+    "nodulemnist3d": {"modality": "ct", "body_part": "chest"},
+    "adrenalmnist3d": {"modality": "ct", "body_part": "abdomen"},
+    "fracturemnist3d": {"modality": "ct", "body_part": "chest"},
+    "vesselmnist3d": {"modality": "mra", "body_part": "brain"},
+    "synapsemnist3d": {"modality": "electron_microscopy", "body_part": "brain"},
+}
+# MedMNIST task names -> MedformerConfig task types.
+TASK_TYPES = {
+    "multi-class": "multiclass",
+    "binary-class": "binary",
+    "multi-label, binary-class": "multilabel",
+    "ordinal-regression": "ordinal",
+}
+# Our split names (the `datasets` convention) -> the npz key prefixes.
+SPLITS = {"train": "train", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class MedMNISTInfo:
+    """One MedMNIST dataset as the loader and the model need it."""
+
+    name: str
+    spatial_dims: int
+    num_channels: int
+    task_type: str
+    labels: tuple[str, ...]
+    split_sizes: dict[str, int]
+    modality: str
+    body_part: str
+    license: str
+    sizes: tuple[int, ...]
+    urls: dict[int, str]
+    md5s: dict[int, str]
+
+    def filename(self, size: int) -> str:
+        """The official file name: `pneumoniamnist.npz` at 28, `pneumoniamnist_64.npz` otherwise."""
+        return f"{self.name}.npz" if size == 28 else f"{self.name}_{size}.npz"
+
+    def image_shape(self, size: int) -> tuple[int, ...]:
+        """Channels-first shape of one image: (C, H, W) or (1, D, H, W)."""
+        return (self.num_channels, *([size] * self.spatial_dims))
+
+    def task_spec(self) -> dict[str, Any]:
+        """The entry for `MedformerConfig(tasks={name: ...})`."""
+        return {
+            "type": self.task_type,
+            "labels": list(self.labels),
+            "modality": self.modality,
+            "body_part": self.body_part,
+        }
+
+
+def _from_info(name: str, info: dict[str, Any]) -> MedMNISTInfo:
+    sizes = tuple(sorted(int(key.split("_")[1]) if "_" in key else 28 for key in info if key.startswith("url")))
+    suffix = {size: "" if size == 28 else f"_{size}" for size in sizes}
+    return MedMNISTInfo(
+        name=name,
+        spatial_dims=3 if name.endswith("3d") else 2,
+        num_channels=info["n_channels"],
+        task_type=TASK_TYPES[info["task"]],
+        labels=tuple(info["label"][str(i)] for i in range(len(info["label"]))),
+        split_sizes={ours: info["n_samples"][theirs] for ours, theirs in SPLITS.items()},
+        modality=MEDMNIST_CONTEXT[name]["modality"],
+        body_part=MEDMNIST_CONTEXT[name]["body_part"],
+        license=info["license"],
+        sizes=sizes,
+        urls={size: info[f"url{suffix[size]}"] for size in sizes},
+        md5s={size: info[f"MD5{suffix[size]}"] for size in sizes},
+    )
+
+
+CATALOGUE: dict[str, MedMNISTInfo] = {name: _from_info(name, info) for name, info in INFO.items()}
+
+
+def dataset_info(name: str) -> MedMNISTInfo:
+    """Catalogue entry of `name` (case-insensitive), or a ValueError that lists the known names."""
+    key = name.lower()
+    if key not in CATALOGUE:
+        raise ValueError(f"Unknown MedMNIST dataset {name!r}; known: {sorted(CATALOGUE)}.")
+    return CATALOGUE[key]
