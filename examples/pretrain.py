@@ -1,103 +1,103 @@
-"""Self-supervised pre-training of Medformer on every MedMNIST file in a folder, 2D and 3D together.
+"""Self-supervised pre-training of Medformer on MedMNIST, 2D and 3D together (labels unused).
 
     accelerate launch examples/pretrain.py --data_dir ../shared/data/medmnist
 
-Each step draws one dataset (temperature sampling, p ~ n^alpha, the same draw on every process), so a batch has one
-input shape; labels are never read. The result is a folder that loads with
-`AutoModel.from_pretrained(<output_dir>, trust_remote_code=True)`.
+Each step draws one dataset (p ~ n^alpha, the same draw on every process), so a batch has one input shape. Writes
+a Hub-ready folder (model, image processor, model card) to --output_dir, resumable checkpoints to
+<output_dir>/checkpoints, TensorBoard logs to <output_dir>/runs and reconstruction PNGs to <output_dir>/reconstructions.
 """
 
-from __future__ import annotations
-
 import argparse
-import math
-import os
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
-from medformer_hf import MedformerConfig, MedformerForPreTraining
-
-MODEL_SIZES = {
-    "tiny": dict(
-        hidden_size=64, num_latents=32, num_hidden_layers=2, num_attention_heads=4, num_cross_attention_heads=2
-    ),
-    "small": dict(hidden_size=128, num_latents=48, num_hidden_layers=4, num_attention_heads=4),
-    "base": dict(),  # MedformerConfig defaults
-}
+from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImageProcessor
+from medformer_hf.data import MedformerCollator, build_multitask_dataset, multitask_dataloader
+from medformer_hf.hub import HubError, push_folder, write_model_card
+from medformer_hf.training import (
+    MODEL_SIZES,
+    CheckpointManager,
+    TrainState,
+    add_common_arguments,
+    check_common_arguments,
+    create_accelerator,
+    create_optimizer,
+    train,
+)
+from medformer_hf.visualization import save_reconstruction_grid
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data_dir", default=os.environ.get("MEDMNIST_ROOT"), help="folder of MedMNIST .npz files")
-    parser.add_argument("--output_dir", default="outputs/pretrain")
+    add_common_arguments(parser, default_output_dir="outputs/pretrain")
     parser.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny")
-    parser.add_argument("--max_steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--warmup_steps", type=int, default=30)
-    parser.add_argument("--sampling_alpha", type=float, default=0.5, help="dataset i drawn with p ~ n_i^alpha")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
     args = parser.parse_args()
-    if args.data_dir is None or not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir {args.data_dir!r} is not a folder; pass the folder of MedMNIST .npz files.")
-    if not sorted(Path(args.data_dir).glob("*.npz")):
-        parser.error(f"no .npz files in {args.data_dir}; put MedMNIST files (e.g. pneumoniamnist.npz) there.")
+    check_common_arguments(parser, args)
     return args
-
-
-def load_train_images(data_dir: str) -> dict[str, np.ndarray]:
-    """Train images of every npz in `data_dir`, channels first: (N, C, H, W) or (N, 1, D, H, W), uint8."""
-    images = {}
-    for path in sorted(Path(data_dir).glob("*.npz")):
-        array = np.load(path)["train_images"]
-        is_rgb = array.ndim == 4 and array.shape[-1] == 3
-        images[path.stem] = np.moveaxis(array, -1, 1) if is_rgb else array[:, None]
-    return images
 
 
 def main() -> None:
     args = parse_args()
-    accelerator = Accelerator()
+    accelerator = create_accelerator(args, "medformer-pretrain")
     set_seed(args.seed)
-    datasets = load_train_images(args.data_dir)
-    sizes = np.array([len(images) for images in datasets.values()], dtype=float)
-    probabilities = sizes**args.sampling_alpha / (sizes**args.sampling_alpha).sum()
-    for (name, images), probability in zip(datasets.items(), probabilities, strict=True):
-        accelerator.print(f"{name}: {len(images)} train images, drawn with p={probability:.2f}")
-
-    model = MedformerForPreTraining(MedformerConfig(**MODEL_SIZES[args.model_size]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    with accelerator.main_process_first():
+        dataset = build_multitask_dataset(
+            args.datasets, split="train", with_labels=False, size=args.size, data_dir=args.data_dir
+        )
+    config = MedformerConfig(**MODEL_SIZES[args.model_size], mask_ratio=args.mask_ratio)
+    processor = MedformerImageProcessor.from_model_config(config)
+    collator = MedformerCollator(dataset, processor)
+    loader = multitask_dataloader(
+        dataset, collator, args.batch_size, args.sampling_alpha, args.seed, num_workers=args.num_workers
+    )
+    model = MedformerForPreTraining(config)
+    optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
+    checkpoints.resume(args.resume_from_checkpoint)
 
-    # Same dataset draw on every process; each process samples its own images from it.
-    dataset_rng = np.random.default_rng(args.seed)
-    image_rng = np.random.default_rng(args.seed + 1 + accelerator.process_index)
-    names = list(datasets)
-    progress = tqdm(range(args.max_steps), disable=not accelerator.is_local_main_process)
-    for step in progress:
-        name = names[dataset_rng.choice(len(names), p=probabilities)]
-        indices = image_rng.integers(0, len(datasets[name]), args.batch_size)
-        pixel_values = torch.from_numpy(datasets[name][indices]).to(accelerator.device, torch.float32) / 255
-        loss = model(pixel_values).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at step {step} on {name}; lower --learning_rate.")
-        progress.set_postfix(dataset=name, loss=f"{loss.item():.4f}")
+    def compute_loss(model, batch):
+        output = model(batch["pixel_values"], modality_ids=batch["modality_ids"], body_part_ids=batch["body_part_ids"])
+        scalars = {"train/reconstruction_loss": output.reconstruction_loss.item()}
+        if output.agreement_loss is not None:
+            scalars["train/agreement_loss"] = output.agreement_loss.item()
+        return output.loss, scalars
+
+    start = dict(zip(dataset.names, dataset.offsets, strict=False))
+    previews = {name: collator(dataset.__getitems__(list(range(start[name], start[name] + 8)))) for name in start}
+
+    def save_previews(step: int) -> None:
+        if accelerator.is_main_process:
+            for name, batch in previews.items():
+                path = Path(args.output_dir) / "reconstructions" / f"step_{step:08d}_{name}.png"
+                save_reconstruction_grid(
+                    accelerator.unwrap_model(model), batch["pixel_values"].to(accelerator.device), path
+                )
+
+    train(accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, save_previews)
 
     accelerator.wait_for_everyone()
     accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
-    accelerator.print(f"saved to {args.output_dir}")
+    if accelerator.is_main_process:
+        processor.save_pretrained(args.output_dir)
+        training = (
+            f"Self-supervised pre-training (masked reconstruction + view agreement) on the train splits of "
+            f"{', '.join(args.datasets)} at {args.size} px: {args.max_steps} steps of {args.batch_size} x "
+            f"{accelerator.num_processes} images, learning rate {args.learning_rate}, seed {args.seed}."
+        )
+        write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)
+        accelerator.print(f"saved to {args.output_dir}")
+        if args.push_to_hub:
+            try:
+                accelerator.print(f"pushed: {push_folder(args.output_dir, args.hub_model_id, args.hub_token)}")
+            except HubError as error:
+                sys.exit(f"error: {error}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def test_sampler_is_deterministic_and_epochs_differ():
     assert batches(0) == batches(0)
     assert batches(0) != batches(1)
     assert batches(0, seed=1) != batches(0)
+    resumed = TaskBatchSampler([30, 50], batch_size=4, seed=0, num_batches=10, num_replicas=1, rank=0)
+    resumed.set_epoch(1, start_batch=6)
+    assert len(resumed) == 4 and list(resumed) == batches(1)[6:]
 
 
 def test_ranks_take_the_same_task_and_disjoint_samples():

@@ -159,20 +159,24 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.rank = rank
         self.num_batches = num_batches or max(1, sum(self.sizes) // (batch_size * num_replicas))
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Use a fresh, reproducible order for each epoch (call before iterating, like DistributedSampler)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use a fresh, reproducible order for each epoch (call before iterating, like DistributedSampler).
+
+        `start_batch` resumes mid-epoch: the first batches are drawn but not yielded, so no data is read for them.
+        """
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches - self.start_batch
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         orders = [rng.permutation(size) for size in self.sizes]
         positions = [0] * len(self.sizes)
         global_batch = self.batch_size * self.num_replicas
-        for _ in range(self.num_batches):
+        for batch_index in range(self.num_batches):
             task = int(rng.choice(len(self.sizes), p=self.probabilities))
             size, start = self.sizes[task], positions[task]
             if start + global_batch > size:  # a global batch never straddles two passes, so it has no repeats
@@ -184,6 +188,8 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
                 else np.resize(orders[task], global_batch)
             )
             positions[task] = start + global_batch
+            if batch_index < self.start_batch:
+                continue
             mine = picked[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             yield [int(self.offsets[task] + index) for index in mine]
 

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
-
-import evaluate
+from types import ModuleType
+from typing import Any
 
 MEDMNIST_METRIC_PATH = Path(__file__).parent / "medmnist_classification"
 
 
-def load_medmnist_metric(task_type: str) -> evaluate.EvaluationModule:
-    """The MedMNIST ACC/AUC metric for one task type, loaded offline from the package (in memory, no cache locks)."""
-    return evaluate.load(str(MEDMNIST_METRIC_PATH), task_type, keep_in_memory=True)
+def _evaluate_library() -> ModuleType:
+    """The `evaluate` library, even when a folder with an `evaluate.py` script (such as `examples/`) is first on
+    `sys.path`, as it is for any script run from that folder."""
+    module = sys.modules.get("evaluate")
+    if module is not None and hasattr(module, "EvaluationModule"):
+        return module
+    shadowing = [entry for entry in sys.path if (Path(entry or ".") / "evaluate.py").is_file()]
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in sys.path if entry not in shadowing]
+    try:
+        sys.modules.pop("evaluate", None)
+        return importlib.import_module("evaluate")
+    finally:
+        sys.path[:] = saved
+
+
+def load_medmnist_metric(task_type: str) -> Any:
+    """The MedMNIST ACC/AUC metric (an `evaluate.EvaluationModule`) for one task type, loaded offline from the
+    package, in memory (no cache locks between processes)."""
+    return _evaluate_library().load(str(MEDMNIST_METRIC_PATH), task_type, keep_in_memory=True)
 
 
 __all__ = ["MEDMNIST_METRIC_PATH", "load_medmnist_metric"]

@@ -1,0 +1,77 @@
+"""Test-split ACC and AUC per dataset of a Medformer multi-task checkpoint, with the MedMNIST evaluator's definitions.
+
+    accelerate launch examples/evaluate.py --model outputs/finetune --data_dir ../shared/data/medmnist
+
+Writes metrics.json, metrics.md (next to MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir
+(default: the model folder), and the metrics into the folder's model card (README.md, with a `model-index`).
+Every test sample is counted exactly once, also across processes.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
+from medformer_hf.hub import metrics_table, write_model_card
+from medformer_hf.training import evaluate_tasks
+from medformer_hf.visualization import save_confusion_matrix
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="folder written by finetune.py (or any multi-task checkpoint)")
+    parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
+    parser.add_argument("--datasets", nargs="+", help="default: every task of the model")
+    parser.add_argument("--split", choices=["test", "validation"], default="test")
+    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--output_dir", help="default: the model folder")
+    args = parser.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+    tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
+    args.datasets = args.datasets or [name for name in tasks if name in CATALOGUE]
+    missing = [name for name in args.datasets if name not in tasks]
+    if missing or not args.datasets:
+        parser.error(f"the model has no head for {missing or 'any MedMNIST set'}; its tasks are {sorted(tasks)}.")
+    args.output_dir = Path(args.output_dir or args.model)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    accelerator = Accelerator()
+    model = accelerator.prepare(MedformerForMultiTask.from_pretrained(args.model, dtype="float32"))
+    processor = MedformerImageProcessor.from_model_config(accelerator.unwrap_model(model).config)
+    task_names = list(accelerator.unwrap_model(model).config.tasks)
+    with accelerator.main_process_first():
+        datasets = {
+            name: build_multitask_dataset([name], args.split, size=args.size, data_dir=args.data_dir)
+            for name in args.datasets
+        }
+    collators = {name: MedformerCollator(data, processor, task_names) for name, data in datasets.items()}
+    metrics, predictions = evaluate_tasks(accelerator, model, datasets, collators, args.batch_size)
+
+    if accelerator.is_main_process:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "metrics.json").write_text(json.dumps({"split": args.split, "metrics": metrics}, indent=2))
+        table = metrics_table(metrics)
+        (args.output_dir / "metrics.md").write_text(f"{args.split} split of {args.model}\n\n{table}\n")
+        for name, (scores, labels) in predictions.items():
+            if CATALOGUE[name].task_type != "multilabel":
+                path = args.output_dir / "confusion_matrices" / f"{name}_{args.split}.png"
+                save_confusion_matrix(
+                    labels, scores.argmax(1), list(CATALOGUE[name].labels), path, f"{name} {args.split}"
+                )
+        if args.output_dir == Path(args.model):
+            write_model_card(args.model, metrics=metrics, datasets=args.datasets, tasks=task_names, split=args.split)
+        print(table)
+
+
+if __name__ == "__main__":
+    main()

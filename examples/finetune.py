@@ -1,0 +1,149 @@
+"""Multi-task fine-tuning of Medformer on MedMNIST sets, from scratch or from a (pre-trained) checkpoint.
+
+    accelerate launch examples/finetune.py --data_dir ../shared/data/medmnist --init_from outputs/pretrain
+
+One head per dataset; each step trains one dataset's batch (p ~ n^alpha, the same on every process). At every
+checkpoint the model is evaluated on the validation splits; the best mean validation AUC is exported to
+--output_dir (model, image processor, card, validation metrics, confusion matrices). The test split is never read.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from accelerate.utils import set_seed
+
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
+from medformer_hf.hub import HubError, metrics_table, push_folder, write_model_card
+from medformer_hf.training import (
+    MODEL_SIZES,
+    CheckpointManager,
+    TrainState,
+    add_common_arguments,
+    check_common_arguments,
+    create_accelerator,
+    create_optimizer,
+    evaluate_tasks,
+    train,
+)
+from medformer_hf.visualization import save_confusion_matrix
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_common_arguments(parser, default_output_dir="outputs/finetune")
+    parser.add_argument("--init_from", help="Medformer checkpoint folder or Hub id (default: from scratch)")
+    parser.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny", help="when from scratch")
+    parser.add_argument("--label_fraction", type=float, default=1.0, help="share of training labels kept, (0, 1]")
+    args = parser.parse_args()
+    if not 0.0 < args.label_fraction <= 1.0:
+        parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
+    check_common_arguments(parser, args)
+    return args
+
+
+def build_model(args: argparse.Namespace) -> MedformerForMultiTask:
+    """A multi-task model with one head per dataset: the checkpoint's weights where it has them, new heads else."""
+    tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
+    if args.init_from is None:
+        return MedformerForMultiTask(MedformerConfig(**MODEL_SIZES[args.model_size], tasks=tasks))
+    config = MedformerConfig.from_pretrained(args.init_from)
+    for name, spec in tasks.items():
+        if name not in config.tasks:
+            config.add_task(name, **spec)
+    return MedformerForMultiTask.from_pretrained(args.init_from, config=config, dtype="float32")
+
+
+def main() -> None:
+    args = parse_args()
+    accelerator = create_accelerator(args, "medformer-finetune")
+    set_seed(args.seed)
+    load = dict(size=args.size, data_dir=args.data_dir)
+    with accelerator.main_process_first():
+        train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
+        validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
+    model = build_model(args)
+    processor = MedformerImageProcessor.from_model_config(model.config)
+    task_names = list(model.config.tasks)
+    loader = multitask_dataloader(
+        train_set,
+        MedformerCollator(train_set, processor, task_names),
+        args.batch_size,
+        args.sampling_alpha,
+        args.seed,
+        num_workers=args.num_workers,
+    )
+    collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
+    optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
+    checkpoints.resume(args.resume_from_checkpoint)
+    output_dir = Path(args.output_dir)
+
+    def compute_loss(model, batch):
+        output = model(
+            batch["pixel_values"],
+            task=batch["task_ids"],
+            labels=batch["labels"],
+            modality_ids=batch["modality_ids"],
+            body_part_ids=batch["body_part_ids"],
+        )
+        return output.loss, {}
+
+    def validate_and_keep_best(step: int) -> None:
+        metrics, predictions = evaluate_tasks(accelerator, model, validation, collators, args.batch_size)
+        mean_auc = float(np.mean([values["auc"] for values in metrics.values()]))
+        logged = {f"validation/{name}/{key}": values[key] for name, values in metrics.items() for key in ("acc", "auc")}
+        accelerator.log({**logged, "validation/mean_auc": mean_auc}, step=step)
+        if mean_auc <= state.best_metric:
+            return
+        state.best_metric = mean_auc
+        accelerator.unwrap_model(model).save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            processor.save_pretrained(output_dir)
+            summary = {"step": step, "mean_auc": mean_auc, "metrics": metrics}
+            (output_dir / "validation_metrics.json").write_text(json.dumps(summary, indent=2))
+            (output_dir / "validation_metrics.md").write_text(f"Best at step {step}\n\n{metrics_table(metrics)}\n")
+            for name, (scores, labels) in predictions.items():
+                if CATALOGUE[name].task_type != "multilabel":
+                    path = output_dir / "confusion_matrices" / f"{name}_validation.png"
+                    title = f"{name} validation, step {step}"
+                    save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
+
+    train(
+        accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, validate_and_keep_best
+    )
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        training = (
+            f"Multi-task fine-tuning on {', '.join(args.datasets)} at {args.size} px "
+            f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
+            f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
+            f"{args.learning_rate}, seed {args.seed}; the checkpoint with the best mean validation AUC "
+            f"({state.best_metric:.4f}) was kept."
+        )
+        write_model_card(
+            output_dir,
+            repo_id=args.hub_model_id,
+            datasets=args.datasets,
+            base_model=args.init_from if args.init_from and not Path(args.init_from).exists() else None,
+            tasks=task_names,
+            training=training,
+        )
+        accelerator.print(f"best mean validation AUC {state.best_metric:.4f}; saved to {output_dir}")
+        if args.push_to_hub:
+            try:
+                accelerator.print(f"pushed: {push_folder(output_dir, args.hub_model_id, args.hub_token)}")
+            except HubError as error:
+                sys.exit(f"error: {error}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The Hugging Face Hub side of a checkpoint: its model card (with a parseable `model-index`) and its upload."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.utils import filter_repo_objects
+
+from .data.catalogue import RESNET18_BASELINES
+
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
+# Training leftovers that never go to the Hub.
+UPLOAD_IGNORE = ["checkpoints/*", "runs/*", "*.tmp", ".*", "**/.*", "reconstructions/*", "confusion_matrices/*"]
+
+
+class HubError(RuntimeError):
+    """A push that cannot happen (no token, Hub unreachable, refused); the message says what to do."""
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """Markdown table of per-dataset ACC/AUC next to MedMNIST v2's ResNet-18 (28) / ResNet-18 + 3D."""
+    lines = [
+        "| dataset | ACC | AUC | ResNet-18 ACC | ResNet-18 AUC | samples |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, values in metrics.items():
+        baseline = RESNET18_BASELINES.get(name, {})
+        row = [f"{values['acc']:.3f}", f"{values['auc']:.3f}"]
+        row += [f"{baseline[key]:.3f}" if key in baseline else "–" for key in ("acc", "auc")]
+        lines.append(f"| {name} | {' | '.join(row)} | {values.get('samples', '–')} |")
+    return "\n".join(lines)
+
+
+def write_model_card(
+    folder: str | os.PathLike,
+    repo_id: str | None = None,
+    metrics: dict[str, dict[str, float]] | None = None,
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    tasks: list[str] | None = None,
+    training: str = "",
+    split: str = "test",
+) -> ModelCard:
+    """Write `README.md` into `folder`: Hub metadata (license, tags, datasets, base model, `model-index` with every
+    metric) plus the card body. `ModelCard.load` parses the metrics back as `card.data.eval_results`."""
+    name = repo_id or Path(folder).resolve().name
+    training = training or _previous_section(Path(folder) / "README.md", "Training")
+    eval_results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=f"medmnist/{dataset}",
+            dataset_name=dataset,
+            dataset_split=split,
+            metric_type=metric,
+            metric_value=round(float(values[metric]), 4),
+        )
+        for dataset, values in (metrics or {}).items()
+        for metric in ("acc", "auc")
+    ]
+    card_data = ModelCardData(
+        model_name=name,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        license="apache-2.0",
+        tags=["medical-imaging", "medmnist", "3d", "self-supervised-learning", "multi-task", "custom_code"],
+        datasets=[f"medmnist/{dataset}" for dataset in datasets or []] or None,
+        base_model=base_model,
+        metrics=["accuracy", "roc_auc"] if metrics else None,
+        eval_results=eval_results or None,
+    )
+    evaluation = (
+        f"Test-split metrics with the MedMNIST evaluator's definitions ({split} split):\n\n{metrics_table(metrics)}"
+        if metrics
+        else "Not evaluated yet: run `examples/evaluate.py --model <this folder>` to fill this section."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=name,
+        repo_id=repo_id or "<repo>",
+        tasks=", ".join(tasks or []),
+        training=training or "See the training configuration saved with the checkpoint.",
+        evaluation=evaluation,
+    )
+    card.save(Path(folder) / "README.md")
+    return card
+
+
+def _previous_section(card_path: Path, heading: str) -> str:
+    """The body of `## heading` in an existing card (so re-writing a card keeps what an earlier step wrote)."""
+    if not card_path.is_file():
+        return ""
+    text = card_path.read_text()
+    marker = f"\n## {heading}\n"
+    if marker not in text:
+        return ""
+    return text.split(marker, 1)[1].split("\n## ", 1)[0].strip()
+
+
+def upload_plan(folder: str | os.PathLike) -> list[str]:
+    """The files `push_folder` would upload, relative to `folder` (training leftovers excluded)."""
+    folder = Path(folder)
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE))
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """Create (if needed) the model repo and upload the checkpoint folder in one commit; returns the commit URL."""
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            f"No Hugging Face token to push to {repo_id}: run `hf auth login`, set HF_TOKEN, or pass --hub_token."
+        )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), ignore_patterns=UPLOAD_IGNORE, commit_message="Upload Medformer"
+        )
+    except Exception as error:  # network, HTTP and auth errors all end the push the same way
+        raise HubError(
+            f"Could not push {folder} to {repo_id} at {api.endpoint}: {type(error).__name__}: {error}. Check the "
+            "network (or HF_ENDPOINT) and that the token may write to that repo; the folder is complete and can be "
+            "pushed later with `hf upload`."
+        ) from error
+    return str(commit.commit_url)
+
+
+def card_metrics(card: ModelCard) -> dict[str, dict[str, Any]]:
+    """Per-dataset metrics parsed back from a card's `model-index`."""
+    metrics: dict[str, dict[str, Any]] = {}
+    for result in card.data.eval_results or []:
+        metrics.setdefault(result.dataset_name, {})[result.metric_type] = result.metric_value
+    return metrics

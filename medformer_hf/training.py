@@ -1,0 +1,323 @@
+"""What the example scripts share: arguments, model sizes, the optimizer, checkpoints that survive a kill, the training
+loop and evaluation. The scripts in `examples/` stay thin layers over these."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .data import CATALOGUE, MedformerCollator, MultiTaskDataset, default_cache_dir
+from .metrics import load_medmnist_metric
+from .modeling_medformer import task_probabilities
+
+MODEL_SIZES = {
+    "tiny": {"hidden_size": 64, "num_latents": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "small": {"hidden_size": 128, "num_latents": 48, "num_hidden_layers": 4, "num_attention_heads": 4},
+    "base": {},  # the MedformerConfig defaults
+}
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
+    """Data, optimisation, checkpointing, tracking and Hub flags shared by pre-training and fine-tuning."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", default=os.environ.get("MEDMNIST_ROOT"), help="folder of MedMNIST .npz files")
+    data.add_argument("--datasets", nargs="+", help="MedMNIST names (default: every catalogued .npz in --data_dir)")
+    data.add_argument("--size", type=int, default=28, help="MedMNIST image size: 28, 64, 128 or 224")
+    data.add_argument("--sampling_alpha", type=float, default=0.5, help="dataset i is drawn with p ~ n_i^alpha")
+    data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", default=default_output_dir)
+    train.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    train.add_argument("--batch_size", type=int, default=64, help="per process")
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--warmup_steps", type=int, default=30)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpointing_steps", type=int, default=100)
+    train.add_argument("--checkpoints_total_limit", type=int, default=2)
+    train.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
+    train.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'")
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--hub_model_id", help="user/name of the model repo")
+    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """Stop with a one-line error before anything is built; return the dataset names to use."""
+    offline = any(
+        os.environ.get(name, "0").lower() in ("1", "true") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+    if args.datasets is None:
+        if args.data_dir is None:
+            parser.error("pass --datasets (to download them) or --data_dir (a folder of MedMNIST .npz files).")
+        suffix = "" if args.size == 28 else f"_{args.size}"
+        args.datasets = [name for name in CATALOGUE if (Path(args.data_dir) / f"{name}{suffix}.npz").is_file()]
+        if not args.datasets:
+            parser.error(f"no MedMNIST files of size {args.size} in {args.data_dir} (e.g. pneumoniamnist{suffix}.npz).")
+    unknown = [name for name in args.datasets if name.lower() not in CATALOGUE]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(CATALOGUE)}.")
+    args.datasets = [name.lower() for name in args.datasets]
+    for name in args.datasets:
+        info = CATALOGUE[name]
+        if args.size not in info.sizes:
+            parser.error(f"{name} comes in sizes {list(info.sizes)}, not --size {args.size}.")
+        folders = [Path(f) for f in (args.data_dir, os.environ.get("MEDMNIST_ROOT")) if f] + [
+            default_cache_dir() / "npz"
+        ]
+        if offline and not any((folder / info.filename(args.size)).is_file() for folder in folders):
+            parser.error(f"{info.filename(args.size)} is not in {', '.join(map(str, folders))} and the Hub is offline.")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id user/name.")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        parser.error(f"--resume_from_checkpoint {resume} is not a folder (or pass 'latest').")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    return args.datasets
+
+
+def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator:
+    """Accelerator with TensorBoard (unless --report_to none) under output_dir/runs, and DDP that tolerates the
+    parameters a step leaves unused (other tasks' heads, the other dimensionality's patch embedding)."""
+    log_with = None if args.report_to == "none" else args.report_to
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "runs")
+        ),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if log_with:
+        hyperparameters = {
+            key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))
+        }
+        accelerator.init_trackers(project_name, config=hyperparameters)
+    return accelerator
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_processes: int):
+    """AdamW without weight decay on biases, norms, context embeddings, latents and queries; cosine schedule with
+    warm-up.
+
+    The schedule counts `max_steps * num_processes` because accelerate steps a prepared scheduler once per process.
+    """
+
+    def decays(name: str, parameter: torch.nn.Parameter) -> bool:
+        return parameter.ndim >= 2 and "context_embeddings" not in name and not name.endswith(("latents", "queries"))
+
+    named = list(model.named_parameters())
+    decay = [parameter for name, parameter in named if decays(name, parameter)]
+    no_decay = [parameter for name, parameter in named if not decays(name, parameter)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, args.warmup_steps * num_processes, args.max_steps * num_processes
+    )
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved with every checkpoint so a resumed run continues at the same batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float = -math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class CheckpointManager:
+    """`accelerator.save_state` into `<dir>/step_<n>`, written under a temporary name and renamed when complete, so
+    a kill mid-write leaves the previous checkpoint as the latest usable one. Keeps the newest `total_limit`."""
+
+    prefix = "step_"
+
+    def __init__(self, accelerator: Accelerator, directory: str | os.PathLike, total_limit: int):
+        self.accelerator = accelerator
+        self.directory = Path(directory)
+        self.total_limit = total_limit
+
+    def complete(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(path for path in self.directory.iterdir() if path.is_dir() and path.name.startswith(self.prefix))
+
+    def latest(self) -> Path | None:
+        checkpoints = self.complete()
+        return checkpoints[-1] if checkpoints else None
+
+    def save(self, step: int) -> Path:
+        final = self.directory / f"{self.prefix}{step:08d}"
+        partial = self.directory / f".partial-{final.name}"
+        if self.accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.complete()[: -self.total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self, spec: str | None) -> Path | None:
+        """Load `spec` ('latest' or a folder) into the accelerator's registered objects; None when starting fresh."""
+        if spec is None:
+            return None
+        path = self.latest() if spec == "latest" else Path(spec)
+        if path is None:
+            self.accelerator.print(f"no checkpoint in {self.directory} yet: starting from scratch")
+            return None
+        self.accelerator.load_state(str(path))
+        return path
+
+
+# ---------------------------------------------------------------------------------------------- training loop
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    checkpoints: CheckpointManager,
+    args: argparse.Namespace,
+    compute_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> None:
+    """Run optimizer steps until `args.max_steps`, checkpointing every `args.checkpointing_steps`.
+
+    `loader` must use a `TaskBatchSampler` (its epoch and start batch are set here, so a resumed run reads exactly the
+    batches the interrupted one would have). `compute_loss(model, batch)` returns the loss and extra scalars to log.
+    """
+    sampler = loader.batch_sampler
+    progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
+    model.train()
+    while state.step < args.max_steps:
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in loader:
+            batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+            with accelerator.accumulate(model):
+                loss, scalars = compute_loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"loss became {loss.item()} at step {state.step}; lower --learning_rate.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            accelerator.log(
+                {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0], **scalars}, step=state.step
+            )
+            if state.step % args.checkpointing_steps == 0 or state.step == args.max_steps:
+                if on_checkpoint is not None:
+                    on_checkpoint(state.step)
+                checkpoints.save(state.step)
+            if state.step >= args.max_steps:
+                break
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    progress.close()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    dataset: MultiTaskDataset,
+    collator: MedformerCollator,
+    task: str,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class scores and labels of every sample of a one-task dataset, each counted once across processes."""
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
+    task_type = CATALOGUE[task].task_type
+    scores, labels = [], []
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        logits = model(
+            batch["pixel_values"],
+            task=task,
+            modality_ids=batch["modality_ids"],
+            body_part_ids=batch["body_part_ids"],
+        ).logits
+        gathered = accelerator.gather_for_metrics((task_probabilities(logits.float(), task_type), batch["labels"]))
+        scores.append(gathered[0].cpu().numpy())
+        labels.append(gathered[1].cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def evaluate_tasks(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    datasets: dict[str, MultiTaskDataset],
+    collators: dict[str, MedformerCollator],
+    batch_size: int,
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """MedMNIST ACC/AUC per dataset (with the shipped `evaluate` metric) and the raw (scores, labels)."""
+    metrics, predictions = {}, {}
+    for name, dataset in datasets.items():
+        scores, labels = predict(accelerator, model, dataset, collators[name], name, batch_size)
+        result = load_medmnist_metric(CATALOGUE[name].task_type).compute(
+            predictions=scores.tolist(), references=labels.tolist()
+        )
+        metrics[name] = {"acc": result["acc"], "auc": result["auc"], "samples": len(labels)}
+        predictions[name] = (scores, labels)
+    return metrics, predictions

@@ -1,0 +1,84 @@
+"""Pictures a person wants to look at after training: SSL reconstructions and confusion matrices, as small PNGs
+(drawn with Pillow, no plotting dependency)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .modeling_medformer import MedformerForPreTraining, patch_size_for, patchify, unpatchify
+
+
+def _to_display(image: torch.Tensor, low: float, high: float) -> np.ndarray:
+    """(C, H, W) or (C, D, H, W) -> uint8 (H, W) or (H, W, 3); volumes show their middle depth slice."""
+    if image.ndim == 4:
+        image = image[:, image.shape[1] // 2]
+    scaled = ((image - low) / max(high - low, 1e-6)).clamp(0, 1).mul(255).byte()
+    return scaled[0].numpy() if scaled.shape[0] == 1 else scaled.permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def save_reconstruction_grid(
+    model: MedformerForPreTraining, pixel_values: torch.Tensor, path: str | os.PathLike, seed: int = 0, scale: int = 4
+) -> Path:
+    """Rows: input, masked input, reconstruction, for up to 8 images (volumes: middle slice). Returns the PNG path."""
+    pixel_values = pixel_values[:8]
+    batch, dims = pixel_values.shape[0], pixel_values.ndim - 2
+    patch_size = patch_size_for(model.config, dims)
+    num_patches = patchify(pixel_values, patch_size).shape[1]
+    views = 2 if model.projector is not None else 1
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.rand(batch * views, num_patches, generator=generator).to(pixel_values.device)
+    was_training = model.training
+    model.eval()
+    output = model(pixel_values, noise=noise)
+    model.train(was_training)
+    reconstruction = model.reconstruct(output.logits, pixel_values).float().cpu()
+    visible = 1 - output.mask.float()[..., None]
+    masked = unpatchify(patchify(pixel_values, patch_size) * visible, tuple(pixel_values.shape), patch_size).cpu()
+    pixel_values = pixel_values.float().cpu()
+    rows = []
+    for images in (pixel_values, masked, reconstruction):
+        tiles = []
+        for index in range(batch):
+            low, high = pixel_values[index].min().item(), pixel_values[index].max().item()
+            tiles.append(_to_display(images[index], low, high))
+        rows.append(np.concatenate(tiles, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def save_confusion_matrix(
+    labels: np.ndarray, predictions: np.ndarray, class_names: list[str], path: str | os.PathLike, title: str = ""
+) -> Path:
+    """Counts of (true row, predicted column), shaded by row share, with the counts written in each cell."""
+    classes = len(class_names)
+    counts = np.zeros((classes, classes), dtype=int)
+    np.add.at(counts, (labels.astype(int), predictions.astype(int)), 1)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    cell, margin = 40, 110
+    image = Image.new("RGB", (margin + classes * cell + 10, margin + classes * cell + 10), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black")
+    draw.text((margin, margin - 30), "predicted →", fill="black")
+    draw.text((10, margin + classes * cell // 2), "true ↓", fill="black")
+    for row in range(classes):
+        draw.text((45, margin + row * cell + 14), class_names[row][:9], fill="black")
+        draw.text((margin + row * cell + 4, margin - 15), str(row), fill="black")
+        for column in range(classes):
+            shade = int(255 * (1 - share[row, column]))
+            box = (margin + column * cell, margin + row * cell, margin + (column + 1) * cell, margin + (row + 1) * cell)
+            draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
+            draw.text((box[0] + 6, box[1] + 14), str(counts[row, column]), fill="black" if shade > 120 else "white")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
