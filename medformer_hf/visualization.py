@@ -68,8 +68,8 @@ def save_confusion_matrix(
     image = Image.new("RGB", (margin + classes * cell + 10, margin + classes * cell + 10), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black")
-    draw.text((margin, margin - 30), "predicted →", fill="black")
-    draw.text((10, margin + classes * cell // 2), "true ↓", fill="black")
+    draw.text((margin, margin - 30), "predicted", fill="black")
+    draw.text((10, margin - 15), "true", fill="black")
     for row in range(classes):
         draw.text((45, margin + row * cell + 14), class_names[row][:9], fill="black")
         draw.text((margin + row * cell + 4, margin - 15), str(row), fill="black")

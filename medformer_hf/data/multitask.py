@@ -241,5 +241,12 @@ def multitask_dataloader(
     """
     sampler = TaskBatchSampler(dataset.sizes, batch_size, alpha=alpha, seed=seed, num_batches=num_batches)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, persistent_workers=num_workers > 0
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # Its own generator: starting an iterator would otherwise draw from the global torch RNG, and a resumed run
+        # (which starts one right after restoring that RNG) would then mask differently from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -1,0 +1,260 @@
+"""The example scripts end to end on the real MedMNIST files: tiny model, few steps, CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from medformer_hf.hub import HubError, card_metrics, push_folder, upload_plan
+
+from .conftest import DATA_DIR, REPO_ROOT
+from .test_remote_code import run_without_the_package
+
+EXAMPLES = REPO_ROOT / "examples"
+DATASETS = ["breastmnist", "vesselmnist3d"]
+SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
+
+
+def environment(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MEDFORMER_CACHE": str(tmp_path / "medformer_cache"),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        **extra,
+    }
+
+
+def run_script(tmp_path: Path, script: str, *arguments: str, processes: int = 1, **env: str):
+    """Run an example with python (1 process) or under accelerate with `processes` gloo processes."""
+    if processes == 1:
+        command = [sys.executable, str(EXAMPLES / script), *arguments]
+    else:  # accelerate 1.15 starts CPU processes with --multi_gpu + ACCELERATE_USE_CPU
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [
+            *(sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu"),
+            *("--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no"),
+            *("--dynamo_backend", "no", str(EXAMPLES / script), *arguments),
+        ]
+    return subprocess.run(command, env=environment(tmp_path, **env), capture_output=True, text=True, timeout=600)
+
+
+def checked(result) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scripts")
+
+
+@pytest.fixture(scope="module")
+def pretrained(workdir) -> Path:
+    output = workdir / "pretrain"
+    checked(
+        run_script(
+            workdir,
+            "pretrain.py",
+            *SMALL_RUN,
+            "--max_steps",
+            "6",
+            "--checkpointing_steps",
+            "3",
+            "--output_dir",
+            str(output),
+        )
+    )
+    return output
+
+
+def test_pretrain_writes_a_hub_ready_folder_and_pictures(pretrained):
+    names = {path.name for path in pretrained.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_medformer.py",
+        "preprocessor_config.json",
+        "README.md",
+    } <= names
+    assert sorted(path.name for path in (pretrained / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert {path.name for path in (pretrained / "reconstructions").iterdir()} >= {
+        "step_00000006_breastmnist.png",
+        "step_00000006_vesselmnist3d.png",
+    }
+
+
+def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
+    finetuned = workdir / "finetune"
+    checked(
+        run_script(
+            workdir,
+            "finetune.py",
+            *SMALL_RUN,
+            "--max_steps",
+            "6",
+            "--checkpointing_steps",
+            "3",
+            "--init_from",
+            str(pretrained),
+            "--label_fraction",
+            "0.5",
+            "--output_dir",
+            str(finetuned),
+        )
+    )
+    validation = json.loads((finetuned / "validation_metrics.json").read_text())
+    assert set(validation["metrics"]) == set(DATASETS)
+    assert (finetuned / "confusion_matrices" / "breastmnist_validation.png").is_file()
+    # The backbone started from the pre-trained weights (it moved, but from there).
+    before, after = load_file(pretrained / "model.safetensors"), load_file(finetuned / "model.safetensors")
+    latents = "medformer.input_adaptformer.latents"
+    assert (after[latents] - before[latents]).abs().max() < 0.05
+
+    result = checked(run_script(workdir, "evaluate.py", "--model", str(finetuned), "--data_dir", str(DATA_DIR)))
+    metrics = json.loads((finetuned / "metrics.json").read_text())["metrics"]
+    assert {name: values["samples"] for name, values in metrics.items()} == {"breastmnist": 156, "vesselmnist3d": 382}
+    assert "| breastmnist |" in (finetuned / "metrics.md").read_text() and "ResNet-18" in result.stdout
+    assert card_metrics(ModelCard.load(finetuned / "README.md")) == {
+        name: {"acc": round(values["acc"], 4), "auc": round(values["auc"], 4)} for name, values in metrics.items()
+    }
+    # The exported folder loads where medformer_hf cannot be imported.
+    pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
+    loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
+    assert loaded["class"] == "MedformerModel" and loaded["output"].shape[0] == 2
+
+
+def test_two_processes_pretrain_and_evaluate_like_one(pretrained, workdir):
+    two = workdir / "pretrain_2proc"
+    checked(run_script(workdir, "pretrain.py", *SMALL_RUN, "--max_steps", "2", "--output_dir", str(two), processes=2))
+    assert (two / "model.safetensors").is_file()
+
+    finetuned = workdir / "finetune"
+    if not (finetuned / "config.json").exists():
+        pytest.skip("needs the end-to-end test's fine-tuned model")
+    single, double = workdir / "eval_1", workdir / "eval_2"
+    for output, processes in ((single, 1), (double, 2)):
+        checked(
+            run_script(
+                workdir,
+                "evaluate.py",
+                "--model",
+                str(finetuned),
+                "--data_dir",
+                str(DATA_DIR),
+                "--batch_size",
+                "50",
+                "--output_dir",
+                str(output),
+                processes=processes,
+            )
+        )
+    one = json.loads((single / "metrics.json").read_text())["metrics"]
+    two_metrics = json.loads((double / "metrics.json").read_text())["metrics"]
+    assert two_metrics["vesselmnist3d"]["samples"] == 382 and two_metrics["breastmnist"]["samples"] == 156
+    for name in DATASETS:
+        assert two_metrics[name]["acc"] == pytest.approx(one[name]["acc"], abs=1e-9)
+        assert two_metrics[name]["auc"] == pytest.approx(one[name]["auc"], abs=1e-6)
+
+
+def test_killed_run_resumes_to_the_same_weights(workdir):
+    arguments = [*SMALL_RUN, "--max_steps", "24", "--checkpointing_steps", "4", "--checkpoints_total_limit", "10"]
+    straight = workdir / "straight"
+    checked(run_script(workdir, "pretrain.py", *arguments, "--output_dir", str(straight)))
+
+    resumed = workdir / "resumed"
+    command = [sys.executable, str(EXAMPLES / "pretrain.py"), *arguments, "--output_dir", str(resumed)]
+    process = subprocess.Popen(command, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (resumed / "checkpoints" / "step_00000004").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = sorted(path.name for path in (resumed / "checkpoints").iterdir() if path.name.startswith("step_"))
+    assert done and done[-1] != "step_00000024", f"the run finished before it was killed: {done}"
+    # A kill during a later checkpoint write leaves a partial folder: it must be ignored.
+    partial = resumed / "checkpoints" / ".partial-step_00000099"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    checked(
+        run_script(
+            workdir, "pretrain.py", *arguments, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"
+        )
+    )
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+@pytest.mark.parametrize(
+    ("script", "arguments", "message"),
+    [
+        ("pretrain.py", ["--data_dir", str(DATA_DIR), "--datasets", "brainmnist"], "unknown dataset(s) ['brainmnist']"),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--label_fraction", "1.5"], "--label_fraction must be in (0, 1]"),
+        ("finetune.py", ["--data_dir", "/nonexistent/medmnist"], "--data_dir /nonexistent/medmnist does not exist"),
+        ("pretrain.py", ["--datasets", "dermamnist"], "dermamnist.npz is not in"),
+        ("pretrain.py", ["--data_dir", str(DATA_DIR), "--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
+    ],
+)
+def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
+    started = time.time()
+    result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "error:" in last_line and message in last_line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+    assert time.time() - started < 60
+
+
+def test_push_plan_and_clear_hub_errors(pretrained, tmp_path, monkeypatch):
+    plan = upload_plan(pretrained)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_medformer.py",
+        "configuration_medformer.py",
+        "image_processing_medformer.py",
+        "preprocessor_config.json",
+        "README.md",
+    } <= set(plan)
+    assert not [path for path in plan if path.startswith(("checkpoints/", "runs/", "reconstructions/"))]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "no_token_here"))
+    with pytest.raises(HubError, match="No Hugging Face token to push to user/medformer"):
+        push_folder(pretrained, "user/medformer")
+
+
+def test_push_to_unreachable_hub_ends_with_a_clear_message(workdir, tmp_path):
+    output = tmp_path / "pushed"
+    result = run_script(
+        workdir,
+        "pretrain.py",
+        *SMALL_RUN,
+        "--max_steps",
+        "1",
+        "--output_dir",
+        str(output),
+        "--push_to_hub",
+        "--hub_model_id",
+        "user/medformer",
+        "--hub_token",
+        "hf_fake",
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="http://127.0.0.1:9",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Could not push")
+    assert (output / "model.safetensors").is_file()  # the folder is complete and can be pushed later
