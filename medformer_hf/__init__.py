@@ -2,13 +2,14 @@
 
 Importing the package registers Medformer with the Auto classes, so `AutoModel.from_pretrained(path)` works without
 `trust_remote_code` where the package is installed; saved folders also carry the code for machines where it is not.
+AutoModelForImageClassification is deliberately left to each folder's `auto_map` (with `trust_remote_code=True`):
+it names the classifier that folder holds, single- or multi-task, which no fixed registration could.
 """
 
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
-    AutoModelForImageClassification,
     AutoModelForPreTraining,
 )
 
@@ -30,7 +31,6 @@ from .modeling_medformer import (
 AutoConfig.register("medformer", MedformerConfig, exist_ok=True)
 AutoModel.register(MedformerConfig, MedformerModel, exist_ok=True)
 AutoModelForPreTraining.register(MedformerConfig, MedformerForPreTraining, exist_ok=True)
-AutoModelForImageClassification.register(MedformerConfig, MedformerForImageClassification, exist_ok=True)
 AutoImageProcessor.register(
     MedformerConfig,
     image_processor_classes={"torchvision": MedformerImageProcessor, "pil": MedformerImageProcessor},

@@ -148,6 +148,8 @@ class MedformerConfig(PretrainedConfig):
     """
 
     model_type = "medformer"
+    # Output fields that transformers.Trainer should not collect as predictions (it keeps `logits`).
+    keys_to_ignore_at_inference = ["task_logits", "task_indices", "task_losses", "pooler_output"]
 
     def __init__(
         self,

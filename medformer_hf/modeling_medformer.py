@@ -11,9 +11,6 @@ This file is shipped with every checkpoint (Hub remote code): it imports only to
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -456,7 +453,7 @@ class MedformerTaskHead(nn.Module):
     def __init__(self, config: MedformerConfig, num_outputs: int):
         super().__init__()
         self.queries = nn.Parameter(torch.empty(config.num_task_queries, config.hidden_size))
-        self.classifier = nn.Linear(config.hidden_size, num_outputs)
+        self.projection = nn.Linear(config.hidden_size, num_outputs)
 
 
 class MedformerPixelDecoder(nn.Module):
@@ -509,7 +506,7 @@ class MedformerPreTrainedModel(PreTrainedModel):
     def _read_task(self, head: MedformerTaskHead, output_adaptformer, latents, context) -> torch.Tensor:
         """Logits of one task: its queries (plus the input's context) read the latents, pooled, then classified."""
         queries = head.queries.expand(latents.shape[0], -1, -1) + context[:, None]
-        return head.classifier(output_adaptformer(queries, latents).mean(dim=1))
+        return head.projection(output_adaptformer(queries, latents).mean(dim=1))
 
 
 class MedformerModel(MedformerPreTrainedModel):
@@ -589,7 +586,11 @@ class MedformerModel(MedformerPreTrainedModel):
 
 
 class MedformerForMultiTask(MedformerPreTrainedModel):
-    """Medformer with the Output Adaptformer and one head per task of `config.tasks`."""
+    """Medformer with the Output Adaptformer and one head per task of `config.tasks`.
+
+    A saved multi-task folder loads with
+    `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)`.
+    """
 
     def __init__(self, config: MedformerConfig):
         super().__init__(config)
@@ -599,14 +600,6 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             {name: MedformerTaskHead(config, config.task_output_size(name)) for name in config.tasks}
         )
         self.post_init()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Save as usual, plus the modeling code: no Auto class maps to a multi-task model, so transformers would not
-        copy it, and the folder would not load with `trust_remote_code=True` elsewhere."""
-        super().save_pretrained(save_directory, **kwargs)
-        if kwargs.get("is_main_process", True):
-            for module in (sys.modules[__name__], sys.modules[MedformerConfig.__module__]):
-                shutil.copy(module.__file__, save_directory)
 
     def add_task(self, name: str, **spec) -> None:
         """Grow the model by one task (a new head and task queries); every existing weight stays as it is.
@@ -857,7 +850,10 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
 
 MedformerModel.register_for_auto_class("AutoModel")
 MedformerForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+# Both classifiers map AutoModelForImageClassification to themselves when saved, so that auto class (and the
+# pipelines built on it) loads whichever classifier a folder holds: one task, or many (then pass `task=`).
 MedformerForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MedformerForMultiTask.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "MedformerPreTrainedModel",

@@ -176,7 +176,7 @@ def test_add_task_on_a_loaded_checkpoint_keeps_every_weight(tiny_config, tmp_pat
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     model.add_task("derma", type="multiclass", num_labels=7, modality="dermatoscopy", body_part="skin")
     after = model.state_dict()
-    new_keys = {f"task_heads.derma.{name}" for name in ("queries", "classifier.weight", "classifier.bias")}
+    new_keys = {f"task_heads.derma.{name}" for name in ("queries", "projection.weight", "projection.bias")}
     assert set(after) - set(before) == new_keys
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name

@@ -43,12 +43,11 @@ LOADER = textwrap.dedent(
         features = processor(inputs["image"].numpy(), modality="ct")
         torch.save({"output": features["pixel_values"], "class": type(processor).__name__}, outputs_path)
         raise SystemExit(0)
-    if how == "multitask":
+    if how == "multitask-by-name":
         model_class = get_class_from_dynamic_module("modeling_medformer.MedformerForMultiTask", folder)
         model = model_class.from_pretrained(folder)
     else:
-        autos = {"base": AutoModel, "classification": AutoModelForImageClassification}
-        auto = autos.get(how, AutoModelForPreTraining)
+        auto = {"base": AutoModel, "pretraining": AutoModelForPreTraining}.get(how, AutoModelForImageClassification)
         model = auto.from_pretrained(folder, trust_remote_code=True)
     assert "transformers_modules" in type(model).__module__, type(model).__module__
     with torch.no_grad():
@@ -61,6 +60,7 @@ LOADER = textwrap.dedent(
 CASES = {
     "base": (MedformerModel, {}, "last_hidden_state"),
     "multitask": (MedformerForMultiTask, {"task": "organ"}, "logits"),
+    "multitask-by-name": (MedformerForMultiTask, {"task": "retina"}, "logits"),
     "classification": (MedformerForImageClassification, {}, "logits"),
     "pretraining": (MedformerForPreTraining, {"noise": torch.rand(4, 343)}, "logits"),
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The accuracy table of BENCHMARKS.md, one command (resumable: re-running continues every stage where it stopped).
+#   bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
+# 1. SSL pre-training on the train images of every set in data_dir (2D and 3D together, labels unused)
+# 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds)
+# 3. test-split evaluation of both (checkpoints chosen on validation only)
+set -euo pipefail
+DATA=${1:-../shared/data/medmnist}
+OUT=${2:-outputs/accuracy}
+SSL_STEPS=${SSL_STEPS:-800}
+FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
+COMMON=(--data_dir "$DATA" --model_size small --batch_size 64 --seed 0 --checkpointing_steps 250
+        --resume_from_checkpoint latest)
+LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
+
+"${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --max_steps "$SSL_STEPS" --output_dir "$OUT/ssl"
+for init in ssl scratch; do
+  init_args=()
+  [ "$init" = ssl ] && init_args=(--init_from "$OUT/ssl")
+  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --max_steps "$FINETUNE_STEPS" \
+    --learning_rate 5e-4 --output_dir "$OUT/multitask_$init"
+  "${LAUNCH[@]}" examples/evaluate.py --model "$OUT/multitask_$init" --data_dir "$DATA"
+done

@@ -1,0 +1,83 @@
+"""Medformer with the tools of the Hugging Face stack: `transformers.Trainer` (a data collator for `datasets` rows
+and MedMNIST `compute_metrics`) and PEFT (which modules LoRA adapts).
+
+    dataset = load_medmnist("breastmnist")
+    collator = MedformerDataCollator(processor, modality="ultrasound", body_part="breast")
+    trainer = Trainer(model, args, train_dataset=dataset["train"], eval_dataset=dataset["validation"],
+                      data_collator=collator, compute_metrics=medmnist_compute_metrics("binary"))
+
+Set `TrainingArguments(remove_unused_columns=False)` so the rows keep their `modality` / `body_part` columns (the
+collator uses them when present). The Trainer batches rows of one dataset, hence of one input shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .image_processing_medformer import MedformerImageProcessor
+from .metrics import load_medmnist_metric
+from .modeling_medformer import task_probabilities
+
+# LoRA on every attention projection and MLP layer of the Input Adaptformer, Main Body and Output Adaptformer:
+#   LoraConfig(target_modules=LORA_TARGET_MODULES, modules_to_save=["classifier"])   # MedformerForImageClassification
+#   LoraConfig(target_modules=LORA_TARGET_MODULES, modules_to_save=["task_heads"])   # MedformerForMultiTask
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+class MedformerDataCollator:
+    """Rows of a `load_medmnist` split (uint8 `pixel_values`, `label`) -> model inputs through the image processor.
+
+    `task` (a task name) is added to each batch for `MedformerForMultiTask`; leave it None for
+    `MedformerForImageClassification`. `modality` / `body_part` are used for rows that do not carry their own.
+    """
+
+    def __init__(
+        self,
+        processor: MedformerImageProcessor,
+        task: str | None = None,
+        modality: str | None = None,
+        body_part: str | None = None,
+    ):
+        self.processor = processor
+        self.task = task
+        self.modality = modality
+        self.body_part = body_part
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        pixels = np.stack([np.asarray(row["pixel_values"], dtype=np.uint8) for row in rows])
+        features = self.processor(
+            pixels,
+            spatial_dims=pixels.ndim - 2,
+            modality=[row.get("modality", self.modality) or "unknown" for row in rows],
+            body_part=[row.get("body_part", self.body_part) or "unknown" for row in rows],
+        )
+        batch = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
+        key = "label" if "label" in rows[0] else "labels"
+        if key in rows[0]:
+            labels = torch.as_tensor(np.asarray([row[key] for row in rows]))
+            batch["labels"] = labels.float() if labels.ndim == 2 else labels.long()
+        if self.task is not None:
+            batch["task"] = self.task
+        return batch
+
+
+def medmnist_compute_metrics(task_type: str) -> Callable[[Any], dict[str, float]]:
+    """A Trainer `compute_metrics` giving MedMNIST ACC/AUC (the official definitions) from the model's raw logits.
+
+    Binary tasks work with one logit (`MedformerForMultiTask`) or two (`MedformerForImageClassification`, whose
+    softmax gives the class-1 score the evaluator reads).
+    """
+    metric = load_medmnist_metric(task_type)
+    logits_type = "multiclass" if task_type == "binary" else task_type
+
+    def compute_metrics(evaluation: Any) -> dict[str, float]:
+        logits = evaluation.predictions[0] if isinstance(evaluation.predictions, tuple) else evaluation.predictions
+        logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+        scores = task_probabilities(logits, "binary" if logits.shape[-1] == 1 else logits_type)
+        return metric.compute(predictions=scores.tolist(), references=np.asarray(evaluation.label_ids).tolist())
+
+    return compute_metrics

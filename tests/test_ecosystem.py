@@ -1,0 +1,128 @@
+"""Medformer used by habit with the Hugging Face tools: Trainer, PEFT, torch.compile, ONNX, model cards."""
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import Trainer, TrainingArguments
+
+from medformer_hf import MedformerForImageClassification, MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf.data import CATALOGUE, load_medmnist
+from medformer_hf.hub import card_metrics, write_model_card
+from medformer_hf.integrations import LORA_TARGET_MODULES, MedformerDataCollator, medmnist_compute_metrics
+
+from .conftest import DATA_DIR, make_tiny_config
+
+
+@pytest.fixture(scope="module")
+def breast(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=cache).with_format("numpy")
+
+
+def trainer_for(model, dataset, collator, task_type, output_dir) -> Trainer:
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=6,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-3,
+        remove_unused_columns=False,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=2,
+        seed=0,
+    )
+    return Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["test"],
+        data_collator=collator,
+        compute_metrics=medmnist_compute_metrics(task_type),
+    )
+
+
+def test_trainer_trains_and_evaluates_image_classification(breast, tmp_path):
+    info = CATALOGUE["breastmnist"]
+    config = make_tiny_config(tasks=None, id2label=dict(enumerate(info.labels)))
+    model = MedformerForImageClassification(config)
+    collator = MedformerDataCollator(MedformerImageProcessor.from_model_config(config))
+    trainer = trainer_for(model, breast, collator, info.task_type, tmp_path)
+    before = model.classifier.projection.weight.detach().clone()
+    result = trainer.train()
+    assert result.global_step == 6 and np.isfinite(result.training_loss)
+    assert not torch.equal(before, model.classifier.projection.weight)
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_auc"] <= 1.0 and 0.0 <= metrics["eval_acc"] <= 1.0
+    assert np.isfinite(metrics["eval_loss"])
+    assert trainer.label_names == ["labels"]
+
+
+def test_trainer_with_the_multitask_model_and_its_binary_logit(breast, tmp_path):
+    config = make_tiny_config(tasks={"breastmnist": CATALOGUE["breastmnist"].task_spec()})
+    model = MedformerForMultiTask(config)
+    collator = MedformerDataCollator(MedformerImageProcessor.from_model_config(config), task="breastmnist")
+    trainer = trainer_for(model, breast, collator, "binary", tmp_path)
+    trainer.train()
+    predictions = trainer.predict(breast["test"])
+    assert predictions.predictions.shape == (156, 1)  # only `logits` is collected
+    assert set(predictions.metrics) >= {"test_acc", "test_auc", "test_loss"}
+
+
+def test_lora_trains_only_adapters_and_head_and_merges_exactly(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = make_tiny_config(tasks=None, id2label={0: "a", 1: "b", 2: "c"})
+    base = MedformerForImageClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    frozen = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGET_MODULES, modules_to_save=["classifier"])
+    model = peft.get_peft_model(base, lora)
+
+    adapted = [m for n, m in base.named_modules() if n.split(".")[-1] in LORA_TARGET_MODULES and hasattr(m, "lora_A")]
+    expected = sum(4 * (m.in_features + m.out_features) for m in adapted)
+    expected += sum(p.numel() for p in MedformerForImageClassification(config).classifier.parameters())
+    assert len(adapted) == 6 * (config.num_input_layers + config.num_hidden_layers + config.num_output_layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert all("lora_" in name or ".classifier.modules_to_save." in name for name in trainable)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    pixels, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 3, (8,))
+    for _ in range(5):
+        model(pixel_values=pixels, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapter_logits = model(pixel_values=pixels).logits
+    base_weights = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in model.named_parameters()
+    }
+    for name, tensor in frozen.items():
+        if name in base_weights and not name.startswith("classifier"):
+            assert torch.equal(base_weights[name], tensor), name
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(
+        MedformerForImageClassification.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(pixel_values=pixels).logits, adapter_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(pixel_values=pixels).logits, adapter_logits, atol=1e-5, rtol=1e-5)
+    assert type(merged) is MedformerForImageClassification
+
+
+def test_model_card_metrics_parse_back(tmp_path):
+    metrics = {"breastmnist": {"acc": 0.8654, "auc": 0.9012, "samples": 156}, "organmnist3d": {"acc": 0.9, "auc": 0.99}}
+    write_model_card(tmp_path, repo_id="user/medformer", metrics=metrics, datasets=list(metrics), tasks=list(metrics))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.license == "apache-2.0" and "medical-imaging" in card.data.tags
+    assert card.data.datasets == ["medmnist/breastmnist", "medmnist/organmnist3d"]
+    assert card_metrics(card) == {
+        name: {"acc": values["acc"], "auc": values["auc"]} for name, values in metrics.items()
+    }
+    assert "Not for clinical use" in card.text and "| breastmnist | 0.865 | 0.901 | 0.863 | 0.901 | 156 |" in card.text
