@@ -10,8 +10,10 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForImageClassification,
     AutoModelForPreTraining,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_medformer import MedformerConfig
 from .image_processing_medformer import CT_WINDOWS, MedformerImageProcessor, MedicalImage, load_dicom, load_nifti
@@ -27,6 +29,7 @@ from .modeling_medformer import (
     task_loss,
     task_probabilities,
 )
+from .pipeline_medformer import TASK_NAME, MedicalImageClassificationPipeline
 
 AutoConfig.register("medformer", MedformerConfig, exist_ok=True)
 AutoModel.register(MedformerConfig, MedformerModel, exist_ok=True)
@@ -37,6 +40,13 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
+PIPELINE_REGISTRY.register_pipeline(
+    TASK_NAME,
+    pipeline_class=MedicalImageClassificationPipeline,
+    pt_model=AutoModelForImageClassification,
+    type="image",
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -44,6 +54,7 @@ __all__ = [
     "MedformerConfig",
     "MedformerImageProcessor",
     "MedicalImage",
+    "MedicalImageClassificationPipeline",
     "load_dicom",
     "load_nifti",
     "MedformerForImageClassification",

@@ -56,6 +56,15 @@ AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_medformer.MedformerForPreTraining",
     "AutoModelForImageClassification": "modeling_medformer.MedformerForImageClassification",
 }
+# The custom pipeline a saved folder offers to `transformers.pipeline(..., trust_remote_code=True)`.
+CUSTOM_PIPELINES = {
+    "medical-image-classification": {
+        "impl": "pipeline_medformer.MedicalImageClassificationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "tf": [],
+        "type": "image",
+    }
+}
 TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
 SSL_TASKS = ("masked_reconstruction", "view_agreement")
 
@@ -123,7 +132,8 @@ class MedformerConfig(PretrainedConfig):
             Body part vocabulary, index 0 = "unknown". Shared with the image processor.
         tasks (`dict[str, dict]`, *optional*):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
-            multiclass, multilabel, binary, ordinal, regression.
+            multiclass, multilabel, binary, ordinal, regression. Kept sorted by name: per-sample task ids index
+            `list(config.tasks)`.
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
         norm_pix_loss (`bool`, *optional*, defaults to `False`):
@@ -217,8 +227,10 @@ class MedformerConfig(PretrainedConfig):
         self.projection_dim = projection_dim
         self.agreement_temperature = agreement_temperature
         self._validate_sizes()
-        self.tasks = {name: self._normalize_task(name, spec) for name, spec in (tasks or {}).items()}
+        # Sorted by name, as config.json stores them, so task ids (indices into this order) survive save/load.
+        self.tasks = {name: self._normalize_task(name, spec) for name, spec in sorted((tasks or {}).items())}
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
 
     # ------------------------------------------------------------------ validation
@@ -328,7 +340,7 @@ class MedformerConfig(PretrainedConfig):
         """Register one more task (validated). Use `MedformerForMultiTask.add_task` to also add its head."""
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
-        self.tasks[name] = self._normalize_task(name, spec)
+        self.tasks = dict(sorted({**self.tasks, name: self._normalize_task(name, spec)}.items()))
 
     def task_output_size(self, name: str) -> int:
         """Number of logits the head of task `name` produces."""
@@ -338,4 +350,4 @@ class MedformerConfig(PretrainedConfig):
 
 MedformerConfig.register_for_auto_class()
 
-__all__ = ["MedformerConfig", "TASK_TYPES", "SSL_TASKS", "num_task_outputs"]
+__all__ = ["MedformerConfig", "AUTO_MAP", "CUSTOM_PIPELINES", "TASK_TYPES", "SSL_TASKS", "num_task_outputs"]

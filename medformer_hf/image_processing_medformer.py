@@ -175,7 +175,7 @@ class MedformerImageProcessor(BaseImageProcessor):
 
         for key in ("modality", "body_part"):  # files that know what they are fill in what the call leaves out
             files = images if isinstance(images, (list, tuple)) else [images]
-            if settings[key] is None and any(isinstance(image, MedicalImage) for image in files):
+            if settings[key] is None and any(_is_medical_image(image) for image in files):
                 settings[key] = [getattr(image, key, "unknown") for image in files]
         groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
         count = sum(len(group) for group in groups)
@@ -292,8 +292,14 @@ class RawGroup:
         return len(self.array)
 
 
+def _is_medical_image(image: Any) -> bool:
+    """By structure, not isinstance: remote code can import this module twice (the pipeline's copy and the
+    processor's), and a `MedicalImage` from one copy must still be recognised by the other."""
+    return hasattr(image, "array") and hasattr(image, "spatial_dims") and hasattr(image, "layout")
+
+
 def _as_array(image: Any) -> np.ndarray | torch.Tensor | MedicalImage:
-    if isinstance(image, (np.ndarray, torch.Tensor, MedicalImage)):
+    if isinstance(image, (np.ndarray, torch.Tensor)) or _is_medical_image(image):
         return image
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL without importing it
         if image.mode in ("RGBA", "LA", "P", "CMYK"):
@@ -362,17 +368,17 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
         batches = [(_as_array(image), False) for image in images]
     else:
         array = _as_array(images)
-        batched = not isinstance(array, MedicalImage) and (array.ndim == 5 or (array.ndim == 4 and spatial_dims == 2))
+        batched = not _is_medical_image(array) and (array.ndim == 5 or (array.ndim == 4 and spatial_dims == 2))
         batches = [(array, batched)]
     groups = []
     for item, batched in batches:
-        array = item.array if isinstance(item, MedicalImage) else item
+        array = item.array if _is_medical_image(item) else item
         dtype = _numpy_dtype(array)
         if dtype.kind not in "biuf":
             raise ValueError(f"Unsupported pixel dtype {dtype}; use integer or real floating-point images.")
         if 0 in array.shape:
             raise ValueError(f"Got an empty image of shape {tuple(array.shape)}.")
-        if isinstance(item, MedicalImage):
+        if _is_medical_image(item):
             layout = item.layout
         else:
             layout = _image_layout(tuple(array.shape[1:] if batched else array.shape), spatial_dims, data_format)

@@ -11,7 +11,10 @@ This file is shipped with every checkpoint (Hub remote code): it imports only to
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -494,6 +497,17 @@ class MedformerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MedformerLayer"]
     _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save as transformers does (config, weights, modeling code), plus the image-processing and pipeline code,
+        so `pipeline("medical-image-classification", model=<folder>, trust_remote_code=True)` finds its class.
+        Save the image processor into the same folder too, as for every vision model."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for name in ("image_processing_medformer.py", "pipeline_medformer.py"):
+                source = Path(__file__).with_name(name)
+                if source.exists():  # absent beside a remote-code copy that was loaded without them
+                    shutil.copy(source, Path(save_directory) / name)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -124,7 +124,9 @@ def test_ordinal_probabilities_are_a_distribution():
 def test_multitask_loss_is_the_sample_weighted_mean_of_task_losses(tiny_config):
     model = MedformerForMultiTask(tiny_config).eval()
     pixels = torch.randn(5, 1, 28, 28)
-    task_ids = torch.tensor([0, 1, 1, 0, 1])  # pneumonia, organ
+    names = list(tiny_config.tasks)
+    assert names == sorted(names)  # ids index the tasks sorted by name, as config.json stores them
+    task_ids = torch.tensor([names.index(name) for name in ("pneumonia", "organ", "organ", "pneumonia", "organ")])
     labels = torch.tensor([[1], [7], [3], [0], [10]])
     mixed = model(pixels, task=task_ids, labels=labels)
     assert mixed.logits is None and set(mixed.task_logits) == {"pneumonia", "organ"}

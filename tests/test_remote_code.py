@@ -24,13 +24,6 @@ from .conftest import make_tiny_config
 LOADER = textwrap.dedent(
     """
     import sys
-    sys.modules["medformer_hf"] = None  # any import of our package now raises ImportError
-    try:
-        import medformer_hf  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("medformer_hf is importable; the test would prove nothing")
     import torch
     from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, AutoModelForPreTraining
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
@@ -66,15 +59,27 @@ CASES = {
 }
 
 
-def run_without_the_package(folder, how: str, inputs: dict, tmp_path) -> dict:
-    """Run LOADER on a copy of `folder` in a fresh process where `import medformer_hf` fails."""
-    elsewhere = shutil.copytree(folder, tmp_path / "copied elsewhere")
-    torch.save(inputs, tmp_path / "inputs.pt")
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    sys.modules["medformer_hf"] = None  # any import of our package now raises ImportError
+    try:
+        import medformer_hf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("medformer_hf is importable; the test would prove nothing")
+    """
+)
+
+
+def run_code_without_the_package(code: str, arguments: list[str], tmp_path) -> str:
+    """Run `code` in a fresh Python where `import medformer_hf` fails; return its stdout."""
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     environment["HF_HOME"] = str(tmp_path / "hf_home")
     environment["HF_HUB_OFFLINE"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(elsewhere), how, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code), *arguments],
         cwd=tmp_path,
         env=environment,
         capture_output=True,
@@ -82,6 +87,15 @@ def run_without_the_package(folder, how: str, inputs: dict, tmp_path) -> dict:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def run_without_the_package(folder, how: str, inputs: dict, tmp_path) -> dict:
+    """Run LOADER on a copy of `folder` in a fresh process where `import medformer_hf` fails."""
+    elsewhere = shutil.copytree(folder, tmp_path / "copied elsewhere")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    arguments = [str(elsewhere), how, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    run_code_without_the_package(LOADER, arguments, tmp_path)
     return torch.load(tmp_path / "out.pt")
 
 
@@ -122,3 +136,47 @@ def test_installed_package_loads_without_trust_remote_code(tmp_path):
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is MedformerModel
     assert torch.equal(base.input_adaptformer.latents, model.medformer.input_adaptformer.latents)
+
+
+PIPELINES = """
+import json, sys
+import numpy as np
+from PIL import Image
+from pydicom.data import get_testdata_file
+from transformers import pipeline
+
+single, multi = sys.argv[1:]
+results = {}
+standard = pipeline("image-classification", model=single, trust_remote_code=True)
+results["standard"] = standard(Image.fromarray(np.arange(784, dtype=np.uint8).reshape(28, 28)))
+medical = pipeline("medical-image-classification", model=multi, trust_remote_code=True)
+results["class"] = [type(medical).__name__, type(medical.model).__name__]
+volume = np.random.default_rng(0).random((16, 32, 32)).astype(np.float32)
+results["volume"] = medical(volume, modality="ct", body_part="abdomen", task="organ", top_k=3)
+results["dicom"] = medical(get_testdata_file("CT_small.dcm"), window="lung", task="pneumonia")
+results["single"] = pipeline("medical-image-classification", model=single, trust_remote_code=True)(
+    np.zeros((28, 28), np.uint8), modality="ultrasound"
+)
+print(json.dumps(results))
+"""
+
+
+def test_both_pipelines_give_named_labels_without_the_package(tmp_path):
+    torch.manual_seed(0)
+    single = make_tiny_config(tasks=None, id2label={0: "malignant", 1: "normal"})
+    MedformerForImageClassification(single).save_pretrained(tmp_path / "single")
+    MedformerImageProcessor.from_model_config(single).save_pretrained(tmp_path / "single")
+    multi = make_tiny_config()
+    MedformerForMultiTask(multi).save_pretrained(tmp_path / "multi")
+    MedformerImageProcessor.from_model_config(multi).save_pretrained(tmp_path / "multi")
+    output = run_code_without_the_package(PIPELINES, [str(tmp_path / "single"), str(tmp_path / "multi")], tmp_path)
+    results = json.loads(output.strip().splitlines()[-1])
+    assert results["class"] == ["MedicalImageClassificationPipeline", "MedformerForMultiTask"]
+    assert {item["label"] for item in results["standard"]} == {"malignant", "normal"}
+    assert {item["label"] for item in results["single"]} == {"malignant", "normal"}
+    assert len(results["volume"]) == 3 and all(item["label"].startswith("LABEL_") for item in results["volume"])
+    assert {item["label"] for item in results["dicom"]} == {"normal", "pneumonia"}
+    for name in ("standard", "volume", "dicom", "single"):
+        scores = [item["score"] for item in results[name]]
+        assert scores == sorted(scores, reverse=True)
+    assert sum(item["score"] for item in results["dicom"]) == pytest.approx(1.0, abs=1e-5)
