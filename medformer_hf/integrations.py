@@ -1,5 +1,5 @@
 """Medformer with the tools of the Hugging Face stack: `transformers.Trainer` (a data collator for `datasets` rows
-and MedMNIST `compute_metrics`) and PEFT (which modules LoRA adapts).
+and MedMNIST `compute_metrics`), PEFT (which modules LoRA adapts) and ONNX export.
 
     dataset = load_medmnist("breastmnist")
     collator = MedformerDataCollator(processor, modality="ultrasound", body_part="breast")
@@ -12,7 +12,9 @@ collator uses them when present). The Trainer batches rows of one dataset, hence
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,3 +83,26 @@ def medmnist_compute_metrics(task_type: str) -> Callable[[Any], dict[str, float]
         return metric.compute(predictions=scores.tolist(), references=np.asarray(evaluation.label_ids).tolist())
 
     return compute_metrics
+
+
+def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...]) -> Path:
+    """Export a single-task classifier (`MedformerForImageClassification`) to ONNX for one fixed input shape.
+
+    Inputs: `pixel_values` of `input_shape` ((B, C, H, W) or (B, C, D, H, W)), `modality_ids` and `body_part_ids`
+    of shape (B,); output: `logits`. Uses torch's dynamo exporter (needs the `[onnx]` extra).
+    """
+    model = model.eval()
+    batch = input_shape[0]
+    ids = {name: torch.zeros(batch, dtype=torch.long) for name in ("modality_ids", "body_part_ids")}
+    program = torch.onnx.export(
+        model,
+        (torch.zeros(input_shape),),
+        kwargs=ids,
+        dynamo=True,
+        input_names=["pixel_values", "modality_ids", "body_part_ids"],
+        output_names=["logits"],
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    return path

@@ -250,14 +250,14 @@ def check_labels(labels: torch.Tensor, task_type: str, num_labels: int, task_nam
             labels = labels[:, 0]
         if labels.ndim != 1 or labels.is_floating_point():
             raise ValueError(f"Task {task_name!r} ({task_type}) needs integer class labels of shape ({batch_size},).")
-        if ((labels < 0) | (labels >= num_labels)).any():
+        if not torch.compiler.is_compiling() and ((labels < 0) | (labels >= num_labels)).any():
             bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
             raise ValueError(f"Task {task_name!r} has labels {bad} outside 0..{num_labels - 1}.")
         return labels
     labels = labels.reshape(batch_size, -1)[:, :num_labels]
     if labels.shape[1] != num_labels:
         raise ValueError(f"Task {task_name!r} ({task_type}) needs labels of shape ({batch_size}, {num_labels}).")
-    if task_type == "multilabel" and ((labels != 0) & (labels != 1)).any():
+    if task_type == "multilabel" and not torch.compiler.is_compiling() and ((labels != 0) & (labels != 1)).any():
         raise ValueError(f"Task {task_name!r} (multilabel) needs 0/1 labels, got values outside {{0, 1}}.")
     return labels.float()
 
@@ -686,7 +686,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         latents, context = outputs.last_hidden_state, outputs.context_embedding
 
         single_task = isinstance(task, str) or task is None
-        present = [task_ids[0].item()] if single_task else task_ids.unique().tolist()
+        present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
         task_logits, task_indices, task_losses = {}, {}, {}
         loss = None
         for index in present:

@@ -126,3 +126,73 @@ def test_model_card_metrics_parse_back(tmp_path):
         name: {"acc": values["acc"], "auc": values["auc"]} for name, values in metrics.items()
     }
     assert "Not for clinical use" in card.text and "| breastmnist | 0.865 | 0.901 | 0.863 | 0.901 | 156 |" in card.text
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 16, 16, 16)], ids=["2d", "3d"])
+def test_onnx_export_matches_pytorch(tmp_path, shape):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from medformer_hf.integrations import export_onnx
+
+    torch.manual_seed(0)
+    model = MedformerForImageClassification(make_tiny_config(tasks=None, id2label={0: "a", 1: "b", 2: "c"})).eval()
+    path = export_onnx(model, tmp_path / "model.onnx", shape)
+    pixels = torch.randn(shape)
+    modality, body_part = torch.tensor([2, 5]), torch.tensor([7, 1])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"pixel_values": pixels.numpy(), "modality_ids": modality.numpy(), "body_part_ids": body_part.numpy()}
+    (onnx_logits,) = session.run(["logits"], feeds)
+    with torch.no_grad():
+        expected = model(pixels, modality_ids=modality, body_part_ids=body_part).logits.numpy()
+    assert np.abs(onnx_logits - expected).max() <= 1e-4
+    with torch.no_grad():  # the ids are real inputs of the graph, not constants baked in
+        other = model(pixels).logits.numpy()
+    assert np.abs(other - expected).max() > 1e-4
+
+
+def test_export_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    from .conftest import REPO_ROOT
+
+    model = MedformerForImageClassification(make_tiny_config(tasks=None, id2label={0: "a", 1: "b"}))
+    model.save_pretrained(tmp_path / "classifier")
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "export_onnx.py"),
+        "--model",
+        str(tmp_path / "classifier"),
+        "--input_shape",
+        "1",
+        "1",
+        "28",
+        "28",
+        "--output",
+        str(tmp_path / "model.onnx"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    difference = float(result.stdout.strip().splitlines()[-1].split("= ")[-1])
+    assert difference <= 1e-4 and (tmp_path / "model.onnx").is_file()
+
+
+def _graph_breaks(model, **inputs) -> int:
+    explanation = torch._dynamo.explain(model)(**inputs)
+    return explanation.graph_break_count
+
+
+def test_torch_compile_has_no_graph_breaks_and_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = make_tiny_config(tasks={"organmnist3d": CATALOGUE["organmnist3d"].task_spec()}, id2label={0: "a", 1: "b"})
+    volumes = torch.randn(2, 1, 16, 16, 16)
+    assert _graph_breaks(MedformerForImageClassification(config).eval(), pixel_values=volumes) == 0
+    assert _graph_breaks(MedformerForMultiTask(config).eval(), pixel_values=volumes, task="organmnist3d") == 0
+    model = MedformerForMultiTask(config).eval()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for shape in ((2, 1, 16, 16, 16), (3, 1, 28, 28)):
+            pixels = torch.randn(shape)
+            eager = model(pixels, task="organmnist3d").logits
+            torch.testing.assert_close(compiled(pixels, task="organmnist3d").logits, eager, atol=1e-5, rtol=1e-5)
