@@ -9,7 +9,6 @@ checkpoint the model is evaluated on the validation splits; the best mean valida
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
-from medformer_hf.hub import HubError, metrics_table, push_folder, write_model_card
+from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     MODEL_SIZES,
     CheckpointManager,
@@ -138,10 +137,8 @@ def main() -> None:
         )
         accelerator.print(f"best mean validation AUC {state.best_metric:.4f}; saved to {output_dir}")
         if args.push_to_hub:
-            try:
-                accelerator.print(f"pushed: {push_folder(output_dir, args.hub_model_id, args.hub_token)}")
-            except HubError as error:
-                sys.exit(f"error: {error}")
+            url = push_or_exit(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            accelerator.print(f"pushed: {url}")
     accelerator.end_training()
 
 

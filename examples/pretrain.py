@@ -8,14 +8,13 @@ a Hub-ready folder (model, image processor, model card) to --output_dir, resumab
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImageProcessor
 from medformer_hf.data import MedformerCollator, build_multitask_dataset, multitask_dataloader
-from medformer_hf.hub import HubError, push_folder, write_model_card
+from medformer_hf.hub import push_or_exit, write_model_card
 from medformer_hf.training import (
     MODEL_SIZES,
     CheckpointManager,
@@ -93,10 +92,8 @@ def main() -> None:
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)
         accelerator.print(f"saved to {args.output_dir}")
         if args.push_to_hub:
-            try:
-                accelerator.print(f"pushed: {push_folder(args.output_dir, args.hub_model_id, args.hub_token)}")
-            except HubError as error:
-                sys.exit(f"error: {error}")
+            url = push_or_exit(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+            accelerator.print(f"pushed: {url}")
     accelerator.end_training()
 
 

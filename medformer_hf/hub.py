@@ -129,6 +129,14 @@ def push_folder(folder: str | os.PathLike, repo_id: str, token: str | None = Non
     return str(commit.commit_url)
 
 
+def push_or_exit(folder: str | os.PathLike, repo_id: str, token: str | None = None, private: bool = False) -> str:
+    """`push_folder` for scripts: a failed push ends the program with a one-line error instead of a traceback."""
+    try:
+        return push_folder(folder, repo_id, token, private)
+    except HubError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
 def card_metrics(card: ModelCard) -> dict[str, dict[str, Any]]:
     """Per-dataset metrics parsed back from a card's `model-index`."""
     metrics: dict[str, dict[str, Any]] = {}
