@@ -72,6 +72,8 @@ def pretrained(workdir) -> Path:
             "3",
             "--output_dir",
             str(output),
+            "--report_to",
+            "tensorboard",
         )
     )
     return output
@@ -87,6 +89,7 @@ def test_pretrain_writes_a_hub_ready_folder_and_pictures(pretrained):
         "README.md",
     } <= names
     assert sorted(path.name for path in (pretrained / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert list((pretrained / "runs").rglob("events.out.tfevents.*")), "no TensorBoard logs"
     assert {path.name for path in (pretrained / "reconstructions").iterdir()} >= {
         "step_00000006_breastmnist.png",
         "step_00000006_vesselmnist3d.png",

@@ -1,0 +1,86 @@
+"""Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised vs from scratch, mean +- std over
+seeds, from the metrics.json files that run_label_efficiency.sh writes.
+
+    python benchmarks/label_efficiency_report.py outputs/label_efficiency
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"ssl": (200, 60, 40), "scratch": (40, 90, 200)}
+
+
+def collect(root: Path) -> dict[str, dict[str, dict[float, list[float]]]]:
+    """{dataset: {init: {fraction: [test AUC per seed]}}}"""
+    results: dict = {}
+    for path in sorted(root.glob("*/fraction_*/seed_*/*/metrics.json")):
+        init, fraction, dataset = path.parent.name, float(path.parts[-4].split("_")[1]), path.parts[-5]
+        auc = json.loads(path.read_text())["metrics"][dataset]["auc"]
+        results.setdefault(dataset, {}).setdefault(init, {}).setdefault(fraction, []).append(auc)
+    return results
+
+
+def table(results: dict) -> str:
+    lines = ["| dataset | labels | SSL init AUC | scratch AUC | seeds |", "|---|---|---|---|---|"]
+    for dataset, inits in results.items():
+        for fraction in sorted(inits.get("ssl", {})):
+            cells = []
+            for init in ("ssl", "scratch"):
+                values = inits.get(init, {}).get(fraction, [])
+                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
+            seeds = len(inits.get("ssl", {}).get(fraction, []))
+            lines.append(f"| {dataset} | {fraction:.0%} | {cells[0]} | {cells[1]} | {seeds} |")
+    return "\n".join(lines)
+
+
+WIDTH, HEIGHT, MARGIN = 320, 240, 40
+
+
+def draw_panel(draw: ImageDraw.ImageDraw, left: int, dataset: str, inits: dict) -> None:
+    """AUC (y, 0.5..1) against label fraction (log x), a line per initialisation, vertical bars = std over seeds."""
+    fractions = sorted({fraction for values in inits.values() for fraction in values})
+    low = float(np.log10(fractions[0]))
+
+    def xy(fraction: float, auc: float) -> tuple[float, float]:
+        x = left + MARGIN + (np.log10(fraction) - low) / max(-low, 1e-6) * (WIDTH - MARGIN - 20)
+        return x, HEIGHT - MARGIN - (auc - 0.5) / 0.5 * (HEIGHT - 2 * MARGIN)
+
+    draw.text((left + MARGIN, 8), f"{dataset}: test AUC vs labels", fill="black")
+    draw.rectangle((left + MARGIN, MARGIN, left + WIDTH - 10, HEIGHT - MARGIN), outline="gray")
+    for fraction in fractions:
+        draw.text((xy(fraction, 0.5)[0] - 10, HEIGHT - MARGIN + 5), f"{fraction:.0%}", fill="black")
+    for auc in (0.5, 0.75, 1.0):
+        draw.text((left + 5, xy(fractions[0], auc)[1] - 5), f"{auc:.2f}", fill="black")
+    for row, (init, values) in enumerate(sorted(inits.items())):
+        points = [xy(fraction, float(np.mean(values[fraction]))) for fraction in sorted(values)]
+        draw.line(points, fill=COLOURS[init], width=2)
+        for (x, y), fraction in zip(points, sorted(values), strict=True):
+            spread = float(np.std(values[fraction])) / 0.5 * (HEIGHT - 2 * MARGIN)
+            draw.line([(x, y - spread), (x, y + spread)], fill=COLOURS[init], width=1)
+        draw.text((left + MARGIN + 8, MARGIN + 6 + 14 * row), init, fill=COLOURS[init])
+
+
+def plot(results: dict, path: Path) -> None:
+    image = Image.new("RGB", (WIDTH * len(results), HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, (dataset, inits) in enumerate(results.items()):
+        draw_panel(draw, panel * WIDTH, dataset, inits)
+    image.save(path)
+
+
+def main() -> None:
+    root = Path(sys.argv[1])
+    results = collect(root)
+    (root / "label_efficiency.md").write_text(table(results) + "\n")
+    plot(results, root / "label_efficiency.png")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
