@@ -63,6 +63,7 @@ def draw_panel(draw: ImageDraw.ImageDraw, left: int, dataset: str, inits: dict) 
         for (x, y), fraction in zip(points, sorted(values), strict=True):
             spread = float(np.std(values[fraction])) / 0.5 * (HEIGHT - 2 * MARGIN)
             draw.line([(x, y - spread), (x, y + spread)], fill=COLOURS[init], width=1)
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=COLOURS[init])
         draw.text((left + MARGIN + 8, MARGIN + 6 + 14 * row), init, fill=COLOURS[init])
 
 
