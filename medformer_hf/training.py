@@ -19,7 +19,8 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .data import CATALOGUE, MedformerCollator, MultiTaskDataset, default_cache_dir
+from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
+from .data.medmnist import search_folders
 from .metrics import load_medmnist_metric
 from .modeling_medformer import task_probabilities
 
@@ -81,13 +82,11 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(CATALOGUE)}.")
     args.datasets = [name.lower() for name in args.datasets]
+    folders = search_folders(args.data_dir)
     for name in args.datasets:
         info = CATALOGUE[name]
         if args.size not in info.sizes:
             parser.error(f"{name} comes in sizes {list(info.sizes)}, not --size {args.size}.")
-        folders = [Path(f) for f in (args.data_dir, os.environ.get("MEDMNIST_ROOT")) if f] + [
-            default_cache_dir() / "npz"
-        ]
         if offline and not any((folder / info.filename(args.size)).is_file() for folder in folders):
             parser.error(f"{info.filename(args.size)} is not in {', '.join(map(str, folders))} and the Hub is offline.")
     if args.push_to_hub and not args.hub_model_id:

@@ -72,6 +72,12 @@ def load_medmnist(
     return datasets.load_from_disk(str(arrow_dir))
 
 
+def search_folders(data_dir: str | os.PathLike | None = None, cache_dir: Path | None = None) -> list[Path]:
+    """Where a MedMNIST file is looked for, in order: `data_dir`, `$MEDMNIST_ROOT`, then earlier downloads."""
+    folders = [Path(folder) for folder in (data_dir, os.environ.get("MEDMNIST_ROOT")) if folder]
+    return [*folders, (cache_dir if cache_dir is not None else default_cache_dir()) / "npz"]
+
+
 def find_or_download(
     info: MedMNISTInfo,
     size: int,
@@ -82,13 +88,13 @@ def find_or_download(
 ) -> Path:
     """The npz path: the first local folder that has it, else a fresh, MD5-checked download into the cache."""
     filename = info.filename(size)
-    folders = [Path(folder) for folder in (data_dir, os.environ.get("MEDMNIST_ROOT")) if folder]
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data_dir {data_dir} is not a folder; pass the folder that holds {filename}.")
-    for folder in [*folders, cache_dir / "npz"]:
+    folders = search_folders(data_dir, cache_dir)
+    for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    searched = ", ".join(str(folder) for folder in [*folders, cache_dir / "npz"])
+    searched = ", ".join(str(folder) for folder in folders)
     if not download:
         raise FileNotFoundError(
             f"{filename} is not in {searched}. Put it in one of them (or set MEDMNIST_ROOT), or pass download=True."
