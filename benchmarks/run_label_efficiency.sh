@@ -1,30 +1,44 @@
 #!/usr/bin/env bash
 # The label-efficiency table and plot of BENCHMARKS.md, one command (re-running skips finished runs).
 #   bash benchmarks/run_label_efficiency.sh <ssl checkpoint> [data_dir] [output_dir] [datasets...]
-# For each dataset, label fraction (1%, 10%, 100%) and seed (0, 1, 2): fine-tune from the SSL checkpoint and from
-# scratch with the same budget, select on validation, evaluate on test; then write the table and a PNG plot.
+# For each seed (0, 1, 2), dataset (default: every set in data_dir) and label fraction (1%, 10%, 100%): fine-tune from
+# the SSL checkpoint and from scratch with the same budget, select on validation, evaluate on test; then write the
+# table and a PNG plot. The 100% from-scratch runs are also the single-task from-scratch baselines of the accuracy table.
+# Env: STEPS (fine-tuning steps per run, default 300), JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
 OUT=${3:-outputs/label_efficiency}
 shift $(( $# < 3 ? $# : 3 ))
-DATASETS=("${@:-breastmnist}")
+if [ $# -gt 0 ]; then DATASETS=("$@"); else mapfile -t DATASETS < <(cd "$DATA" && ls -- *mnist*.npz | sed 's/\.npz$//'); fi
 STEPS=${STEPS:-300}
-LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
-for name in "${DATASETS[@]}"; do
-  for fraction in 0.01 0.1 1.0; do
-    for seed in 0 1 2; do
-      for init in ssl scratch; do
-        run="$OUT/$name/fraction_${fraction}/seed_${seed}/$init"
-        [ -f "$run/metrics.json" ] && continue
-        init_args=(--model_size small)
-        [ "$init" = ssl ] && init_args=(--init_from "$SSL")
-        "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" \
-          --label_fraction "$fraction" --seed "$seed" --max_steps "$STEPS" --checkpointing_steps 50 \
-          --learning_rate 5e-4 --report_to none --output_dir "$run"
-        "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
-      done
+JOBS=${JOBS:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+
+runs=()  # seed outermost, so a run cut short still covers every set
+for seed in 0 1 2; do
+  for name in "${DATASETS[@]}"; do
+    for fraction in 0.01 0.1 1.0; do
+      for init in ssl scratch; do runs+=("$name $fraction $seed $init"); done
     done
   done
 done
+
+worker() {  # runs number worker, worker + JOBS, ... so parallel workers never share a run
+  for (( i = $1; i < ${#runs[@]}; i += JOBS )); do
+    read -r name fraction seed init <<< "${runs[$i]}"
+    run="$OUT/$name/fraction_${fraction}/seed_${seed}/$init"
+    [ -f "$run/metrics.json" ] && continue
+    init_args=(--model_size small)
+    [ "$init" = ssl ] && init_args=(--init_from "$SSL")
+    python examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" \
+      --label_fraction "$fraction" --seed "$seed" --max_steps "$STEPS" --checkpointing_steps 50 \
+      --learning_rate 5e-4 --report_to none --output_dir "$run"
+    python examples/evaluate.py --model "$run" --data_dir "$DATA"
+  done
+}
+
+pids=()
+for (( job = 0; job < JOBS; job++ )); do worker "$job" & pids+=($!); done
+for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the command
 python benchmarks/label_efficiency_report.py "$OUT"

@@ -94,6 +94,21 @@ def test_second_load_comes_from_the_arrow_cache(cache_dir, monkeypatch):
     assert len(load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=cache_dir)["train"]) == 546
 
 
+def test_a_cache_built_by_another_process_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two runs starting together on a fresh machine both convert; the one that renames second must not fail."""
+    convert = medmnist_module.convert_npz
+
+    def convert_while_another_process_finishes_first(*args, **kwargs):
+        monkeypatch.setattr(medmnist_module, "convert_npz", convert)
+        load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=tmp_path)  # the other process's whole load
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(medmnist_module, "convert_npz", convert_while_another_process_finishes_first)
+    dataset = load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=tmp_path)
+    assert len(dataset["train"]) == 546
+    assert [path.name for path in (tmp_path / "arrow").iterdir() if path.name.startswith(".")] == []
+
+
 def _write_npz(path: Path, source: Path, **changes) -> None:
     arrays = dict(np.load(source))
     arrays.update(changes)

@@ -1,6 +1,6 @@
 """MedMNIST through Hugging Face `datasets`: the catalogue, the loader, and multi-task batching."""
 
-from .catalogue import CATALOGUE, RESNET18_BASELINES, MedMNISTInfo, dataset_info
+from .catalogue import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, MedMNISTInfo, dataset_info
 from .medmnist import default_cache_dir, load_medmnist
 from .multitask import (
     MedformerCollator,
@@ -14,6 +14,7 @@ from .multitask import (
 __all__ = [
     "CATALOGUE",
     "RESNET18_BASELINES",
+    "BEST_PUBLISHED_28",
     "MedMNISTInfo",
     "MedformerCollator",
     "MultiTaskDataset",

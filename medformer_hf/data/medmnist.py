@@ -67,6 +67,10 @@ def load_medmnist(
         try:
             dataset.save_to_disk(str(partial))
             os.replace(partial, arrow_dir)
+        except OSError:
+            if not arrow_dir.exists():
+                raise
+            # Another process built the same cache first (parallel runs on a fresh machine): use theirs.
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return datasets.load_from_disk(str(arrow_dir))
