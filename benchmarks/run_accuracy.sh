@@ -3,7 +3,8 @@
 #   bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
 # 1. SSL pre-training on the train images of every set in data_dir (2D and 3D together, labels unused)
 # 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds)
-# 3. test-split evaluation of both (checkpoints chosen on validation only)
+# 3. single-task from scratch on each set, with the batches that set gets in the multi-task run (what sharing adds)
+# 4. test-split evaluation of every model (checkpoints chosen on validation only), then the table (accuracy.md)
 set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/accuracy}
@@ -15,9 +16,19 @@ LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision n
 
 "${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --max_steps "$SSL_STEPS" --output_dir "$OUT/ssl"
 for init in ssl scratch; do
+  run="$OUT/multitask_$init"
+  [ -f "$run/metrics.json" ] && continue
   init_args=()
   [ "$init" = ssl ] && init_args=(--init_from "$OUT/ssl")
   "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --max_steps "$FINETUNE_STEPS" \
-    --learning_rate 5e-4 --output_dir "$OUT/multitask_$init"
-  "${LAUNCH[@]}" examples/evaluate.py --model "$OUT/multitask_$init" --data_dir "$DATA"
+    --learning_rate 5e-4 --output_dir "$run"
+  "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done
+while read -r name steps <&3; do  # fd 3: the runs below must not eat the list on stdin
+  run="$OUT/single_task/$name"
+  [ -f "$run/metrics.json" ] && continue
+  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" --datasets "$name" --max_steps "$steps" \
+    --checkpointing_steps 50 --learning_rate 5e-4 --output_dir "$run"
+  "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
+done 3< <(python benchmarks/accuracy_report.py steps "$DATA" "$FINETUNE_STEPS")
+python benchmarks/accuracy_report.py table "$OUT"

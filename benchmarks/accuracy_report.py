@@ -1,0 +1,77 @@
+"""The accuracy table of BENCHMARKS.md from the runs of run_accuracy.sh, and the single-task budgets those runs use.
+
+    python benchmarks/accuracy_report.py steps <data_dir> <multi-task steps>   # "<dataset> <steps>" per local set
+    python benchmarks/accuracy_report.py table <output_dir>                   # writes <output_dir>/accuracy.md
+
+A single-task run gets the number of batches its set draws, on average, in the multi-task run (p_i ~ n_i^alpha, the
+sampler's own formula), so the table compares equal training on every set.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from medformer_hf.data import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, TaskBatchSampler
+
+RUNS = {"SSL + multi-task": "multitask_ssl", "multi-task, scratch": "multitask_scratch"}
+
+
+def single_task_steps(data_dir: Path, total_steps: int, alpha: float = 0.5) -> dict[str, int]:
+    """Expected batches per local set in a multi-task run of `total_steps` (the scripts' default dataset order)."""
+    names = [name for name in CATALOGUE if (data_dir / f"{name}.npz").is_file()]
+    sizes = [CATALOGUE[name].split_sizes["train"] for name in names]
+    probabilities = TaskBatchSampler(sizes, batch_size=1, alpha=alpha, num_replicas=1, rank=0).probabilities
+    return {name: max(1, round(total_steps * p)) for name, p in zip(names, probabilities, strict=True)}
+
+
+def read_metrics(folder: Path) -> dict[str, dict[str, float]]:
+    path = folder / "metrics.json"
+    return json.loads(path.read_text())["metrics"] if path.is_file() else {}
+
+
+def table(out: Path) -> str:
+    columns = {label: read_metrics(out / folder) for label, folder in RUNS.items()}
+    names = sorted(set().union(*columns.values()), key=list(CATALOGUE).index)
+    columns["single-task, scratch"] = {
+        name: values for name in names for values in read_metrics(out / "single_task" / name).values()
+    }
+    columns["ResNet-18 (28)"] = RESNET18_BASELINES
+    columns["best published (28)"] = BEST_PUBLISHED_28
+    header = ["dataset"] + [f"{label} {metric}" for label in columns for metric in ("ACC", "AUC")]
+    header += ["SSL + multi-task − ResNet-18 (ACC, AUC)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in [*names, "mean"]:
+        cells = []
+        for values in columns.values():
+            for metric in ("acc", "auc"):
+                found = [values[n][metric] for n in (names if name == "mean" else [name]) if n in values]
+                cells.append(f"{np.mean(found):.3f}" if len(found) == (len(names) if name == "mean" else 1) else "–")
+        ours, baseline = columns["SSL + multi-task"], RESNET18_BASELINES
+        gaps = [
+            np.mean([ours[n][metric] - baseline[n][metric] for n in (names if name == "mean" else [name])])
+            for metric in ("acc", "auc")
+        ]
+        cells.append(f"{gaps[0]:+.3f}, {gaps[1]:+.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    command, *rest = sys.argv[1:]
+    if command == "steps":
+        for name, steps in single_task_steps(Path(rest[0]), int(rest[1])).items():
+            print(name, steps)
+    elif command == "table":
+        text = table(Path(rest[0]))
+        (Path(rest[0]) / "accuracy.md").write_text(text + "\n")
+        print(text)
+    else:
+        sys.exit(f"unknown command {command!r}: use 'steps <data_dir> <steps>' or 'table <output_dir>'")
+
+
+if __name__ == "__main__":
+    main()
