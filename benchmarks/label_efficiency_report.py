@@ -39,24 +39,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def goal_table(results: dict) -> str:
+    """The issue's goal per set: SSL with 10% of the labels against from scratch with all of them."""
+    lines = ["| dataset | SSL, 10% labels | scratch, 100% labels | difference | goal met |", "|---|---|---|---|---|"]
+    for dataset, inits in results.items():
+        ssl, scratch = inits.get("ssl", {}).get(0.1), inits.get("scratch", {}).get(1.0)
+        if ssl and scratch:
+            gap = float(np.mean(ssl) - np.mean(scratch))
+            row = f"{np.mean(ssl):.3f} | {np.mean(scratch):.3f} | {gap:+.3f} | {'yes' if gap >= 0 else 'no'}"
+            lines.append(f"| {dataset} | {row} |")
+    return "\n".join(lines)
+
+
 WIDTH, HEIGHT, MARGIN = 320, 240, 40
 
 
-def draw_panel(draw: ImageDraw.ImageDraw, left: int, dataset: str, inits: dict) -> None:
+def draw_panel(draw: ImageDraw.ImageDraw, dataset: str, inits: dict) -> None:
     """AUC (y, 0.5..1) against label fraction (log x), a line per initialisation, vertical bars = std over seeds."""
     fractions = sorted({fraction for values in inits.values() for fraction in values})
     low = float(np.log10(fractions[0]))
 
     def xy(fraction: float, auc: float) -> tuple[float, float]:
-        x = left + MARGIN + (np.log10(fraction) - low) / max(-low, 1e-6) * (WIDTH - MARGIN - 20)
+        x = MARGIN + (np.log10(fraction) - low) / max(-low, 1e-6) * (WIDTH - MARGIN - 20)
         return x, HEIGHT - MARGIN - (auc - 0.5) / 0.5 * (HEIGHT - 2 * MARGIN)
 
-    draw.text((left + MARGIN, 8), f"{dataset}: test AUC vs labels", fill="black")
-    draw.rectangle((left + MARGIN, MARGIN, left + WIDTH - 10, HEIGHT - MARGIN), outline="gray")
+    draw.text((MARGIN, 8), f"{dataset}: test AUC vs labels", fill="black")
+    draw.rectangle((MARGIN, MARGIN, WIDTH - 10, HEIGHT - MARGIN), outline="gray")
     for fraction in fractions:
         draw.text((xy(fraction, 0.5)[0] - 10, HEIGHT - MARGIN + 5), f"{fraction:.0%}", fill="black")
     for auc in (0.5, 0.75, 1.0):
-        draw.text((left + 5, xy(fractions[0], auc)[1] - 5), f"{auc:.2f}", fill="black")
+        draw.text((5, xy(fractions[0], auc)[1] - 5), f"{auc:.2f}", fill="black")
     for row, (init, values) in enumerate(sorted(inits.items())):
         points = [xy(fraction, float(np.mean(values[fraction]))) for fraction in sorted(values)]
         draw.line(points, fill=COLOURS[init], width=2)
@@ -64,23 +76,26 @@ def draw_panel(draw: ImageDraw.ImageDraw, left: int, dataset: str, inits: dict) 
             spread = float(np.std(values[fraction])) / 0.5 * (HEIGHT - 2 * MARGIN)
             draw.line([(x, y - spread), (x, y + spread)], fill=COLOURS[init], width=1)
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=COLOURS[init])
-        draw.text((left + MARGIN + 8, MARGIN + 6 + 14 * row), init, fill=COLOURS[init])
+        draw.text((MARGIN + 8, MARGIN + 6 + 14 * row), init, fill=COLOURS[init])
 
 
-def plot(results: dict, path: Path) -> None:
-    image = Image.new("RGB", (WIDTH * len(results), HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
+def plot(results: dict, path: Path, columns: int = 4) -> None:
+    rows = -(-len(results) // columns)
+    image = Image.new("RGB", (WIDTH * min(columns, len(results)), HEIGHT * rows), "white")
     for panel, (dataset, inits) in enumerate(results.items()):
-        draw_panel(draw, panel * WIDTH, dataset, inits)
+        tile = Image.new("RGB", (WIDTH, HEIGHT), "white")
+        draw_panel(ImageDraw.Draw(tile), dataset, inits)
+        image.paste(tile, (panel % columns * WIDTH, panel // columns * HEIGHT))
     image.save(path)
 
 
 def main() -> None:
     root = Path(sys.argv[1])
     results = collect(root)
-    (root / "label_efficiency.md").write_text(table(results) + "\n")
+    text = f"{table(results)}\n\n{goal_table(results)}\n"
+    (root / "label_efficiency.md").write_text(text)
     plot(results, root / "label_efficiency.png")
-    print(table(results))
+    print(text)
 
 
 if __name__ == "__main__":
