@@ -71,6 +71,34 @@ def current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def stage_seconds_per_image(model: MedformerModel, pixels: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Forward time per image of the Input Adaptformer (patches + cross-attention) and of the Main Body (latents only):
+    the body's should not depend on the input size. A stage runs from its first module's start to its last's end."""
+    stages = {
+        "input_adaptformer": (model.input_adaptformer.patch_embeddings, model.input_adaptformer.layers[-1]),
+        "main_body": (model.main_body.layers[0], model.main_body.norm),
+    }
+    cuda = pixels.device.type == "cuda"
+    starts, times = {}, {name: [] for name in stages}
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    hooks = []
+    for name, (first, last) in stages.items():
+        hooks.append(first.register_forward_pre_hook(lambda *_, name=name: starts.__setitem__(name, clock())))
+        hooks.append(last.register_forward_hook(lambda *_, name=name: times[name].append(clock() - starts[name])))
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first call warms up
+            model(pixels)
+    for hook in hooks:
+        hook.remove()
+    batch = len(pixels)
+    return {f"{name}_forward_s_per_image": statistics.median(values[1:]) / batch for name, values in times.items()}
+
+
 def run_case(model_name: str, shape: tuple[int, ...], batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     """One model on one input shape: median step time and peak memory above the pre-step baseline."""
     torch.manual_seed(0)
@@ -111,6 +139,9 @@ def run_case(model_name: str, shape: tuple[int, ...], batch_size: int, args: arg
         "peak_memory_mib": (peak - baseline) / 2**20,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+    if model_name == "medformer":
+        with torch.autocast(device_type=args.device, dtype=dtype, enabled=dtype != torch.float32):
+            result.update(stage_seconds_per_image(model, pixels, args.repeats))
     if cuda:  # model FLOPs utilisation from a counted forward (x3 for forward + backward)
         from torch.utils.flop_counter import FlopCounterMode
 
