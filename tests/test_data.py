@@ -15,7 +15,9 @@ from medmnist import INFO
 
 from medformer_hf import MedformerConfig, MedformerImageProcessor
 from medformer_hf.data import (
+    BEST_PUBLISHED_28,
     CATALOGUE,
+    RESNET18_BASELINES,
     MedformerCollator,
     TaskBatchSampler,
     build_multitask_dataset,
@@ -54,6 +56,13 @@ def test_catalogue_covers_all_medmnist_sets_in_the_model_vocabularies():
     assert CATALOGUE["vesselmnist3d"].sizes == (28, 64) and CATALOGUE["pathmnist"].filename(64) == "pathmnist_64.npz"
     # A whole config can be built from the catalogue.
     MedformerConfig(tasks={name: info.task_spec() for name, info in CATALOGUE.items()})
+
+
+def test_reference_results_cover_every_set_and_best_is_at_least_resnet18():
+    assert set(RESNET18_BASELINES) == set(BEST_PUBLISHED_28) == set(CATALOGUE)
+    for name, best in BEST_PUBLISHED_28.items():
+        for metric in ("acc", "auc"):
+            assert RESNET18_BASELINES[name][metric] <= best[metric] <= 1, (name, metric)
 
 
 def test_unknown_dataset_and_size_are_clear_errors():

@@ -125,7 +125,10 @@ def test_model_card_metrics_parse_back(tmp_path):
     assert card_metrics(card) == {
         name: {"acc": values["acc"], "auc": values["auc"]} for name, values in metrics.items()
     }
-    assert "Not for clinical use" in card.text and "| breastmnist | 0.865 | 0.901 | 0.863 | 0.901 | 156 |" in card.text
+    assert (
+        "Not for clinical use" in card.text
+        and "| breastmnist | 0.865 | 0.901 | 0.863 | 0.901 | 0.865 | 0.919 | 156 |" in card.text
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 16, 16, 16)], ids=["2d", "3d"])
