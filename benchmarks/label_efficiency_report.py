@@ -34,7 +34,8 @@ def table(results: dict) -> str:
             for init in ("ssl", "scratch"):
                 values = inits.get(init, {}).get(fraction, [])
                 cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
-            seeds = len(inits.get("ssl", {}).get(fraction, []))
+            ssl, scratch = (len(inits.get(init, {}).get(fraction, [])) for init in ("ssl", "scratch"))
+            seeds = str(ssl) if ssl == scratch else f"{ssl}/{scratch}"  # SSL/scratch where they differ
             lines.append(f"| {dataset} | {fraction:.0%} | {cells[0]} | {cells[1]} | {seeds} |")
     return "\n".join(lines)
 
