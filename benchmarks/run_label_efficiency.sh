@@ -4,14 +4,14 @@
 # For each seed (0, 1, 2), dataset (default: every set in data_dir) and label fraction (1%, 10%, 100%): fine-tune from
 # the SSL checkpoint and from scratch with the same budget, select on validation, evaluate on test; then write the
 # table and a PNG plot. The 100% from-scratch runs are also the single-task from-scratch baselines of the accuracy table.
-# Env: STEPS (fine-tuning steps per run, default 300), JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
+# Env: STEPS (fine-tuning steps per run, default 150), JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
 OUT=${3:-outputs/label_efficiency}
 shift $(( $# < 3 ? $# : 3 ))
 if [ $# -gt 0 ]; then DATASETS=("$@"); else mapfile -t DATASETS < <(cd "$DATA" && ls -- *mnist*.npz | sed 's/\.npz$//'); fi
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-150}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
