@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from medformer_hf.data import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, TaskBatchSampler
+from medformer_hf.data import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, TaskBatchSampler, local_datasets
 
 RUNS = {"SSL + multi-task": "multitask_ssl", "multi-task, scratch": "multitask_scratch"}
 
 
 def single_task_steps(data_dir: Path, total_steps: int, alpha: float = 0.5) -> dict[str, int]:
     """Expected batches per local set in a multi-task run of `total_steps` (the scripts' default dataset order)."""
-    names = [name for name in CATALOGUE if (data_dir / f"{name}.npz").is_file()]
+    names = local_datasets(data_dir)
     sizes = [CATALOGUE[name].split_sizes["train"] for name in names]
     probabilities = TaskBatchSampler(sizes, batch_size=1, alpha=alpha, num_replicas=1, rank=0).probabilities
     return {name: max(1, round(total_steps * p)) for name, p in zip(names, probabilities, strict=True)}
@@ -44,19 +44,16 @@ def table(out: Path) -> str:
     header = ["dataset"] + [f"{label} {metric}" for label in columns for metric in ("ACC", "AUC")]
     header += ["SSL + multi-task − ResNet-18 (ACC, AUC)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in [*names, "mean"]:
+    ours = columns["SSL + multi-task"]
+    for label, subset in [*((name, [name]) for name in names), ("mean", names)]:
         cells = []
         for values in columns.values():
             for metric in ("acc", "auc"):
-                found = [values[n][metric] for n in (names if name == "mean" else [name]) if n in values]
-                cells.append(f"{np.mean(found):.3f}" if len(found) == (len(names) if name == "mean" else 1) else "–")
-        ours, baseline = columns["SSL + multi-task"], RESNET18_BASELINES
-        gaps = [
-            np.mean([ours[n][metric] - baseline[n][metric] for n in (names if name == "mean" else [name])])
-            for metric in ("acc", "auc")
-        ]
+                found = [values[n][metric] for n in subset if n in values]
+                cells.append(f"{np.mean(found):.3f}" if len(found) == len(subset) else "–")
+        gaps = [np.mean([ours[n][m] - RESNET18_BASELINES[n][m] for n in subset]) for m in ("acc", "auc")]
         cells.append(f"{gaps[0]:+.3f}, {gaps[1]:+.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,10 @@ SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)
 DATA=${2:-../shared/data/medmnist}
 OUT=${3:-outputs/label_efficiency}
 shift $(( $# < 3 ? $# : 3 ))
-if [ $# -gt 0 ]; then DATASETS=("$@"); else mapfile -t DATASETS < <(cd "$DATA" && ls -- *mnist*.npz | sed 's/\.npz$//'); fi
+if [ $# -gt 0 ]; then DATASETS=("$@"); else
+  mapfile -t DATASETS < <(python -c 'import sys; from medformer_hf.data import local_datasets
+print(*local_datasets(sys.argv[1]), sep="\n")' "$DATA")
+fi
 STEPS=${STEPS:-150}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}

@@ -102,7 +102,7 @@ def stage_seconds_per_image(model: MedformerModel, pixels: torch.Tensor, repeats
 def run_case(model_name: str, shape: tuple[int, ...], batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     """One model on one input shape: median step time and peak memory above the pre-step baseline."""
     torch.manual_seed(0)
-    config = MedformerConfig(num_latents=args.num_latents or MedformerConfig().num_latents)
+    config = MedformerConfig(num_latents=args.num_latents)
     if model_name == "medformer":
         model = MedformerModel(config)
         pooled = lambda pixels: model(pixels).pooler_output  # noqa: E731
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_latents", type=int, help="Medformer latents (default: the config's)")
+    parser.add_argument("--num_latents", type=int, default=MedformerConfig().num_latents, help="Medformer latents")
     parser.add_argument("--shapes", nargs="+", choices=[shape for shape, _ in CASES], help="default: all")
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,8 +173,8 @@ def main() -> None:
         row = {"batch_size": batch}
         for model_name in ("medformer", "vit"):
             command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype]
-            command += ["--repeats", str(args.repeats), "--case", model_name, shape, str(batch)]
-            command += ["--num_latents", str(args.num_latents)] if args.num_latents else []
+            command += ["--repeats", str(args.repeats), "--num_latents", str(args.num_latents)]
+            command += ["--case", model_name, shape, str(batch)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             row[model_name] = json.loads(output.strip().splitlines()[-1])
         row["speed_ratio"] = row["medformer"]["images_per_second"] / row["vit"]["images_per_second"]
@@ -183,7 +183,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}",
         "torch": torch.__version__,
-        "num_latents": args.num_latents or MedformerConfig().num_latents,
+        "num_latents": args.num_latents,
         "cases": table,
     }
     if {"1x28x28x28", "1x64x64x64"} <= table.keys():

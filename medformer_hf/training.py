@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
-from .data.medmnist import search_folders
+from .data.medmnist import local_datasets, search_folders
 from .metrics import load_medmnist_metric
 from .modeling_medformer import task_probabilities
 
@@ -74,10 +74,10 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if args.datasets is None:
         if args.data_dir is None:
             parser.error("pass --datasets (to download them) or --data_dir (a folder of MedMNIST .npz files).")
-        suffix = "" if args.size == 28 else f"_{args.size}"
-        args.datasets = [name for name in CATALOGUE if (Path(args.data_dir) / f"{name}{suffix}.npz").is_file()]
+        args.datasets = local_datasets(args.data_dir, args.size)
         if not args.datasets:
-            parser.error(f"no MedMNIST files of size {args.size} in {args.data_dir} (e.g. pneumoniamnist{suffix}.npz).")
+            example = CATALOGUE["pneumoniamnist"].filename(args.size)
+            parser.error(f"no MedMNIST files of size {args.size} in {args.data_dir} (e.g. {example}).")
     unknown = [name for name in args.datasets if name.lower() not in CATALOGUE]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(CATALOGUE)}.")

@@ -1,7 +1,7 @@
 """MedMNIST through Hugging Face `datasets`: the catalogue, the loader, and multi-task batching."""
 
 from .catalogue import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, MedMNISTInfo, dataset_info
-from .medmnist import default_cache_dir, load_medmnist
+from .medmnist import default_cache_dir, load_medmnist, local_datasets
 from .multitask import (
     MedformerCollator,
     MultiTaskDataset,
@@ -23,6 +23,7 @@ __all__ = [
     "dataset_info",
     "default_cache_dir",
     "load_medmnist",
+    "local_datasets",
     "multitask_dataloader",
     "stratified_subset",
 ]

@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from .catalogue import SPLITS, MedMNISTInfo, dataset_info
+from .catalogue import CATALOGUE, SPLITS, MedMNISTInfo, dataset_info
 
 CACHE_VERSION = 1  # bump when the Arrow layout changes, so old caches are not reused
 
@@ -74,6 +74,11 @@ def load_medmnist(
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return datasets.load_from_disk(str(arrow_dir))
+
+
+def local_datasets(data_dir: str | os.PathLike, size: int = 28) -> list[str]:
+    """The catalogued sets whose official file of `size` is in `data_dir`, in catalogue order (the scripts' default)."""
+    return [name for name, info in CATALOGUE.items() if (Path(data_dir) / info.filename(size)).is_file()]
 
 
 def search_folders(data_dir: str | os.PathLike | None = None, cache_dir: Path | None = None) -> list[Path]:
