@@ -18,14 +18,17 @@ from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageP
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
-    MODEL_SIZES,
     CheckpointManager,
     TrainState,
     add_common_arguments,
+    add_model_arguments,
     check_common_arguments,
     create_accelerator,
+    create_ema,
     create_optimizer,
     evaluate_tasks,
+    model_config_kwargs,
+    resolve_budget,
     train,
 )
 from medformer_hf.visualization import save_confusion_matrix
@@ -35,8 +38,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, default_output_dir="outputs/finetune")
     parser.add_argument("--init_from", help="Medformer checkpoint folder or Hub id (default: from scratch)")
-    parser.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny", help="when from scratch")
+    add_model_arguments(parser)
     parser.add_argument("--label_fraction", type=float, default=1.0, help="share of training labels kept, (0, 1]")
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="each set's label-safe augmentation from the catalogue (shifts, intensity; flips/rotations where allowed)",
+    )
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
@@ -48,7 +57,7 @@ def build_model(args: argparse.Namespace) -> MedformerForMultiTask:
     """A multi-task model with one head per dataset: the checkpoint's weights where it has them, new heads else."""
     tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
     if args.init_from is None:
-        return MedformerForMultiTask(MedformerConfig(**MODEL_SIZES[args.model_size], tasks=tasks))
+        return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks))
     config = MedformerConfig.from_pretrained(args.init_from)
     for name, spec in tasks.items():
         if name not in config.tasks:
@@ -69,17 +78,21 @@ def main() -> None:
     task_names = list(model.config.tasks)
     loader = multitask_dataloader(
         train_set,
-        MedformerCollator(train_set, processor, task_names),
+        MedformerCollator(train_set, processor, task_names, augment=args.augment),
         args.batch_size,
         args.sampling_alpha,
         args.seed,
         num_workers=args.num_workers,
     )
+    resolve_budget(accelerator, args, loader)
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = create_ema(accelerator.unwrap_model(model), args.ema_decay)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)
@@ -94,15 +107,18 @@ def main() -> None:
         )
         return output.loss, {}
 
+    # What is evaluated and saved: the EMA of the weights when it is on.
+    evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
+
     def validate_and_keep_best(step: int) -> None:
-        metrics, predictions = evaluate_tasks(accelerator, model, validation, collators, args.batch_size)
+        metrics, predictions = evaluate_tasks(accelerator, evaluated, validation, collators, args.batch_size)
         mean_auc = float(np.mean([values["auc"] for values in metrics.values()]))
         logged = {f"validation/{name}/{key}": values[key] for name, values in metrics.items() for key in ("acc", "auc")}
         accelerator.log({**logged, "validation/mean_auc": mean_auc}, step=step)
         if mean_auc <= state.best_metric:
             return
         state.best_metric = mean_auc
-        accelerator.unwrap_model(model).save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+        evaluated.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
             processor.save_pretrained(output_dir)
             summary = {"step": step, "mean_auc": mean_auc, "metrics": metrics}
@@ -115,7 +131,17 @@ def main() -> None:
                     save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
 
     train(
-        accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, validate_and_keep_best
+        accelerator,
+        model,
+        loader,
+        optimizer,
+        scheduler,
+        state,
+        checkpoints,
+        args,
+        compute_loss,
+        validate_and_keep_best,
+        ema=ema,
     )
 
     accelerator.wait_for_everyone()
@@ -124,7 +150,9 @@ def main() -> None:
             f"Multi-task fine-tuning on {', '.join(args.datasets)} at {args.size} px "
             f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
             f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
-            f"{args.learning_rate}, seed {args.seed}; the checkpoint with the best mean validation AUC "
+            f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"
+            f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}seed {args.seed}; "
+            f"the checkpoint with the best mean validation AUC "
             f"({state.best_metric:.4f}) was kept."
         )
         write_model_card(

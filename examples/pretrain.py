@@ -16,13 +16,16 @@ from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImag
 from medformer_hf.data import MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.hub import push_or_exit, write_model_card
 from medformer_hf.training import (
-    MODEL_SIZES,
     CheckpointManager,
     TrainState,
     add_common_arguments,
+    add_model_arguments,
     check_common_arguments,
     create_accelerator,
+    create_ema,
     create_optimizer,
+    model_config_kwargs,
+    resolve_budget,
     train,
 )
 from medformer_hf.visualization import save_reconstruction_grid
@@ -31,7 +34,7 @@ from medformer_hf.visualization import save_reconstruction_grid
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, default_output_dir="outputs/pretrain")
-    parser.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny")
+    add_model_arguments(parser)
     parser.add_argument("--mask_ratio", type=float, default=0.75)
     args = parser.parse_args()
     check_common_arguments(parser, args)
@@ -46,17 +49,23 @@ def main() -> None:
         dataset = build_multitask_dataset(
             args.datasets, split="train", with_labels=False, size=args.size, data_dir=args.data_dir
         )
-    config = MedformerConfig(**MODEL_SIZES[args.model_size], mask_ratio=args.mask_ratio)
+    config = MedformerConfig(**model_config_kwargs(args), mask_ratio=args.mask_ratio)
     processor = MedformerImageProcessor.from_model_config(config)
     collator = MedformerCollator(dataset, processor)
     loader = multitask_dataloader(
         dataset, collator, args.batch_size, args.sampling_alpha, args.seed, num_workers=args.num_workers
     )
+    resolve_budget(accelerator, args, loader)
     model = MedformerForPreTraining(config)
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = create_ema(accelerator.unwrap_model(model), args.ema_decay)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    # What is previewed and saved: the EMA of the weights when it is on.
+    evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
     checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
     checkpoints.resume(args.resume_from_checkpoint)
 
@@ -74,14 +83,14 @@ def main() -> None:
         if accelerator.is_main_process:
             for name, batch in previews.items():
                 path = Path(args.output_dir) / "reconstructions" / f"step_{step:08d}_{name}.png"
-                save_reconstruction_grid(
-                    accelerator.unwrap_model(model), batch["pixel_values"].to(accelerator.device), path
-                )
+                save_reconstruction_grid(evaluated, batch["pixel_values"].to(accelerator.device), path)
 
-    train(accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, save_previews)
+    train(
+        accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, save_previews, ema=ema
+    )
 
     accelerator.wait_for_everyone()
-    accelerator.unwrap_model(model).save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
+    evaluated.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         processor.save_pretrained(args.output_dir)
         training = (

@@ -66,6 +66,8 @@ CUSTOM_PIPELINES = {
     }
 }
 TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
+TOKENIZERS = ("conv", "linear")
+WEIGHT_INITS = ("fan_in", "fixed")
 SSL_TASKS = ("masked_reconstruction", "view_agreement")
 
 
@@ -113,11 +115,26 @@ class MedformerConfig(PretrainedConfig):
         qkv_bias (`bool`, *optional*, defaults to `True`):
             Bias in the query/key/value projections.
         initializer_range (`float`, *optional*, defaults to 0.02):
-            Std of the truncated normal used for weights, latents and queries.
+            Std of the truncated normal used for embeddings, latents and queries (and for every weight when
+            `weight_init="fixed"`).
+        weight_init (`str`, *optional*, defaults to `"fan_in"`):
+            Init of linear and convolution weights. `"fan_in"`: truncated normal with std `1 / sqrt(fan_in)`, so
+            activations keep their scale at any width; `"fixed"`: std `initializer_range` (ViT's 0.02, tuned for width
+            768: at width 128 it leaves attention uniform and small models stuck at the class prior).
         patch_size_2d (`int`, *optional*, defaults to 4):
             Patch edge for 2D images; height and width must be multiples of it.
         patch_size_3d (`int`, *optional*, defaults to 4):
             Patch edge for 3D volumes; depth, height and width must be multiples of it.
+        tokenizer (`str`, *optional*, defaults to `"conv"`):
+            How the Input Adaptformer turns pixels into patch tokens. `"conv"`: a stem of stride-2 3x3(x3)
+            convolutions with channel LayerNorm and GELU (Xiao et al. 2021, "Early convolutions help transformers see
+            better"): the locality bias that lets the model learn from a few hundred images. `"linear"`: one linear
+            map per patch (ViT).
+            Both give the same token grid (one token per patch). Folders saved before this option existed load as
+            `"linear"`.
+        conv_stem_channels (`list[int]`, *optional*, defaults to `[32]`):
+            Widths of the stem's intermediate convolutions; the stem has `len + 1` stride-2 convolutions, so patch
+            sizes must equal `2 ** (len(conv_stem_channels) + 1)` (4 for the default).
         input_channels_2d (`list[int]`, *optional*, defaults to `[1, 3]`):
             Channel counts that get a 2D patch embedding (and a 2D pixel decoder for pre-training).
         input_channels_3d (`list[int]`, *optional*, defaults to `[1]`):
@@ -178,8 +195,11 @@ class MedformerConfig(PretrainedConfig):
         layer_norm_eps: float = 1e-6,
         qkv_bias: bool = True,
         initializer_range: float = 0.02,
+        weight_init: str = "fan_in",
         patch_size_2d: int = 4,
         patch_size_3d: int = 4,
+        tokenizer: str | None = None,
+        conv_stem_channels: list[int] | None = None,
         input_channels_2d: list[int] | None = None,
         input_channels_3d: list[int] | None = None,
         num_position_bands: int = 16,
@@ -210,8 +230,13 @@ class MedformerConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.qkv_bias = qkv_bias
         self.initializer_range = initializer_range
+        self.weight_init = weight_init
         self.patch_size_2d = patch_size_2d
         self.patch_size_3d = patch_size_3d
+        if tokenizer is None:  # a saved config without the field predates the conv stem: it holds linear patches
+            tokenizer = "linear" if "transformers_version" in kwargs else "conv"
+        self.tokenizer = tokenizer
+        self.conv_stem_channels = list(conv_stem_channels) if conv_stem_channels is not None else [32]
         self.input_channels_2d = list(input_channels_2d) if input_channels_2d is not None else [1, 3]
         self.input_channels_3d = list(input_channels_3d) if input_channels_3d is not None else [1]
         self.num_position_bands = num_position_bands
@@ -274,6 +299,24 @@ class MedformerConfig(PretrainedConfig):
             channels = getattr(self, name)
             if any(not isinstance(c, int) or c < 1 for c in channels) or len(set(channels)) != len(channels):
                 raise ValueError(f"MedformerConfig.{name} must be distinct positive integers, got {channels!r}.")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"MedformerConfig.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}.")
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in self.conv_stem_channels):
+            raise ValueError(
+                f"MedformerConfig.conv_stem_channels must be positive integers, got {self.conv_stem_channels!r}."
+            )
+        stem_patch_size = 2 ** (len(self.conv_stem_channels) + 1)
+        if self.tokenizer == "conv":
+            for name in ("patch_size_2d", "patch_size_3d"):
+                if getattr(self, name) != stem_patch_size:
+                    raise ValueError(
+                        f"MedformerConfig.{name} is {getattr(self, name)}, but a conv stem with conv_stem_channels="
+                        f"{self.conv_stem_channels} makes {stem_patch_size}-pixel patches (one stride-2 conv per "
+                        f"entry, plus one). Set {name}={stem_patch_size}, change conv_stem_channels, or use "
+                        'tokenizer="linear".'
+                    )
         if not self.input_channels_2d and not self.input_channels_3d:
             raise ValueError("MedformerConfig needs at least one entry in input_channels_2d or input_channels_3d.")
         for name in ("modality_names", "body_part_names"):
@@ -350,4 +393,12 @@ class MedformerConfig(PretrainedConfig):
 
 MedformerConfig.register_for_auto_class()
 
-__all__ = ["MedformerConfig", "AUTO_MAP", "CUSTOM_PIPELINES", "TASK_TYPES", "SSL_TASKS", "num_task_outputs"]
+__all__ = [
+    "MedformerConfig",
+    "AUTO_MAP",
+    "CUSTOM_PIPELINES",
+    "TASK_TYPES",
+    "TOKENIZERS",
+    "SSL_TASKS",
+    "num_task_outputs",
+]

@@ -166,6 +166,12 @@ def unpatchify(patches: torch.Tensor, image_shape: tuple[int, ...], patch_size: 
     return patches.permute(order).reshape(batch_size, channels, *spatial)
 
 
+def pixel_mask(mask: torch.Tensor, image_shape: tuple[int, ...], patch_size: int) -> torch.Tensor:
+    """Patch mask `(B, num_patches)` -> a `(B, 1, *spatial)` pixel mask (1 inside masked patches)."""
+    patches = mask[..., None].expand(-1, -1, patch_size ** (len(image_shape) - 2))
+    return unpatchify(patches, (image_shape[0], 1, *image_shape[2:]), patch_size)
+
+
 def random_masking(
     batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,8 +376,35 @@ class MedformerLayer(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
+class MedformerChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a `(B, C, *spatial)` map (ConvNeXt's channels-first norm).
+
+    Unlike BatchNorm it has no batch statistics (one-task batches of different sets, batch size 1, DDP and export all
+    behave the same), and unlike GroupNorm it mixes no positions, so masked pixels cannot reach visible tokens
+    through it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.movedim(1, -1)).movedim(-1, 1)
+
+
+class MedformerConvStem(nn.Sequential):
+    """Stride-2 3x3(x3) convolutions, each but the last followed by channel LayerNorm and GELU: one token per
+    `2 ** num_convs` pixels per axis, the same grid as linear patches of that size."""
+
+    def __init__(self, config: MedformerConfig, spatial_dims: int, in_channels: int):
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        widths = [in_channels, *config.conv_stem_channels, config.hidden_size]
+        layers = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(conv(width_in, width_out, kernel_size=3, stride=2, padding=1))
+            if index < len(widths) - 2:
+                layers += [MedformerChannelLayerNorm(width_out, eps=config.layer_norm_eps), ACT2FN[config.hidden_act]]
+        super().__init__(*layers)
+
+
 class MedformerPatchEmbeddings(nn.Module):
-    """Patchify with the Conv2d/Conv3d of the input's kind (dimensionality, channels) and add coordinate features."""
+    """Tokenize with the input kind's (dimensionality, channels) conv stem or linear patch projection, and add
+    coordinate features."""
 
     def __init__(self, config: MedformerConfig):
         super().__init__()
@@ -381,8 +414,10 @@ class MedformerPatchEmbeddings(nn.Module):
         for dims, conv, channel_counts in kinds:
             patch_size = patch_size_for(config, dims)
             for channels in channel_counts:
-                projections[embedding_key(dims, channels)] = conv(
-                    channels, config.hidden_size, kernel_size=patch_size, stride=patch_size
+                projections[embedding_key(dims, channels)] = (
+                    MedformerConvStem(config, dims, channels)
+                    if config.tokenizer == "conv"
+                    else conv(channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
                 )
         self.projections = nn.ModuleDict(projections)
         self.position_projection = nn.Linear(3 * (2 * config.num_position_bands + 1), config.hidden_size)
@@ -512,6 +547,8 @@ class MedformerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if self.config.weight_init == "fan_in" and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            init.trunc_normal_(module.weight, std=(module.weight[0].numel()) ** -0.5)
         if isinstance(module, MedformerInputAdaptformer):
             init.trunc_normal_(module.latents, std=self.config.initializer_range)
         elif isinstance(module, MedformerTaskHead):
@@ -568,12 +605,18 @@ class MedformerModel(MedformerPreTrainedModel):
         modality_ids, body_part_ids = check_inputs(self.config, pixel_values, modality_ids, body_part_ids)
         adaptformer = self.input_adaptformer
 
-        tokens = adaptformer.patch_embeddings(pixel_values)
         mask = None
         if mask_ratio is not None or noise is not None:
+            patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
+            num_patches = math.prod(size // patch_size for size in pixel_values.shape[2:])
             keep_indices, mask = random_masking(
-                tokens.shape[0], tokens.shape[1], mask_ratio or self.config.mask_ratio, noise, tokens.device
+                pixel_values.shape[0], num_patches, mask_ratio or self.config.mask_ratio, noise, pixel_values.device
             )
+            # Blank the masked patches before tokenizing: a conv stem's receptive field crosses patch borders, so
+            # visible tokens would otherwise see masked pixels and reconstruction would be a copy task.
+            pixel_values = pixel_values * (1 - pixel_mask(mask, pixel_values.shape, patch_size)).to(pixel_values.dtype)
+        tokens = adaptformer.patch_embeddings(pixel_values)
+        if mask is not None:
             tokens = tokens.gather(1, keep_indices[..., None].expand(-1, -1, tokens.shape[-1]))
         context = adaptformer.context_embeddings(pixel_values.ndim - 2, modality_ids, body_part_ids)
         latents = adaptformer.latents.expand(tokens.shape[0], -1, -1) + context[:, None]

@@ -19,6 +19,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .configuration_medformer import TOKENIZERS
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import local_datasets, search_folders
 from .metrics import load_medmnist_metric
@@ -34,6 +35,20 @@ MODEL_SIZES = {
 # ---------------------------------------------------------------------------------------------- arguments
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Architecture flags of a model built from scratch."""
+    model = parser.add_argument_group("model (from scratch)")
+    model.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny")
+    model.add_argument(
+        "--tokenizer", choices=list(TOKENIZERS), default="conv", help="Input Adaptformer tokenizer (MedformerConfig)"
+    )
+
+
+def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`MedformerConfig` keyword arguments from `add_model_arguments`' flags."""
+    return {**MODEL_SIZES[args.model_size], "tokenizer": args.tokenizer}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
     """Data, optimisation, checkpointing, tracking and Hub flags shared by pre-training and fine-tuning."""
     data = parser.add_argument_group("data")
@@ -44,11 +59,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=default_output_dir)
-    train.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
+    train.add_argument("--max_steps", type=int, default=300, help="optimizer steps (unless --num_train_epochs)")
+    train.add_argument(
+        "--num_train_epochs",
+        type=float,
+        help="budget in passes over the whole training pool; sets --max_steps (each set's epochs are printed)",
+    )
     train.add_argument("--batch_size", type=int, default=64, help="per process")
-    train.add_argument("--learning_rate", type=float, default=1e-3)
+    # 1e-3 let small models collapse to the class prior (BreastMNIST, PneumoniaMNIST, VesselMNIST3D); 3e-4 learns.
+    train.add_argument("--learning_rate", type=float, default=3e-4)
     train.add_argument("--weight_decay", type=float, default=0.05)
-    train.add_argument("--warmup_steps", type=int, default=30)
+    train.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps with linear warm-up")
+    train.add_argument(
+        "--ema_decay", type=float, default=0.999, help="EMA of the weights, evaluated and saved; 0 turns it off"
+    )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's")
@@ -97,6 +121,12 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    if args.num_train_epochs is not None and not args.num_train_epochs > 0:
+        parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
+    if not 0.0 <= args.warmup_ratio < 1.0:
+        parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must be in [0, 1) (0 turns EMA off), got {args.ema_decay}.")
     return args.datasets
 
 
@@ -138,10 +168,41 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_proce
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.learning_rate,
     )
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, args.warmup_steps * num_processes, args.max_steps * num_processes
-    )
+    warmup_steps = round(args.warmup_ratio * args.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps * num_processes, args.max_steps * num_processes)
     return optimizer, scheduler
+
+
+def resolve_budget(accelerator: Accelerator, args: argparse.Namespace, loader: torch.utils.data.DataLoader) -> None:
+    """Turn `--num_train_epochs` into `args.max_steps` and print how many epochs of each set the budget gives.
+
+    An epoch is one pass over the whole training pool; with sampling p_i ~ n_i^alpha small sets see more passes of
+    their own data than large ones, which the printed table makes visible.
+    """
+    sampler = loader.batch_sampler
+    global_batch = args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.num_train_epochs is not None:
+        args.max_steps = max(1, math.ceil(args.num_train_epochs * sum(sampler.sizes) / global_batch))
+    names = loader.dataset.names
+    epochs = [args.max_steps * p * global_batch / n for p, n in zip(sampler.probabilities, sampler.sizes, strict=True)]
+    summary = ", ".join(f"{name} {value:.1f}" for name, value in zip(names, epochs, strict=True))
+    accelerator.print(f"{args.max_steps} steps of {global_batch} images: epochs per set: {summary}")
+
+
+def create_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """Exponential moving average of the weights (None when `decay` is 0).
+
+    The decay ramps up as `min(decay, (1 + n) / (10 + n))` after `n` updates (timm's warm-up), so early evaluations
+    are not dominated by the random initialisation.
+    """
+    if decay == 0:
+        return None
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return rate * averaged + (1 - rate) * current
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=average, use_buffers=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -227,8 +288,10 @@ def train(
     args: argparse.Namespace,
     compute_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]],
     on_checkpoint: Callable[[int], None] | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> None:
-    """Run optimizer steps until `args.max_steps`, checkpointing every `args.checkpointing_steps`.
+    """Run optimizer steps until `args.max_steps`, checkpointing every `args.checkpointing_steps`; update `ema`
+    (see `create_ema`) after every optimizer step.
 
     `loader` must use a `TaskBatchSampler` (its epoch and start batch are set here, so a resumed run reads exactly the
     batches the interrupted one would have). `compute_loss(model, batch)` returns the loss and extra scalars to log.
@@ -254,6 +317,8 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             accelerator.log(

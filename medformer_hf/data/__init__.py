@@ -1,5 +1,6 @@
 """MedMNIST through Hugging Face `datasets`: the catalogue, the loader, and multi-task batching."""
 
+from .augmentation import AugmentationPolicy, augment
 from .catalogue import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, MedMNISTInfo, dataset_info
 from .medmnist import default_cache_dir, load_medmnist, local_datasets
 from .multitask import (
@@ -12,6 +13,7 @@ from .multitask import (
 )
 
 __all__ = [
+    "AugmentationPolicy",
     "CATALOGUE",
     "RESNET18_BASELINES",
     "BEST_PUBLISHED_28",
@@ -19,6 +21,7 @@ __all__ = [
     "MedformerCollator",
     "MultiTaskDataset",
     "TaskBatchSampler",
+    "augment",
     "build_multitask_dataset",
     "dataset_info",
     "default_cache_dir",

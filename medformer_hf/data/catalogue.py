@@ -10,6 +10,8 @@ from typing import Any
 
 from medmnist import INFO
 
+from .augmentation import AugmentationPolicy
+
 # What medmnist.INFO does not say, in the vocabularies of MedformerConfig.
 MEDMNIST_CONTEXT = {
     "pathmnist": {"modality": "pathology", "body_part": "colon"},
@@ -76,6 +78,33 @@ BEST_PUBLISHED_28 = {
     "vesselmnist3d": {"auc": 0.930, "acc": 0.928},
     "synapsemnist3d": {"auc": 0.851, "acc": 0.795},
 }
+# Flips and quarter turns that keep each set's label (spatial axes: 2D (H, W), 3D (D, H, W)); every set also gets
+# small shifts and intensity jitter. None where left and right are labels (organ sets, chest findings), none for
+# ordinal fundus grades (RetinaMNIST) or OCT; mirror-free anatomy (chest X-ray, breast ultrasound) gets left/right
+# flips only; orientation-free content (cells, tissue, skin lesions, nodules, vessels, synapses) gets everything.
+ALL_2D = {"flip_axes": (0, 1), "rotate_90": True}
+ALL_3D = {"flip_axes": (0, 1, 2), "rotate_90": True}
+LEFT_RIGHT_FLIP_2D = {"flip_axes": (1,)}
+LABEL_SAFE_AUGMENTATIONS = {
+    "pathmnist": ALL_2D,
+    "chestmnist": {},
+    "dermamnist": ALL_2D,
+    "octmnist": {},
+    "pneumoniamnist": LEFT_RIGHT_FLIP_2D,
+    "retinamnist": {},
+    "breastmnist": LEFT_RIGHT_FLIP_2D,
+    "bloodmnist": ALL_2D,
+    "tissuemnist": ALL_2D,
+    "organamnist": {},
+    "organcmnist": {},
+    "organsmnist": {},
+    "organmnist3d": {},
+    "nodulemnist3d": ALL_3D,
+    "adrenalmnist3d": {"flip_axes": (2,)},
+    "fracturemnist3d": {"flip_axes": (0, 1, 2)},
+    "vesselmnist3d": ALL_3D,
+    "synapsemnist3d": ALL_3D,
+}
 # MedMNIST task names -> MedformerConfig task types.
 TASK_TYPES = {
     "multi-class": "multiclass",
@@ -103,6 +132,7 @@ class MedMNISTInfo:
     sizes: tuple[int, ...]
     urls: dict[int, str]
     md5s: dict[int, str]
+    augmentation: AugmentationPolicy
 
     def filename(self, size: int) -> str:
         """The official file name: `pneumoniamnist.npz` at 28, `pneumoniamnist_64.npz` otherwise."""
@@ -138,6 +168,7 @@ def _from_info(name: str, info: dict[str, Any]) -> MedMNISTInfo:
         sizes=sizes,
         urls={size: info[f"url{suffix[size]}"] for size in sizes},
         md5s={size: info[f"MD5{suffix[size]}"] for size in sizes},
+        augmentation=AugmentationPolicy(**LABEL_SAFE_AUGMENTATIONS[name]),
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from accelerate import PartialState
 
 from ..image_processing_medformer import MedformerImageProcessor
+from .augmentation import augment
 from .catalogue import MedMNISTInfo, dataset_info
 from .medmnist import load_medmnist
 
@@ -197,14 +198,20 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
 class MedformerCollator:
     """A `MultiTaskDataset` batch -> `pixel_values`, `modality_ids`, `body_part_ids`, `task_ids`, `labels`.
 
-    `task_names` is the model's task order (`list(config.tasks)`); it defaults to the dataset's own order.
+    `task_names` is the model's task order (`list(config.tasks)`); it defaults to the dataset's own order. With
+    `augment=True` (training) each batch gets its set's label-safe augmentation (`MedMNISTInfo.augmentation`).
     """
 
     def __init__(
-        self, dataset: MultiTaskDataset, processor: MedformerImageProcessor, task_names: list[str] | None = None
+        self,
+        dataset: MultiTaskDataset,
+        processor: MedformerImageProcessor,
+        task_names: list[str] | None = None,
+        augment: bool = False,
     ):
         self.infos = dataset.infos
         self.processor = processor
+        self.augment = augment
         names = task_names or dataset.names
         missing = [name for name in dataset.names if name not in names]
         if missing:
@@ -218,6 +225,8 @@ class MedformerCollator:
             pixels, spatial_dims=info.spatial_dims, modality=info.modality, body_part=info.body_part
         )
         inputs = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
+        if self.augment:
+            inputs["pixel_values"] = augment(inputs["pixel_values"], info.augmentation)
         inputs["task_ids"] = torch.full((len(pixels),), self.task_ids[batch["task_index"]], dtype=torch.long)
         if "labels" in batch:
             labels = torch.from_numpy(np.asarray(batch["labels"]))
