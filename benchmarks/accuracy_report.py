@@ -1,7 +1,8 @@
 """The accuracy table of BENCHMARKS.md from the runs of run_accuracy.sh, and the single-task budgets those runs use.
 
-    python benchmarks/accuracy_report.py steps <data_dir> <multi-task steps>   # "<dataset> <steps>" per local set
+    python benchmarks/accuracy_report.py steps <data_dir> <epochs> <alpha>     # "<dataset> <steps>" per local set
     python benchmarks/accuracy_report.py table <output_dir>                   # writes <output_dir>/accuracy.md
+    python benchmarks/accuracy_report.py ablation <output_dir>                # writes <output_dir>/ablation.md
 
 A single-task run gets the number of batches its set draws, on average, in the multi-task run (p_i ~ n_i^alpha, the
 sampler's own formula), so the table compares equal training on every set.
@@ -10,6 +11,7 @@ sampler's own formula), so the table compares equal training on every set.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,10 +22,12 @@ from medformer_hf.data import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, 
 RUNS = {"SSL + multi-task": "multitask_ssl", "multi-task, scratch": "multitask_scratch"}
 
 
-def single_task_steps(data_dir: Path, total_steps: int, alpha: float = 0.5) -> dict[str, int]:
-    """Expected batches per local set in a multi-task run of `total_steps` (the scripts' default dataset order)."""
+def single_task_steps(data_dir: Path, epochs: float, alpha: float, batch_size: int = 64) -> dict[str, int]:
+    """Expected batches per local set in a multi-task run of `epochs` passes over the pool (as `--num_train_epochs`
+    counts them, in the scripts' default dataset order)."""
     names = local_datasets(data_dir)
     sizes = [CATALOGUE[name].split_sizes["train"] for name in names]
+    total_steps = math.ceil(epochs * sum(sizes) / batch_size)
     probabilities = TaskBatchSampler(sizes, batch_size=1, alpha=alpha, num_replicas=1, rank=0).probabilities
     return {name: max(1, round(total_steps * p)) for name, p in zip(names, probabilities, strict=True)}
 
@@ -57,17 +61,32 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(out: Path) -> str:
+    """One row per variant of run_recipe_ablation.sh (`<out>/<variant>/<set>/metrics.json`), test ACC/AUC per set."""
+    variants = sorted((path for path in out.iterdir() if path.is_dir()), key=lambda path: path.name != "default")
+    names = sorted({run.name for variant in variants for run in variant.iterdir()}, key=list(CATALOGUE).index)
+    header = ["variant"] + [f"{name} {metric}" for name in names for metric in ("ACC", "AUC")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in variants:
+        cells = []
+        for name in names:
+            values = read_metrics(variant / name).get(name)
+            cells += [f"{values[m]:.3f}" if values else "–" for m in ("acc", "auc")]
+        lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     command, *rest = sys.argv[1:]
     if command == "steps":
-        for name, steps in single_task_steps(Path(rest[0]), int(rest[1])).items():
+        for name, steps in single_task_steps(Path(rest[0]), float(rest[1]), float(rest[2])).items():
             print(name, steps)
-    elif command == "table":
-        text = table(Path(rest[0]))
-        (Path(rest[0]) / "accuracy.md").write_text(text + "\n")
+    elif command in ("table", "ablation"):
+        text = table(Path(rest[0])) if command == "table" else ablation_table(Path(rest[0]))
+        (Path(rest[0]) / f"{'accuracy' if command == 'table' else 'ablation'}.md").write_text(text + "\n")
         print(text)
     else:
-        sys.exit(f"unknown command {command!r}: use 'steps <data_dir> <steps>' or 'table <output_dir>'")
+        sys.exit(f"unknown command {command!r}: use 'steps <data_dir> <steps>', 'table <dir>' or 'ablation <dir>'")
 
 
 if __name__ == "__main__":

@@ -2,33 +2,35 @@
 # The accuracy table of BENCHMARKS.md, one command (resumable: re-running continues every stage where it stopped).
 #   bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
 # 1. SSL pre-training on the train images of every set in data_dir (2D and 3D together, labels unused)
-# 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds)
+# 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds); the SSL run is
+#    the released checkpoint (checkpoints/medformer-small-medmnist)
 # 3. single-task from scratch on each set, with the batches that set gets in the multi-task run (what sharing adds)
 # 4. test-split evaluation of every model (checkpoints chosen on validation only), then the table (accuracy.md)
 set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/accuracy}
-SSL_STEPS=${SSL_STEPS:-800}
-FINETUNE_STEPS=${FINETUNE_STEPS:-1500}
-COMMON=(--data_dir "$DATA" --model_size small --batch_size 64 --seed 0 --checkpointing_steps 250
-        --resume_from_checkpoint latest)
+SSL_EPOCHS=${SSL_EPOCHS:-3}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-28}
+ALPHA=${ALPHA:-0}
+COMMON=(--data_dir "$DATA" --model_size small --batch_size 64 --seed 0 --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
-"${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --max_steps "$SSL_STEPS" --output_dir "$OUT/ssl"
+"${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --num_train_epochs "$SSL_EPOCHS" --learning_rate 5e-4 \
+  --checkpointing_steps 100 --output_dir "$OUT/ssl"
 for init in ssl scratch; do
   run="$OUT/multitask_$init"
   [ -f "$run/metrics.json" ] && continue
   init_args=()
   [ "$init" = ssl ] && init_args=(--init_from "$OUT/ssl")
-  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --max_steps "$FINETUNE_STEPS" \
-    --learning_rate 5e-4 --output_dir "$run"
+  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --num_train_epochs "$FINETUNE_EPOCHS" \
+    --sampling_alpha "$ALPHA" --checkpointing_steps 250 --output_dir "$run"
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done
 while read -r name steps <&3; do  # fd 3: the runs below must not eat the list on stdin
   run="$OUT/single_task/$name"
   [ -f "$run/metrics.json" ] && continue
   "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" --datasets "$name" --max_steps "$steps" \
-    --checkpointing_steps 50 --learning_rate 5e-4 --output_dir "$run"
+    --checkpointing_steps 50 --output_dir "$run"
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
-done 3< <(python benchmarks/accuracy_report.py steps "$DATA" "$FINETUNE_STEPS")
+done 3< <(python benchmarks/accuracy_report.py steps "$DATA" "$FINETUNE_EPOCHS" "$ALPHA")
 python benchmarks/accuracy_report.py table "$OUT"

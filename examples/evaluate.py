@@ -47,7 +47,11 @@ def main() -> None:
     args = parse_args()
     accelerator = Accelerator()
     model = accelerator.prepare(MedformerForMultiTask.from_pretrained(args.model, dtype="float32"))
-    processor = MedformerImageProcessor.from_model_config(accelerator.unwrap_model(model).config)
+    # The processor saved with the model (its normalisation is part of what the checkpoint learned), else the default.
+    if (Path(args.model) / "preprocessor_config.json").is_file():
+        processor = MedformerImageProcessor.from_pretrained(args.model)
+    else:
+        processor = MedformerImageProcessor.from_model_config(accelerator.unwrap_model(model).config)
     task_names = list(accelerator.unwrap_model(model).config.tasks)
     with accelerator.main_process_first():
         datasets = {

@@ -300,7 +300,9 @@ class MedformerConfig(PretrainedConfig):
             if any(not isinstance(c, int) or c < 1 for c in channels) or len(set(channels)) != len(channels):
                 raise ValueError(f"MedformerConfig.{name} must be distinct positive integers, got {channels!r}.")
         if self.weight_init not in WEIGHT_INITS:
-            raise ValueError(f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}.")
+            raise ValueError(
+                f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}."
+            )
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"MedformerConfig.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}.")
         if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in self.conv_stem_channels):
@@ -399,6 +401,7 @@ __all__ = [
     "CUSTOM_PIPELINES",
     "TASK_TYPES",
     "TOKENIZERS",
+    "WEIGHT_INITS",
     "SSL_TASKS",
     "num_task_outputs",
 ]
