@@ -1,0 +1,407 @@
+"""Medformer configuration.
+
+This file is shipped with every checkpoint (Hub remote code): it may import only the standard library and
+`transformers`, and nothing from the `medformer_hf` package.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Index 0 of every vocabulary is "unknown": metadata that was not given maps there.
+DEFAULT_MODALITY_NAMES = [
+    "unknown",
+    "xray",
+    "ct",
+    "mri",
+    "mra",
+    "pet",
+    "ultrasound",
+    "mammography",
+    "pathology",
+    "dermatoscopy",
+    "oct",
+    "fundus",
+    "endoscopy",
+    "microscopy",
+    "electron_microscopy",
+]
+DEFAULT_BODY_PART_NAMES = [
+    "unknown",
+    "head",
+    "brain",
+    "eye",
+    "neck",
+    "chest",
+    "breast",
+    "abdomen",
+    "pelvis",
+    "spine",
+    "upper_limb",
+    "lower_limb",
+    "skin",
+    "colon",
+    "kidney",
+    "blood",
+    "whole_body",
+]
+# Every class a checkpoint can be loaded as with `trust_remote_code=True`. `save_pretrained` would write only the
+# saved class's entry, so the config carries the whole map.
+AUTO_MAP = {
+    "AutoConfig": "configuration_medformer.MedformerConfig",
+    "AutoModel": "modeling_medformer.MedformerModel",
+    "AutoModelForPreTraining": "modeling_medformer.MedformerForPreTraining",
+    "AutoModelForImageClassification": "modeling_medformer.MedformerForImageClassification",
+}
+# The custom pipeline a saved folder offers to `transformers.pipeline(..., trust_remote_code=True)`.
+CUSTOM_PIPELINES = {
+    "medical-image-classification": {
+        "impl": "pipeline_medformer.MedicalImageClassificationPipeline",
+        "pt": ["AutoModelForImageClassification"],
+        "tf": [],
+        "type": "image",
+    }
+}
+TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
+TOKENIZERS = ("conv", "linear")
+WEIGHT_INITS = ("fan_in", "fixed")
+SSL_TASKS = ("masked_reconstruction", "view_agreement")
+
+
+def num_task_outputs(task_type: str, num_labels: int) -> int:
+    """Width of the logits a task head produces: binary has one logit, ordinal K-1 cumulative logits."""
+    if task_type == "binary":
+        return 1
+    if task_type == "ordinal":
+        return num_labels - 1
+    return num_labels
+
+
+class MedformerConfig(PretrainedConfig):
+    r"""
+    Configuration of a Medformer: Input Adaptformer -> Main Body -> Output Adaptformer.
+
+    Args:
+        hidden_size (`int`, *optional*, defaults to 256):
+            Width of patch tokens, latents and task queries.
+        num_latents (`int`, *optional*, defaults to 64):
+            Number of learned latents the Input Adaptformer reads every image into. After it, compute no longer
+            depends on the image size.
+        num_hidden_layers (`int`, *optional*, defaults to 6):
+            Self-attention layers of the Main Body.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of the Main Body's self-attention.
+        num_cross_attention_heads (`int`, *optional*, defaults to 4):
+            Heads of the cross-attention in the Input and Output Adaptformers.
+        num_input_layers (`int`, *optional*, defaults to 1):
+            Cross-attention blocks in which the latents read the patch tokens.
+        num_output_layers (`int`, *optional*, defaults to 1):
+            Cross-attention blocks in which task queries read the body latents.
+        num_task_queries (`int`, *optional*, defaults to 4):
+            Learned queries owned by each task; their outputs are averaged before the task's linear head.
+        mlp_ratio (`float`, *optional*, defaults to 4.0):
+            MLP width relative to `hidden_size`.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the MLPs (any name in `transformers.activations.ACT2FN`).
+        hidden_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout after attention and MLP projections.
+        attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
+            Dropout on attention weights.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of every LayerNorm.
+        qkv_bias (`bool`, *optional*, defaults to `True`):
+            Bias in the query/key/value projections.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Std of the truncated normal used for embeddings, latents and queries (and for every weight when
+            `weight_init="fixed"`).
+        weight_init (`str`, *optional*, defaults to `"fan_in"`):
+            Init of linear and convolution weights. `"fan_in"`: truncated normal with std `1 / sqrt(fan_in)`, so
+            activations keep their scale at any width; `"fixed"`: std `initializer_range` (ViT's 0.02, tuned for width
+            768: at width 128 it leaves attention uniform and small models stuck at the class prior).
+        patch_size_2d (`int`, *optional*, defaults to 4):
+            Patch edge for 2D images; height and width must be multiples of it.
+        patch_size_3d (`int`, *optional*, defaults to 4):
+            Patch edge for 3D volumes; depth, height and width must be multiples of it.
+        tokenizer (`str`, *optional*, defaults to `"conv"`):
+            How the Input Adaptformer turns pixels into patch tokens. `"conv"`: a stem of stride-2 3x3(x3)
+            convolutions with channel LayerNorm and GELU (Xiao et al. 2021, "Early convolutions help transformers see
+            better"): the locality bias that lets the model learn from a few hundred images. `"linear"`: one linear
+            map per patch (ViT).
+            Both give the same token grid (one token per patch). Folders saved before this option existed load as
+            `"linear"`.
+        conv_stem_channels (`list[int]`, *optional*, defaults to `[32]`):
+            Widths of the stem's intermediate convolutions; the stem has `len + 1` stride-2 convolutions, so patch
+            sizes must equal `2 ** (len(conv_stem_channels) + 1)` (4 for the default).
+        input_channels_2d (`list[int]`, *optional*, defaults to `[1, 3]`):
+            Channel counts that get a 2D patch embedding (and a 2D pixel decoder for pre-training).
+        input_channels_3d (`list[int]`, *optional*, defaults to `[1]`):
+            Channel counts that get a 3D patch embedding.
+        num_position_bands (`int`, *optional*, defaults to 16):
+            Fourier frequency bands per axis of the coordinate features; they work for any image size.
+        max_position_frequency (`float`, *optional*, defaults to 32.0):
+            Highest Fourier frequency (Nyquist-like: about half the largest patch-grid edge worth resolving).
+        modality_names (`list[str]`, *optional*):
+            Imaging modality vocabulary, index 0 = "unknown". Shared with the image processor.
+        body_part_names (`list[str]`, *optional*):
+            Body part vocabulary, index 0 = "unknown". Shared with the image processor.
+        tasks (`dict[str, dict]`, *optional*):
+            Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
+            multiclass, multilabel, binary, ordinal, regression. Kept sorted by name: per-sample task ids index
+            `list(config.tasks)`.
+        mask_ratio (`float`, *optional*, defaults to 0.75):
+            Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
+        norm_pix_loss (`bool`, *optional*, defaults to `False`):
+            Reconstruct per-patch normalised pixels (MAE). Off by default: on sparse volumes (VesselMNIST3D) most
+            patches are near-constant and their normalised targets are amplified noise.
+        ssl_tasks (`list[str]`, *optional*, defaults to `["masked_reconstruction", "view_agreement"]`):
+            Pretext tasks of `MedformerForPreTraining`.
+        ssl_loss_weights (`dict[str, float]`, *optional*):
+            Weight of each pretext loss in the total; defaults to 1.0 for reconstruction and 0.1 for agreement.
+        projection_dim (`int`, *optional*, defaults to 128):
+            Output width of the view-agreement projector.
+        agreement_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the InfoNCE view-agreement loss.
+
+    Example:
+
+    ```python
+    >>> from medformer_hf import MedformerConfig, MedformerModel
+    >>> config = MedformerConfig(tasks={"pneumonia": {"type": "binary", "num_labels": 2, "modality": "xray"}})
+    >>> model = MedformerModel(config)
+    ```
+    """
+
+    model_type = "medformer"
+    # Output fields that transformers.Trainer should not collect as predictions (it keeps `logits`).
+    keys_to_ignore_at_inference = ["task_logits", "task_indices", "task_losses", "pooler_output"]
+
+    def __init__(
+        self,
+        hidden_size: int = 256,
+        num_latents: int = 64,
+        num_hidden_layers: int = 6,
+        num_attention_heads: int = 8,
+        num_cross_attention_heads: int = 4,
+        num_input_layers: int = 1,
+        num_output_layers: int = 1,
+        num_task_queries: int = 4,
+        mlp_ratio: float = 4.0,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.0,
+        attention_probs_dropout_prob: float = 0.0,
+        layer_norm_eps: float = 1e-6,
+        qkv_bias: bool = True,
+        initializer_range: float = 0.02,
+        weight_init: str = "fan_in",
+        patch_size_2d: int = 4,
+        patch_size_3d: int = 4,
+        tokenizer: str | None = None,
+        conv_stem_channels: list[int] | None = None,
+        input_channels_2d: list[int] | None = None,
+        input_channels_3d: list[int] | None = None,
+        num_position_bands: int = 16,
+        max_position_frequency: float = 32.0,
+        modality_names: list[str] | None = None,
+        body_part_names: list[str] | None = None,
+        tasks: dict[str, dict[str, Any]] | None = None,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        ssl_tasks: list[str] | None = None,
+        ssl_loss_weights: dict[str, float] | None = None,
+        projection_dim: int = 128,
+        agreement_temperature: float = 0.1,
+        **kwargs,
+    ):
+        self.hidden_size = hidden_size
+        self.num_latents = num_latents
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_cross_attention_heads = num_cross_attention_heads
+        self.num_input_layers = num_input_layers
+        self.num_output_layers = num_output_layers
+        self.num_task_queries = num_task_queries
+        self.mlp_ratio = mlp_ratio
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.layer_norm_eps = layer_norm_eps
+        self.qkv_bias = qkv_bias
+        self.initializer_range = initializer_range
+        self.weight_init = weight_init
+        self.patch_size_2d = patch_size_2d
+        self.patch_size_3d = patch_size_3d
+        if tokenizer is None:  # a saved config without the field predates the conv stem: it holds linear patches
+            tokenizer = "linear" if "transformers_version" in kwargs else "conv"
+        self.tokenizer = tokenizer
+        self.conv_stem_channels = list(conv_stem_channels) if conv_stem_channels is not None else [32]
+        self.input_channels_2d = list(input_channels_2d) if input_channels_2d is not None else [1, 3]
+        self.input_channels_3d = list(input_channels_3d) if input_channels_3d is not None else [1]
+        self.num_position_bands = num_position_bands
+        self.max_position_frequency = max_position_frequency
+        self.modality_names = list(modality_names) if modality_names is not None else list(DEFAULT_MODALITY_NAMES)
+        self.body_part_names = list(body_part_names) if body_part_names is not None else list(DEFAULT_BODY_PART_NAMES)
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else list(SSL_TASKS)
+        weights = {"masked_reconstruction": 1.0, "view_agreement": 0.1}
+        weights.update(ssl_loss_weights or {})
+        self.ssl_loss_weights = weights
+        self.projection_dim = projection_dim
+        self.agreement_temperature = agreement_temperature
+        self._validate_sizes()
+        # Sorted by name, as config.json stores them, so task ids (indices into this order) survive save/load.
+        self.tasks = {name: self._normalize_task(name, spec) for name, spec in sorted((tasks or {}).items())}
+        kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
+        kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate_sizes(self) -> None:
+        positive_ints = (
+            "hidden_size",
+            "num_latents",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_cross_attention_heads",
+            "num_input_layers",
+            "num_output_layers",
+            "num_task_queries",
+            "patch_size_2d",
+            "patch_size_3d",
+            "num_position_bands",
+            "projection_dim",
+        )
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MedformerConfig.{name} must be a positive integer, got {value!r}.")
+        for heads in ("num_attention_heads", "num_cross_attention_heads"):
+            if self.hidden_size % getattr(self, heads):
+                raise ValueError(
+                    f"MedformerConfig.hidden_size ({self.hidden_size}) must be divisible by {heads} "
+                    f"({getattr(self, heads)})."
+                )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"MedformerConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"MedformerConfig.mask_ratio must be in (0, 1), got {self.mask_ratio!r}.")
+        for name in ("mlp_ratio", "initializer_range", "layer_norm_eps", "max_position_frequency"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"MedformerConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        if self.agreement_temperature <= 0:
+            raise ValueError(f"MedformerConfig.agreement_temperature must be > 0, got {self.agreement_temperature!r}.")
+        for name in ("input_channels_2d", "input_channels_3d"):
+            channels = getattr(self, name)
+            if any(not isinstance(c, int) or c < 1 for c in channels) or len(set(channels)) != len(channels):
+                raise ValueError(f"MedformerConfig.{name} must be distinct positive integers, got {channels!r}.")
+        if self.weight_init not in WEIGHT_INITS:
+            raise ValueError(
+                f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}."
+            )
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"MedformerConfig.tokenizer must be one of {list(TOKENIZERS)}, got {self.tokenizer!r}.")
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in self.conv_stem_channels):
+            raise ValueError(
+                f"MedformerConfig.conv_stem_channels must be positive integers, got {self.conv_stem_channels!r}."
+            )
+        stem_patch_size = 2 ** (len(self.conv_stem_channels) + 1)
+        if self.tokenizer == "conv":
+            for name in ("patch_size_2d", "patch_size_3d"):
+                if getattr(self, name) != stem_patch_size:
+                    raise ValueError(
+                        f"MedformerConfig.{name} is {getattr(self, name)}, but a conv stem with conv_stem_channels="
+                        f"{self.conv_stem_channels} makes {stem_patch_size}-pixel patches (one stride-2 conv per "
+                        f"entry, plus one). Set {name}={stem_patch_size}, change conv_stem_channels, or use "
+                        'tokenizer="linear".'
+                    )
+        if not self.input_channels_2d and not self.input_channels_3d:
+            raise ValueError("MedformerConfig needs at least one entry in input_channels_2d or input_channels_3d.")
+        for name in ("modality_names", "body_part_names"):
+            vocabulary = getattr(self, name)
+            if not vocabulary or vocabulary[0] != "unknown":
+                raise ValueError(f"MedformerConfig.{name} must start with 'unknown' (index 0), got {vocabulary!r}.")
+            if len(set(vocabulary)) != len(vocabulary):
+                raise ValueError(f"MedformerConfig.{name} has duplicate names: {vocabulary!r}.")
+        unknown_ssl = [task for task in self.ssl_tasks if task not in SSL_TASKS]
+        if unknown_ssl or not self.ssl_tasks:
+            raise ValueError(
+                f"MedformerConfig.ssl_tasks must be a non-empty subset of {list(SSL_TASKS)}, got {self.ssl_tasks!r}."
+            )
+        if "masked_reconstruction" not in self.ssl_tasks and "view_agreement" in self.ssl_tasks:
+            raise ValueError("MedformerConfig.ssl_tasks: 'view_agreement' needs 'masked_reconstruction' (its views).")
+        unknown_weights = set(self.ssl_loss_weights) - set(SSL_TASKS)
+        if unknown_weights:
+            raise ValueError(f"MedformerConfig.ssl_loss_weights has unknown pretext tasks {sorted(unknown_weights)}.")
+
+    def _normalize_task(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Check one task entry and bring it to its canonical JSON-friendly form."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"Task name {name!r} must be a non-empty string without '.' (it names a submodule).")
+        spec = copy.deepcopy(dict(spec))
+        unknown_keys = set(spec) - {"type", "num_labels", "id2label", "labels", "modality", "body_part"}
+        if unknown_keys:
+            raise ValueError(f"Task {name!r} has unknown keys {sorted(unknown_keys)}.")
+        task_type = spec.get("type")
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"Task {name!r} has type {task_type!r}; choose one of {list(TASK_TYPES)}.")
+        if "labels" in spec:
+            id2label = dict(enumerate(spec.pop("labels")))
+        else:
+            id2label = {int(k): v for k, v in (spec.get("id2label") or {}).items()}
+        num_labels = spec.get("num_labels", len(id2label) or None)
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"Task {name!r} needs a positive integer num_labels, got {num_labels!r}.")
+        if task_type == "binary" and num_labels != 2:
+            raise ValueError(f"Binary task {name!r} must have num_labels=2, got {num_labels}.")
+        if task_type in ("multiclass", "ordinal") and num_labels < 2:
+            raise ValueError(f"{task_type} task {name!r} needs num_labels >= 2, got {num_labels}.")
+        if not id2label:
+            id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        if sorted(id2label) != list(range(num_labels)):
+            raise ValueError(f"Task {name!r}: id2label keys must be 0..{num_labels - 1}, got {sorted(id2label)}.")
+        normalized = {
+            "type": task_type,
+            "num_labels": num_labels,
+            "id2label": id2label,
+            "modality": spec.get("modality", "unknown"),
+            "body_part": spec.get("body_part", "unknown"),
+        }
+        for field, vocabulary in (("modality", self.modality_names), ("body_part", self.body_part_names)):
+            if normalized[field] not in vocabulary:
+                raise ValueError(
+                    f"Task {name!r} has {field} {normalized[field]!r}, which is not in the config's {field} "
+                    f"vocabulary {vocabulary}. Add it to `{field}_names` when building the config."
+                )
+        return normalized
+
+    # ------------------------------------------------------------------ helpers
+
+    def add_task(self, name: str, **spec: Any) -> None:
+        """Register one more task (validated). Use `MedformerForMultiTask.add_task` to also add its head."""
+        if name in self.tasks:
+            raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
+        self.tasks = dict(sorted({**self.tasks, name: self._normalize_task(name, spec)}.items()))
+
+    def task_output_size(self, name: str) -> int:
+        """Number of logits the head of task `name` produces."""
+        task = self.tasks[name]
+        return num_task_outputs(task["type"], task["num_labels"])
+
+
+MedformerConfig.register_for_auto_class()
+
+__all__ = [
+    "MedformerConfig",
+    "AUTO_MAP",
+    "CUSTOM_PIPELINES",
+    "TASK_TYPES",
+    "TOKENIZERS",
+    "WEIGHT_INITS",
+    "SSL_TASKS",
+    "num_task_outputs",
+]

@@ -1,0 +1,594 @@
+"""Medformer image processor: 2D images and 3D volumes -> `pixel_values`, `modality_ids`, `body_part_ids`.
+
+This file is shipped with every checkpoint (Hub remote code): it imports only numpy, torch, transformers and the
+sibling `configuration_medformer.py`. nibabel and pydicom (the `[medical]` extra) are imported when a file is read.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ImagesKwargs
+
+from .configuration_medformer import DEFAULT_BODY_PART_NAMES, DEFAULT_MODALITY_NAMES
+
+# Hounsfield-unit windows (level, width) used in radiology reading.
+CT_WINDOWS = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "soft_tissue": (40.0, 400.0),
+    "liver": (60.0, 160.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+# Integer dtypes whose full range is the natural intensity scale; others (int16 CT in HU) need a window or range.
+DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("uint16"): (0, 65535), np.dtype("bool"): (0, 1)}
+SUPPORTED_CHANNELS = (1, 3)
+
+
+class MedformerImageProcessorKwargs(ImagesKwargs, total=False):
+    """Per-call options of `MedformerImageProcessor` (also its saved attributes)."""
+
+    modality: str | list[str] | None
+    body_part: str | list[str] | None
+    spatial_dims: int | None
+    window: str | list[float] | None
+    rescale_range: list[float] | None
+    normalization: str | None
+    modality_statistics: dict[str, list[float]] | None
+    size_2d: list[int] | None
+    size_3d: list[int] | None
+    group_by_shape: bool | None
+    modality_names: list[str] | None
+    body_part_names: list[str] | None
+
+
+class MedformerImageProcessor(BaseImageProcessor):
+    r"""
+    Turns 2D images and 3D volumes into Medformer inputs, in torch, without forcing RGB or 8 bits.
+
+    Steps, in order: layout to channels-first -> intensity to [0, 1] (CT window, explicit range, or by dtype) ->
+    optional grayscale to RGB -> optional resize (bilinear 2D / trilinear 3D) -> normalisation (per modality or per
+    image) -> stacking. Metadata names become ids with the same vocabularies as `MedformerConfig`.
+
+    Args:
+        window (`str` or `[level, width]`, *optional*):
+            CT window in Hounsfield units, a preset (lung, mediastinum, soft_tissue, liver, bone, brain) or
+            `[level, width]`. Values are clipped to the window and mapped to [0, 1].
+        rescale_range (`[low, high]`, *optional*):
+            Intensity range mapped to [0, 1] (clipped). Without it, uint8/uint16/bool images are scaled by their dtype's
+            range and float images are taken as already in [0, 1]; other integer dtypes need a window or range.
+        normalization (`str`, *optional*, defaults to `"modality"`):
+            `"modality"`: `(x - mean) / std` with the modality's entry of `modality_statistics` (or `"default"`);
+            `"image"`: z-score of each image and channel (MRI, whose units are arbitrary); `"none"`.
+        modality_statistics (`dict[str, [mean, std]]`, *optional*):
+            Mean and std of [0, 1]-scaled images per modality name; `"default"` serves the others.
+        do_convert_rgb (`bool`, *optional*, defaults to `False`):
+            Repeat 1-channel images to 3 channels (only when asked).
+        size_2d, size_3d (`list[int]`, *optional*):
+            Resize 2D images to `[H, W]` / volumes to `[D, H, W]`.
+        spatial_dims (`int`, *optional*):
+            2 or 3, when the array layout alone cannot tell (see `to_channels_first`).
+        input_data_format (`str`, *optional*):
+            `"channels_first"` or `"channels_last"`, when the channel axis cannot be told from its size.
+        modality, body_part (`str` or `list[str]`, *optional*):
+            Names per batch or per image; default "unknown".
+        group_by_shape (`bool`, *optional*, defaults to `False`):
+            Return one `BatchFeature` per input shape (with `indices` into the inputs) instead of raising on a batch
+            whose images differ in shape.
+        modality_names, body_part_names (`list[str]`, *optional*):
+            Vocabularies; must equal the model config's (`from_model_config` copies them).
+    """
+
+    valid_kwargs = MedformerImageProcessorKwargs
+    model_input_names = ["pixel_values", "modality_ids", "body_part_ids"]
+
+    def __init__(
+        self,
+        window: str | list[float] | None = None,
+        rescale_range: list[float] | None = None,
+        normalization: str = "modality",
+        modality_statistics: dict[str, list[float]] | None = None,
+        do_convert_rgb: bool = False,
+        size_2d: list[int] | None = None,
+        size_3d: list[int] | None = None,
+        spatial_dims: int | None = None,
+        input_data_format: str | None = None,
+        modality: str | list[str] | None = None,
+        body_part: str | list[str] | None = None,
+        group_by_shape: bool = False,
+        modality_names: list[str] | None = None,
+        body_part_names: list[str] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.window = window
+        self.rescale_range = rescale_range
+        self.normalization = normalization
+        self.modality_statistics = modality_statistics or {"default": [0.5, 0.5]}
+        self.do_convert_rgb = do_convert_rgb
+        self.size_2d = size_2d
+        self.size_3d = size_3d
+        self.spatial_dims = spatial_dims
+        self.input_data_format = input_data_format
+        self.modality = modality
+        self.body_part = body_part
+        self.group_by_shape = group_by_shape
+        self.modality_names = list(modality_names or DEFAULT_MODALITY_NAMES)
+        self.body_part_names = list(body_part_names or DEFAULT_BODY_PART_NAMES)
+        self._check_settings(vars(self))
+
+    @classmethod
+    def from_model_config(cls, config: Any, **kwargs) -> MedformerImageProcessor:
+        """A processor whose vocabularies are the model config's, so names map to the ids the model was trained on."""
+        return cls(modality_names=config.modality_names, body_part_names=config.body_part_names, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ settings
+
+    def _check_settings(self, settings: dict[str, Any]) -> None:
+        window = settings["window"]
+        if isinstance(window, str) and window not in CT_WINDOWS:
+            raise ValueError(f"Unknown CT window {window!r}; presets are {sorted(CT_WINDOWS)}, or pass [level, width].")
+        if window is not None and not isinstance(window, str) and (len(window) != 2 or window[1] <= 0):
+            raise ValueError(f"window must be a preset name or [level, width] with width > 0, got {window!r}.")
+        low_high = settings["rescale_range"]
+        if low_high is not None and (len(low_high) != 2 or low_high[1] <= low_high[0]):
+            raise ValueError(f"rescale_range must be [low, high] with high > low, got {low_high!r}.")
+        if settings["normalization"] not in ("modality", "image", "none"):
+            raise ValueError(f"normalization must be 'modality', 'image' or 'none', got {settings['normalization']!r}.")
+        for name, (_, std) in settings["modality_statistics"].items():
+            if std <= 0:
+                raise ValueError(f"modality_statistics[{name!r}] has std {std}; it must be > 0.")
+        if settings["spatial_dims"] not in (None, 2, 3):
+            raise ValueError(f"spatial_dims must be 2, 3 or None, got {settings['spatial_dims']!r}.")
+        if settings["input_data_format"] not in (None, "channels_first", "channels_last"):
+            raise ValueError(
+                f"input_data_format must be 'channels_first' or 'channels_last', got {settings['input_data_format']!r}."
+            )
+        for key, length in (("size_2d", 2), ("size_3d", 3)):
+            size = settings[key]
+            if size is not None and (len(size) != length or min(size) < 1):
+                raise ValueError(f"{key} must be {length} positive integers, got {size!r}.")
+
+    # ------------------------------------------------------------------------------------------ preprocess
+
+    def preprocess(self, images: Any, **kwargs) -> BatchFeature | list[BatchFeature]:
+        """Process one image or a list of them (numpy, torch, PIL; 2D or 3D). Options override the saved settings.
+
+        `return_tensors="np"` gives numpy arrays; otherwise torch tensors.
+        """
+        return_tensors = kwargs.pop("return_tensors", None)
+        unknown = set(kwargs) - set(self._setting_names())
+        if unknown:
+            raise ValueError(f"Unknown option(s) {sorted(unknown)} for MedformerImageProcessor.")
+        settings = {key: kwargs.get(key, getattr(self, key)) for key in self._setting_names()}
+        self._check_settings(settings)
+
+        for key in ("modality", "body_part"):  # files that know what they are fill in what the call leaves out
+            files = images if isinstance(images, (list, tuple)) else [images]
+            if settings[key] is None and any(_is_medical_image(image) for image in files):
+                settings[key] = [getattr(image, key, "unknown") for image in files]
+        groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
+        count = sum(len(group) for group in groups)
+        modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
+        body_part_ids = self._ids(settings["body_part"], count, settings["body_part_names"], "body_part")
+        processed = [self._process_group(group, settings) for group in groups]
+        offsets = np.cumsum([0] + [len(pixels) for pixels in processed])
+
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, pixels in enumerate(processed):
+            by_shape.setdefault(tuple(pixels.shape[1:]), []).append(index)
+        if len(by_shape) > 1 and not settings["group_by_shape"]:
+            shapes = sorted(str(list(shape)) for shape in by_shape)
+            hint = (
+                "the batch mixes 2D and 3D images: process them in separate calls"
+                if len({len(shape) for shape in by_shape}) > 1
+                else "pass size_2d=[H, W] / size_3d=[D, H, W] to resize them to one shape"
+            )
+            raise ValueError(
+                f"Images have different shapes (channels, *spatial) {shapes}; {hint}, or pass group_by_shape=True to "
+                "get one batch per shape."
+            )
+
+        outputs = []
+        for members in by_shape.values():
+            indices = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in members])
+            pixel_values = torch.cat([processed[i] for i in members]) if len(members) > 1 else processed[members[0]]
+            data = {
+                "pixel_values": self._normalize(pixel_values, modality_ids[indices], settings),
+                "modality_ids": modality_ids[indices],
+                "body_part_ids": body_part_ids[indices],
+            }
+            if settings["group_by_shape"]:
+                data["indices"] = indices
+            outputs.append(BatchFeature(data=data, tensor_type=return_tensors))
+        return outputs if settings["group_by_shape"] else outputs[0]
+
+    def _setting_names(self) -> list[str]:
+        return [
+            "window",
+            "rescale_range",
+            "normalization",
+            "modality_statistics",
+            "do_convert_rgb",
+            "size_2d",
+            "size_3d",
+            "spatial_dims",
+            "input_data_format",
+            "modality",
+            "body_part",
+            "group_by_shape",
+            "modality_names",
+            "body_part_names",
+        ]
+
+    @staticmethod
+    def _ids(names: str | list[str] | None, count: int, vocabulary: list[str], field_name: str) -> torch.Tensor:
+        names = [names or "unknown"] * count if names is None or isinstance(names, str) else list(names)
+        if len(names) != count:
+            raise ValueError(f"{field_name} has {len(names)} names for {count} images; pass one name or one per image.")
+        unknown = sorted({name for name in names if name not in vocabulary})
+        if unknown:
+            raise ValueError(
+                f"Unknown {field_name} {unknown}. Known names: {vocabulary}. To add one, build the model config with "
+                f"`{field_name}_names=[..., 'new']` and the processor with `from_model_config(config)`."
+            )
+        return torch.tensor([vocabulary.index(name) for name in names], dtype=torch.long)
+
+    def _process_group(self, group: RawGroup, settings: dict[str, Any]) -> torch.Tensor:
+        """Intensity, channels and size for images that share dtype and shape: `(N, C, *spatial)` float32."""
+        pixels = to_unit_range(group.array, group.source_dtype, settings["window"], settings["rescale_range"])
+        if pixels.shape[1] not in SUPPORTED_CHANNELS:
+            raise ValueError(
+                f"{pixels.shape[1]}-channel image: Medformer takes 1 or 3 channels. Drop alpha (PIL: .convert('RGB')) "
+                "or pick channels; if this axis is depth, pass spatial_dims=3."
+            )
+        if settings["do_convert_rgb"] and pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, *pixels.shape[2:])
+        dims = pixels.ndim - 2
+        size = settings["size_2d"] if dims == 2 else settings["size_3d"]
+        if size is not None and list(pixels.shape[2:]) != list(size):
+            mode = "bilinear" if dims == 2 else "trilinear"
+            pixels = F.interpolate(pixels, size=tuple(size), mode=mode, align_corners=False, antialias=dims == 2)
+        return pixels.contiguous()
+
+    @staticmethod
+    def _normalize(pixels: torch.Tensor, modality_ids: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+        if settings["normalization"] == "none":
+            return pixels
+        reduce_dims = tuple(range(2, pixels.ndim))
+        if settings["normalization"] == "image":
+            mean = pixels.mean(dim=reduce_dims, keepdim=True)
+            std = pixels.std(dim=reduce_dims, keepdim=True).clamp_min(1e-6)
+            return (pixels - mean) / std
+        statistics = settings["modality_statistics"]
+        table = torch.tensor(
+            [statistics.get(name, statistics["default"]) for name in settings["modality_names"]], dtype=pixels.dtype
+        )
+        mean_std = table[modality_ids].reshape(-1, 2, *([1] * (pixels.ndim - 1)))
+        return (pixels - mean_std[:, 0]) / mean_std[:, 1]
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass
+class RawGroup:
+    """Images of one dtype and shape, channels first: `(N, C, *spatial)`, not yet rescaled."""
+
+    array: torch.Tensor
+    source_dtype: np.dtype
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
+def _is_medical_image(image: Any) -> bool:
+    """By structure, not isinstance: remote code can import this module twice (the pipeline's copy and the
+    processor's), and a `MedicalImage` from one copy must still be recognised by the other."""
+    return hasattr(image, "array") and hasattr(image, "spatial_dims") and hasattr(image, "layout")
+
+
+def _as_array(image: Any) -> np.ndarray | torch.Tensor | MedicalImage:
+    if isinstance(image, (np.ndarray, torch.Tensor)) or _is_medical_image(image):
+        return image
+    if hasattr(image, "mode") and hasattr(image, "size"):  # PIL without importing it
+        if image.mode in ("RGBA", "LA", "P", "CMYK"):
+            raise ValueError(f"PIL image in mode {image.mode}: convert it first, e.g. image.convert('RGB') or ('L').")
+        return np.array(image)  # a writable copy: torch refuses to share read-only buffers
+    raise ValueError(f"Unsupported image type {type(image).__name__}; pass numpy arrays, torch tensors or PIL images.")
+
+
+def _image_layout(shape: tuple[int, ...], spatial_dims: int | None, data_format: str | None) -> str:
+    """Layout of one image's axes: "HW", "CHW", "HWC", "DHW", "CDHW" or "DHWC". Raises when it cannot be told."""
+    rank = len(shape)
+    if rank == 2 and spatial_dims != 3:
+        return "HW"
+    if rank == 3 and spatial_dims == 3:
+        return "DHW"
+    if rank not in (3, 4) or (rank == 4 and spatial_dims == 2):
+        raise ValueError(
+            f"Cannot read an image of shape {shape} as {spatial_dims or 'a 2D or 3'}D: expected (H, W), (C, H, W), "
+            "(H, W, C), (D, H, W), (C, D, H, W) or (D, H, W, C)."
+        )
+    first_layout, last_layout = ("CHW", "HWC") if rank == 3 else ("CDHW", "DHWC")
+    if data_format is not None:
+        return first_layout if data_format == "channels_first" else last_layout
+    first, last = shape[0], shape[-1]
+    if first in SUPPORTED_CHANNELS and last in SUPPORTED_CHANNELS:
+        raise ValueError(
+            f"Cannot tell the channel axis of shape {shape}: both ends could be channels. Pass "
+            "input_data_format='channels_first' or 'channels_last' (or spatial_dims=3 for a volume)."
+        )
+    if first in SUPPORTED_CHANNELS:
+        return first_layout
+    if last in SUPPORTED_CHANNELS:
+        return last_layout
+    if last == 4 and first != 4:
+        raise ValueError(
+            f"Shape {shape} looks like a 4-channel image (RGBA?): Medformer takes 1 or 3 channels. Drop alpha "
+            "(PIL: .convert('RGB')) or pick channels; if that axis is depth, pass spatial_dims=3."
+        )
+    if rank == 3 and spatial_dims is None:
+        return "DHW"
+    raise ValueError(
+        f"Shape {shape} has no 1- or 3-channel axis at either end. Pass input_data_format= to name the channel axis, "
+        "or give volumes without a channel axis as (D, H, W)."
+    )
+
+
+def _numpy_dtype(array: np.ndarray | torch.Tensor) -> np.dtype:
+    if isinstance(array, np.ndarray):
+        return array.dtype
+    if array.dtype == torch.bfloat16:
+        return np.dtype("float32")
+    return torch.empty(0, dtype=array.dtype).numpy().dtype
+
+
+def to_channels_first(images: Any, spatial_dims: int | None = None, data_format: str | None = None) -> list[RawGroup]:
+    """Bring one image, a list of images, or a batched array to channels-first groups of equal dtype and shape.
+
+    One image: (H, W), (C, H, W), (H, W, C) -> 2D; (D, H, W), (C, D, H, W), (D, H, W, C) -> 3D. The channel axis is
+    the end with size 1 or 3; a 3-axis array with neither is a volume. Batched arrays: rank 5 is a batch of volumes,
+    rank 4 with `spatial_dims=2` a batch of 2D images (a rank-4 array is otherwise one volume with a channel axis).
+    A `MedicalImage` (from `load_dicom` / `load_nifti`) knows its own layout.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("Got an empty list of images.")
+        batches = [(_as_array(image), False) for image in images]
+    else:
+        array = _as_array(images)
+        batched = not _is_medical_image(array) and (array.ndim == 5 or (array.ndim == 4 and spatial_dims == 2))
+        batches = [(array, batched)]
+    groups = []
+    for item, batched in batches:
+        array = item.array if _is_medical_image(item) else item
+        dtype = _numpy_dtype(array)
+        if dtype.kind not in "biuf":
+            raise ValueError(f"Unsupported pixel dtype {dtype}; use integer or real floating-point images.")
+        if 0 in array.shape:
+            raise ValueError(f"Got an empty image of shape {tuple(array.shape)}.")
+        if _is_medical_image(item):
+            layout = item.layout
+        else:
+            layout = _image_layout(tuple(array.shape[1:] if batched else array.shape), spatial_dims, data_format)
+        if isinstance(array, np.ndarray):  # torch cannot share read-only buffers (memmaps, Arrow views): copy those
+            array = np.ascontiguousarray(array) if array.flags.writeable else np.array(array)
+        tensor = torch.as_tensor(array)
+        tensor = tensor if batched else tensor[None]
+        if layout in ("HW", "DHW"):
+            tensor = tensor[:, None]
+        elif layout in ("HWC", "DHWC"):
+            tensor = tensor.movedim(-1, 1)
+        groups.append(RawGroup(tensor, dtype))
+    return groups
+
+
+def to_unit_range(
+    pixels: torch.Tensor, source_dtype: np.dtype, window: str | list[float] | None, rescale_range: list[float] | None
+) -> torch.Tensor:
+    """Intensities to [0, 1]: CT window, else an explicit range, else the dtype's range; NaN/inf raise."""
+    pixels = pixels.to(torch.float32)
+    if source_dtype.kind == "f" and not torch.isfinite(pixels).all():
+        raise ValueError("Image contains NaN or inf values; clean it (e.g. np.nan_to_num) before processing.")
+    if window is not None:
+        level, width = CT_WINDOWS[window] if isinstance(window, str) else window
+        low, high = level - width / 2, level + width / 2
+    elif rescale_range is not None:
+        low, high = rescale_range
+    elif source_dtype.kind == "f":
+        return pixels
+    elif source_dtype in DTYPE_RANGES:
+        return pixels / DTYPE_RANGES[source_dtype][1]
+    else:
+        raise ValueError(
+            f"{source_dtype} images have no natural intensity range (CT is int16 in Hounsfield units): pass "
+            f"window= (a preset of {sorted(CT_WINDOWS)} or [level, width]) or rescale_range=[low, high]."
+        )
+    return ((pixels - low) / (high - low)).clamp_(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- medical files
+
+# DICOM Modality (0008,0060) -> our modality vocabulary.
+DICOM_MODALITIES = {
+    "CT": "ct",
+    "MR": "mri",
+    "CR": "xray",
+    "DX": "xray",
+    "RF": "xray",
+    "XA": "xray",
+    "MG": "mammography",
+    "US": "ultrasound",
+    "PT": "pet",
+    "OP": "fundus",
+    "OPT": "oct",
+    "SM": "pathology",
+    "ES": "endoscopy",
+}
+# DICOM BodyPartExamined (0018,0015) -> our body-part vocabulary.
+DICOM_BODY_PARTS = {
+    "HEAD": "head",
+    "SKULL": "head",
+    "BRAIN": "brain",
+    "EYE": "eye",
+    "NECK": "neck",
+    "CHEST": "chest",
+    "THORAX": "chest",
+    "LUNG": "chest",
+    "BREAST": "breast",
+    "ABDOMEN": "abdomen",
+    "LIVER": "abdomen",
+    "PELVIS": "pelvis",
+    "SPINE": "spine",
+    "CSPINE": "spine",
+    "TSPINE": "spine",
+    "LSPINE": "spine",
+    "ARM": "upper_limb",
+    "HAND": "upper_limb",
+    "SHOULDER": "upper_limb",
+    "ELBOW": "upper_limb",
+    "WRIST": "upper_limb",
+    "LEG": "lower_limb",
+    "KNEE": "lower_limb",
+    "FOOT": "lower_limb",
+    "ANKLE": "lower_limb",
+    "HIP": "lower_limb",
+    "SKIN": "skin",
+    "COLON": "colon",
+    "KIDNEY": "kidney",
+    "WHOLEBODY": "whole_body",
+}
+
+
+@dataclass
+class MedicalImage:
+    """Voxels as read from a medical file, with what the file says about them."""
+
+    array: np.ndarray
+    spatial_dims: int
+    modality: str = "unknown"
+    body_part: str = "unknown"
+    spacing: tuple[float, ...] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> str:
+        """Axes of `array`: spatial axes, then a channel axis when there is one more axis than spatial ones."""
+        spatial = "HW" if self.spatial_dims == 2 else "DHW"
+        return spatial + "C" if self.array.ndim == self.spatial_dims + 1 else spatial
+
+
+def _import_optional(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(
+            f"Reading this file needs {name}: pip install 'medformer-hf[medical]' (or {name})."
+        ) from error
+
+
+def load_nifti(
+    path: str | os.PathLike, modality: str = "unknown", body_part: str = "unknown", volume: int | None = None
+) -> MedicalImage:
+    """Read a NIfTI volume as (D, H, W) float32 (axes reversed from NIfTI's x, y, z), scaled by the header's slope.
+
+    NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it. For a 4D series (fMRI, DWI), `volume`
+    picks the volume.
+    """
+    nibabel = _import_optional("nibabel")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No NIfTI file at {path}.")
+    image = nibabel.load(str(path))
+    array = np.asarray(image.get_fdata(dtype=np.float32))
+    if array.ndim == 4 and (volume is not None or array.shape[-1] == 1):
+        array = array[..., volume or 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{path} holds a {array.ndim}-D array {array.shape}; pass volume=<index> to pick one volume.")
+    spacing = tuple(float(s) for s in image.header.get_zooms()[: array.ndim])
+    return MedicalImage(
+        array=np.ascontiguousarray(array.transpose()),
+        spatial_dims=array.ndim,
+        modality=modality,
+        body_part=body_part,
+        spacing=spacing[::-1],
+        metadata={
+            "affine": image.affine.tolist(),
+            "description": image.header["descrip"].item().decode(errors="replace"),
+        },
+    )
+
+
+def _dicom_slice(dataset: Any) -> np.ndarray:
+    pixels = dataset.pixel_array.astype(np.float32)
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    return pixels * slope + intercept
+
+
+def load_dicom(path: str | os.PathLike) -> MedicalImage:
+    """Read one DICOM file, or a folder of single-slice files stacked into a volume sorted by slice position.
+
+    Rescale slope/intercept are applied (CT comes out in Hounsfield units); Modality and BodyPartExamined map to the
+    Medformer vocabularies ("unknown" where a tag is missing or has no counterpart).
+    """
+    pydicom = _import_optional("pydicom")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No DICOM file or folder at {path}.")
+    if path.is_dir():
+        datasets = [pydicom.dcmread(str(file)) for file in sorted(path.iterdir()) if file.is_file()]
+        datasets = [dataset for dataset in datasets if "PixelData" in dataset]
+        if not datasets:
+            raise ValueError(f"{path} holds no DICOM files with pixel data.")
+        datasets.sort(key=_slice_position)
+        array = np.stack([_dicom_slice(dataset) for dataset in datasets])
+        first, spatial_dims = datasets[0], 3
+    else:
+        first = pydicom.dcmread(str(path))
+        if "PixelData" not in first:
+            raise ValueError(f"{path} has no pixel data (is it a report or a structure set?).")
+        array = _dicom_slice(first)
+        spatial_dims = 3 if int(getattr(first, "NumberOfFrames", 1) or 1) > 1 else 2
+    if getattr(first, "PhotometricInterpretation", "") == "MONOCHROME1":
+        array = array.max() - array  # MONOCHROME1 shows low values as white
+    spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
+    if path.is_dir() and len(datasets) > 1:
+        spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing
+    return MedicalImage(
+        array=array,
+        spatial_dims=spatial_dims,
+        modality=DICOM_MODALITIES.get(str(getattr(first, "Modality", "")).upper(), "unknown"),
+        body_part=DICOM_BODY_PARTS.get(str(getattr(first, "BodyPartExamined", "")).upper().replace(" ", ""), "unknown"),
+        spacing=tuple(spacing) or None,
+        metadata={
+            "Modality": getattr(first, "Modality", None),
+            "BodyPartExamined": getattr(first, "BodyPartExamined", None),
+        },
+    )
+
+
+def _slice_position(dataset: Any) -> float:
+    """Position along the slice normal (from ImagePositionPatient and ImageOrientationPatient), else InstanceNumber."""
+    position = getattr(dataset, "ImagePositionPatient", None)
+    orientation = getattr(dataset, "ImageOrientationPatient", None)
+    if position is not None and orientation is not None:
+        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+        return float(np.dot(normal, np.asarray(position, float)))
+    return float(getattr(dataset, "InstanceNumber", 0))
+
+
+MedformerImageProcessor.register_for_auto_class()
+
+__all__ = ["MedformerImageProcessor", "MedicalImage", "load_dicom", "load_nifti", "CT_WINDOWS"]

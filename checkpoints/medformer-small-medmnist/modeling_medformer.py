@@ -1,0 +1,927 @@
+"""Medformer: one network for 2D and 3D medical images and many tasks.
+
+    pixel_values -> InputAdaptformer (patches + coordinates, latents read them under a context embedding)
+                 -> MainBody (self-attention over the latents)
+                 -> OutputAdaptformer (each task's queries read the latents) -> task head
+
+This file is shipped with every checkpoint (Hub remote code): it imports only torch, transformers and the sibling
+`configuration_medformer.py`, never the `medformer_hf` package.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_medformer import MedformerConfig, num_task_outputs
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"Medformer needs transformers>=5, found {transformers.__version__}: pip install -U transformers")
+
+
+# ---------------------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class MedformerModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_latents, hidden_size)`):
+            The Main Body's latents, after its final LayerNorm.
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Mean of `last_hidden_state` over the latents.
+        context_embedding (`torch.FloatTensor` of shape `(batch_size, hidden_size)`):
+            Sum of the dimensionality, modality and body-part embeddings that conditioned the latents.
+        mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+            1 for patch tokens that were dropped before the Input Adaptformer, 0 for kept ones (masking only).
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            Latents after the Input Adaptformer and after each Main Body layer.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            Attention weights of each Input Adaptformer block (latents x patches) and each Main Body layer.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    context_embedding: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MedformerMultiTaskOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean over the batch of each sample's task loss (returned when `labels` is given).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_outputs)`, *optional*):
+            Raw logits when the whole batch is one task (see `task_logits` for mixed batches).
+        task_logits (`dict[str, torch.FloatTensor]`, *optional*):
+            Logits per task present in the batch, each for the samples listed in `task_indices`.
+        task_indices (`dict[str, torch.LongTensor]`, *optional*):
+            Batch positions of each task's samples.
+        task_losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Mean loss of each task present in the batch.
+        pooler_output, hidden_states, attentions:
+            As in [`MedformerModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    task_logits: dict[str, torch.FloatTensor] | None = None
+    task_indices: dict[str, torch.LongTensor] | None = None
+    task_losses: dict[str, torch.FloatTensor] | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MedformerForPreTrainingOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`):
+            Weighted sum of the pretext losses (`config.ssl_loss_weights`).
+        reconstruction_loss (`torch.FloatTensor` of shape `()`):
+            Mean squared error on the masked patches (normalised per patch when `config.norm_pix_loss`).
+        agreement_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            InfoNCE loss between the two masked views of each image.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_patches, channels * patch_size**spatial_dims)`):
+            Predicted patches of the first view, in the target's space (see `MedformerForPreTraining.reconstruct`).
+        mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
+            1 where the first view's patch was masked.
+        hidden_states, attentions:
+            As in [`MedformerModelOutput`], for both views stacked on the batch axis.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    agreement_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    mask: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def embedding_key(spatial_dims: int, num_channels: int) -> str:
+    """Name of the patch embedding (and pixel decoder) for one kind of input, e.g. `"3d_1ch"`."""
+    return f"{spatial_dims}d_{num_channels}ch"
+
+
+def patch_size_for(config: MedformerConfig, spatial_dims: int) -> int:
+    return config.patch_size_2d if spatial_dims == 2 else config.patch_size_3d
+
+
+def fourier_position_features(
+    grid_shape: tuple[int, ...], num_bands: int, max_frequency: float, device: torch.device
+) -> torch.Tensor:
+    """Fourier features of patch-centre coordinates in [-1, 1]: `(prod(grid_shape), 3 * (2 * num_bands + 1))`.
+
+    Coordinates are relative to the image extent, so any size works without interpolation. 2D grids get a depth
+    coordinate of 0, so 2D and 3D share one feature space.
+    """
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in grid_shape]
+    axes = [torch.zeros(1, device=device)] * (3 - len(axes)) + axes
+    coordinates = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3, 1)
+    frequencies = torch.linspace(1.0, max_frequency / 2, num_bands, device=device)
+    angles = math.pi * coordinates * frequencies
+    return torch.cat([coordinates, angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(B, C, *spatial)` -> `(B, num_patches, patch_size**dims * C)`, patches in the patch embedding's order."""
+    batch_size, channels, *spatial = pixel_values.shape
+    dims = len(spatial)
+    grid = [size // patch_size for size in spatial]
+    split = [value for g in grid for value in (g, patch_size)]
+    patches = pixel_values.reshape(batch_size, channels, *split)
+    order = [0, *range(2, 2 + 2 * dims, 2), *range(3, 3 + 2 * dims, 2), 1]
+    return patches.permute(order).reshape(batch_size, math.prod(grid), patch_size**dims * channels)
+
+
+def unpatchify(patches: torch.Tensor, image_shape: tuple[int, ...], patch_size: int) -> torch.Tensor:
+    """Inverse of `patchify`: `(B, num_patches, patch_size**dims * C)` -> `(B, C, *spatial)` of `image_shape`."""
+    batch_size, channels, *spatial = image_shape
+    dims = len(spatial)
+    grid = [size // patch_size for size in spatial]
+    patches = patches.reshape(batch_size, *grid, *([patch_size] * dims), channels)
+    order = [0, 1 + 2 * dims, *[value for i in range(dims) for value in (1 + i, 1 + dims + i)]]
+    return patches.permute(order).reshape(batch_size, channels, *spatial)
+
+
+def pixel_mask(mask: torch.Tensor, image_shape: tuple[int, ...], patch_size: int) -> torch.Tensor:
+    """Patch mask `(B, num_patches)` -> a `(B, 1, *spatial)` pixel mask (1 inside masked patches)."""
+    patches = mask[..., None].expand(-1, -1, patch_size ** (len(image_shape) - 2))
+    return unpatchify(patches, (image_shape[0], 1, *image_shape[2:]), patch_size)
+
+
+def random_masking(
+    batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the patches to keep (lowest noise first, as in ViTMAE). Returns `(keep_indices, mask)`; mask 1 = dropped.
+
+    Pass `noise` of shape `(batch_size, num_patches)` for a reproducible mask.
+    """
+    if noise is None:
+        noise = torch.rand(batch_size, num_patches, device=device)
+    elif noise.shape != (batch_size, num_patches):
+        raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}.")
+    num_keep = max(1, int(num_patches * (1 - mask_ratio)))
+    keep_indices = noise.argsort(dim=1)[:, :num_keep]
+    mask = torch.ones(batch_size, num_patches, device=device)
+    mask.scatter_(1, keep_indices, 0.0)
+    return keep_indices, mask
+
+
+def _check_ids(ids: torch.Tensor | None, name: str, vocabulary: list[str], batch_size: int, device) -> torch.Tensor:
+    if ids is None:
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    if ids.shape != (batch_size,) or ids.is_floating_point():
+        raise ValueError(
+            f"{name} must be an integer tensor of shape ({batch_size},), got {ids.dtype} {list(ids.shape)}."
+        )
+    if not torch.compiler.is_compiling() and ((ids < 0) | (ids >= len(vocabulary))).any():
+        raise ValueError(
+            f"{name} has ids outside 0..{len(vocabulary) - 1} (vocabulary {vocabulary}); "
+            "map names to ids with the image processor or the config's vocabulary."
+        )
+    return ids
+
+
+def check_inputs(
+    config: MedformerConfig,
+    pixel_values: torch.Tensor,
+    modality_ids: torch.Tensor | None,
+    body_part_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raise a ValueError that names the problem and the fix; return the (defaulted) metadata ids."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    if pixel_values.ndim not in (4, 5):
+        raise ValueError(
+            f"pixel_values must be (batch, channels, height, width) for 2D or (batch, channels, depth, height, width) "
+            f"for 3D, got rank {pixel_values.ndim} with shape {tuple(pixel_values.shape)}. Add the batch/channel axis."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be floating point, got {pixel_values.dtype}; rescale images with the image processor."
+        )
+    dims = pixel_values.ndim - 2
+    channels = pixel_values.shape[1]
+    supported = config.input_channels_2d if dims == 2 else config.input_channels_3d
+    if channels not in supported:
+        raise ValueError(
+            f"This Medformer has no {dims}D patch embedding for {channels}-channel input (it has {supported}). "
+            f"Convert the image to one of those channel counts, or build the config with {channels} in "
+            f"`input_channels_{dims}d` (and train that embedding)."
+        )
+    patch_size = patch_size_for(config, dims)
+    spatial = tuple(pixel_values.shape[2:])
+    if any(size < patch_size or size % patch_size for size in spatial):
+        raise ValueError(
+            f"Spatial size {spatial} is not a multiple of the {dims}D patch size {patch_size}; resize or pad each "
+            f"axis to a multiple of {patch_size} (e.g. the image processor's `size=`)."
+        )
+    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contains NaN or inf; clean the image (e.g. np.nan_to_num) before the model.")
+    batch_size, device = pixel_values.shape[0], pixel_values.device
+    return (
+        _check_ids(modality_ids, "modality_ids", config.modality_names, batch_size, device),
+        _check_ids(body_part_ids, "body_part_ids", config.body_part_names, batch_size, device),
+    )
+
+
+def check_labels(labels: torch.Tensor, task_type: str, num_labels: int, task_name: str) -> torch.Tensor:
+    """Bring labels to the shape the task's loss expects, raising on a wrong shape or an out-of-range value."""
+    batch_size = labels.shape[0]
+    if task_type in ("multiclass", "binary", "ordinal"):
+        if labels.ndim == 2 and labels.shape[1] >= 1:
+            labels = labels[:, 0]
+        if labels.ndim != 1 or labels.is_floating_point():
+            raise ValueError(f"Task {task_name!r} ({task_type}) needs integer class labels of shape ({batch_size},).")
+        if not torch.compiler.is_compiling() and ((labels < 0) | (labels >= num_labels)).any():
+            bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
+            raise ValueError(f"Task {task_name!r} has labels {bad} outside 0..{num_labels - 1}.")
+        return labels
+    labels = labels.reshape(batch_size, -1)[:, :num_labels]
+    if labels.shape[1] != num_labels:
+        raise ValueError(f"Task {task_name!r} ({task_type}) needs labels of shape ({batch_size}, {num_labels}).")
+    if task_type == "multilabel" and not torch.compiler.is_compiling() and ((labels != 0) & (labels != 1)).any():
+        raise ValueError(f"Task {task_name!r} (multilabel) needs 0/1 labels, got values outside {{0, 1}}.")
+    return labels.float()
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, num_labels: int) -> torch.Tensor:
+    """Loss of one task's raw logits against labels already checked by `check_labels`."""
+    if task_type == "multiclass":
+        return F.cross_entropy(logits, labels)
+    if task_type == "binary":
+        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+    if task_type == "ordinal":  # cumulative link: logit k predicts P(label > k)
+        thresholds = torch.arange(num_labels - 1, device=labels.device)
+        return F.binary_cross_entropy_with_logits(logits, (labels[:, None] > thresholds).to(logits.dtype))
+    if task_type == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    return F.mse_loss(logits, labels.to(logits.dtype))
+
+
+def task_probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
+    """Per-class scores of a task's raw logits, as MedMNIST's evaluator reads them.
+
+    multiclass: softmax; binary: `[1 - p, p]`; ordinal: class probabilities from the cumulative logits;
+    multilabel: per-label sigmoid; regression: the logits themselves.
+    """
+    if task_type == "multiclass":
+        return logits.softmax(-1)
+    if task_type == "binary":
+        positive = logits[:, :1].sigmoid()
+        return torch.cat([1 - positive, positive], dim=-1)
+    if task_type == "ordinal":
+        exceed = logits.sigmoid()
+        ones, zeros = exceed.new_ones(len(exceed), 1), exceed.new_zeros(len(exceed), 1)
+        cumulative = torch.cat([ones, exceed, zeros], dim=-1)
+        probabilities = (cumulative[:, :-1] - cumulative[:, 1:]).clamp_min(0)
+        return probabilities / probabilities.sum(-1, keepdim=True).clamp_min(1e-12)
+    if task_type == "multilabel":
+        return logits.sigmoid()
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------------------- layers
+
+
+class MedformerAttention(nn.Module):
+    """Multi-head attention through `F.scaled_dot_product_attention`; cross-attention when a context is given."""
+
+    def __init__(self, config: MedformerConfig, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = config.hidden_size // num_heads
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+        self.is_causal = False
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context = hidden_states if context is None else context
+        query = self._heads(self.q_proj(hidden_states))
+        key, value = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if output_attentions:  # SDPA does not expose its weights
+            weights = (query @ key.transpose(-2, -1) * self.head_dim**-0.5).softmax(-1)
+            attended = F.dropout(weights, dropout, self.training) @ value
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=False)
+        return self.o_proj(attended.transpose(1, 2).flatten(2)), weights
+
+
+class MedformerMLP(nn.Module):
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        intermediate = int(config.hidden_size * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.hidden_size, intermediate)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+
+
+class MedformerLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block. As cross-attention (Perceiver), `hidden_states` read a separately normed context."""
+
+    def __init__(self, config: MedformerConfig, cross_attention: bool):
+        super().__init__()
+        heads = config.num_cross_attention_heads if cross_attention else config.num_attention_heads
+        self.norm_attention = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm_context = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if cross_attention else None
+        self.attention = MedformerAttention(config, heads)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.norm_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MedformerMLP(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        normed_context = None if self.norm_context is None else self.norm_context(context)
+        attended, weights = self.attention(self.norm_attention(hidden_states), normed_context, output_attentions)
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.mlp(self.norm_mlp(hidden_states))
+        return hidden_states, weights
+
+
+class MedformerChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each position of a `(B, C, *spatial)` map (ConvNeXt's channels-first norm).
+
+    Unlike BatchNorm it has no batch statistics (one-task batches of different sets, batch size 1, DDP and export all
+    behave the same), and unlike GroupNorm it mixes no positions, so masked pixels cannot reach visible tokens
+    through it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states.movedim(1, -1)).movedim(-1, 1)
+
+
+class MedformerConvStem(nn.Sequential):
+    """Stride-2 3x3(x3) convolutions, each but the last followed by channel LayerNorm and GELU: one token per
+    `2 ** num_convs` pixels per axis, the same grid as linear patches of that size."""
+
+    def __init__(self, config: MedformerConfig, spatial_dims: int, in_channels: int):
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        widths = [in_channels, *config.conv_stem_channels, config.hidden_size]
+        layers = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(conv(width_in, width_out, kernel_size=3, stride=2, padding=1))
+            if index < len(widths) - 2:
+                layers += [MedformerChannelLayerNorm(width_out, eps=config.layer_norm_eps), ACT2FN[config.hidden_act]]
+        super().__init__(*layers)
+
+
+class MedformerPatchEmbeddings(nn.Module):
+    """Tokenize with the input kind's (dimensionality, channels) conv stem or linear patch projection, and add
+    coordinate features."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.config = config
+        projections = {}
+        kinds = ((2, nn.Conv2d, config.input_channels_2d), (3, nn.Conv3d, config.input_channels_3d))
+        for dims, conv, channel_counts in kinds:
+            patch_size = patch_size_for(config, dims)
+            for channels in channel_counts:
+                projections[embedding_key(dims, channels)] = (
+                    MedformerConvStem(config, dims, channels)
+                    if config.tokenizer == "conv"
+                    else conv(channels, config.hidden_size, kernel_size=patch_size, stride=patch_size)
+                )
+        self.projections = nn.ModuleDict(projections)
+        self.position_projection = nn.Linear(3 * (2 * config.num_position_bands + 1), config.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dims, channels = pixel_values.ndim - 2, pixel_values.shape[1]
+        patches = self.projections[embedding_key(dims, channels)](pixel_values)
+        positions = fourier_position_features(
+            tuple(patches.shape[2:]), self.config.num_position_bands, self.config.max_position_frequency, patches.device
+        )
+        return patches.flatten(2).transpose(1, 2) + self.position_projection(positions.to(patches.dtype))
+
+
+class MedformerContextEmbeddings(nn.Module):
+    """What the image is: embedding of its dimensionality + imaging modality + body part."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.dimensionality = nn.Embedding(2, config.hidden_size)
+        self.modality = nn.Embedding(len(config.modality_names), config.hidden_size)
+        self.body_part = nn.Embedding(len(config.body_part_names), config.hidden_size)
+
+    def forward(self, spatial_dims: int, modality_ids: torch.Tensor, body_part_ids: torch.Tensor) -> torch.Tensor:
+        dimensionality = self.dimensionality.weight[spatial_dims - 2]
+        return dimensionality + self.modality(modality_ids) + self.body_part(body_part_ids)
+
+
+class MedformerInputAdaptformer(nn.Module):
+    """Reads an image of any size and kind into `num_latents` latents (Perceiver cross-attention)."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.patch_embeddings = MedformerPatchEmbeddings(config)
+        self.context_embeddings = MedformerContextEmbeddings(config)
+        self.latents = nn.Parameter(torch.empty(config.num_latents, config.hidden_size))
+        self.layers = nn.ModuleList(
+            MedformerLayer(config, cross_attention=True) for _ in range(config.num_input_layers)
+        )
+
+
+class MedformerMainBody(nn.Module):
+    """Self-attention over the latents, shared by every input kind and task."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MedformerLayer(config, cross_attention=False) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class MedformerOutputAdaptformer(nn.Module):
+    """Queries (a task's latents, or pixel positions) read the body latents (Perceiver IO decoding)."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            MedformerLayer(config, cross_attention=True) for _ in range(config.num_output_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            queries, _ = layer(queries, latents)
+        return self.norm(queries)
+
+
+class MedformerTaskHead(nn.Module):
+    """What one task owns: its latent queries and a linear map of their pooled read-out to logits."""
+
+    def __init__(self, config: MedformerConfig, num_outputs: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(config.num_task_queries, config.hidden_size))
+        self.projection = nn.Linear(config.hidden_size, num_outputs)
+
+
+class MedformerPixelDecoder(nn.Module):
+    """Decodes every patch position's pixels from the latents: position queries + context -> Output Adaptformer."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__()
+        self.config = config
+        self.position_projection = nn.Linear(3 * (2 * config.num_position_bands + 1), config.hidden_size)
+        self.output_adaptformer = MedformerOutputAdaptformer(config)
+        heads = {}
+        for dims, channel_counts in ((2, config.input_channels_2d), (3, config.input_channels_3d)):
+            for channels in channel_counts:
+                heads[embedding_key(dims, channels)] = nn.Linear(
+                    config.hidden_size, channels * patch_size_for(config, dims) ** dims
+                )
+        self.pixel_heads = nn.ModuleDict(heads)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
+        dims, channels = len(image_shape) - 2, image_shape[1]
+        grid = tuple(size // patch_size_for(self.config, dims) for size in image_shape[2:])
+        positions = fourier_position_features(
+            grid, self.config.num_position_bands, self.config.max_position_frequency, latents.device
+        )
+        queries = self.position_projection(positions.to(latents.dtype)) + context[:, None]
+        decoded = self.output_adaptformer(queries, latents)
+        return self.pixel_heads[embedding_key(dims, channels)](decoded)
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+class MedformerPreTrainedModel(PreTrainedModel):
+    config_class = MedformerConfig
+    base_model_prefix = "medformer"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MedformerLayer"]
+    _supports_sdpa = True
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """Save as transformers does (config, weights, modeling code), plus the image-processing and pipeline code,
+        so `pipeline("medical-image-classification", model=<folder>, trust_remote_code=True)` finds its class.
+        Save the image processor into the same folder too, as for every vision model."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for name in ("image_processing_medformer.py", "pipeline_medformer.py"):
+                source = Path(__file__).with_name(name)
+                if source.exists():  # absent beside a remote-code copy that was loaded without them
+                    shutil.copy(source, Path(save_directory) / name)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if self.config.weight_init == "fan_in" and isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+            init.trunc_normal_(module.weight, std=(module.weight[0].numel()) ** -0.5)
+        if isinstance(module, MedformerInputAdaptformer):
+            init.trunc_normal_(module.latents, std=self.config.initializer_range)
+        elif isinstance(module, MedformerTaskHead):
+            init.trunc_normal_(module.queries, std=self.config.initializer_range)
+
+    def _read_task(self, head: MedformerTaskHead, output_adaptformer, latents, context) -> torch.Tensor:
+        """Logits of one task: its queries (plus the input's context) read the latents, pooled, then classified."""
+        queries = head.queries.expand(latents.shape[0], -1, -1) + context[:, None]
+        return head.projection(output_adaptformer(queries, latents).mean(dim=1))
+
+
+class MedformerModel(MedformerPreTrainedModel):
+    """Input Adaptformer + Main Body: any 2D image or 3D volume -> `(batch, num_latents, hidden_size)` latents."""
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__(config)
+        self.input_adaptformer = MedformerInputAdaptformer(config)
+        self.main_body = MedformerMainBody(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        modality_ids: torch.LongTensor | None = None,
+        body_part_ids: torch.LongTensor | None = None,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MedformerModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)` or `(B, C, D, H, W)`):
+                Normalised images (see `MedformerImageProcessor`); each spatial size a multiple of the patch size.
+            modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Indices into `config.modality_names` / `config.body_part_names`; default 0 ("unknown").
+            mask_ratio (`float`, *optional*):
+                Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training).
+            noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
+                Makes the masking reproducible: the patches with the lowest noise are kept. Implies masking.
+
+        Example:
+
+        ```python
+        >>> model = MedformerModel(MedformerConfig())
+        >>> model(torch.randn(2, 1, 28, 28, 28)).last_hidden_state.shape
+        torch.Size([2, 64, 256])
+        ```
+        """
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        modality_ids, body_part_ids = check_inputs(self.config, pixel_values, modality_ids, body_part_ids)
+        adaptformer = self.input_adaptformer
+
+        mask = None
+        if mask_ratio is not None or noise is not None:
+            patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
+            num_patches = math.prod(size // patch_size for size in pixel_values.shape[2:])
+            keep_indices, mask = random_masking(
+                pixel_values.shape[0], num_patches, mask_ratio or self.config.mask_ratio, noise, pixel_values.device
+            )
+            # Blank the masked patches before tokenizing: a conv stem's receptive field crosses patch borders, so
+            # visible tokens would otherwise see masked pixels and reconstruction would be a copy task.
+            pixel_values = pixel_values * (1 - pixel_mask(mask, pixel_values.shape, patch_size)).to(pixel_values.dtype)
+        tokens = adaptformer.patch_embeddings(pixel_values)
+        if mask is not None:
+            tokens = tokens.gather(1, keep_indices[..., None].expand(-1, -1, tokens.shape[-1]))
+        context = adaptformer.context_embeddings(pixel_values.ndim - 2, modality_ids, body_part_ids)
+        latents = adaptformer.latents.expand(tokens.shape[0], -1, -1) + context[:, None]
+
+        attentions = []
+        for layer in adaptformer.layers:
+            latents, weights = layer(latents, tokens, output_attentions=output_attentions)
+            attentions.append(weights)
+        hidden_states = [latents]
+        for layer in self.main_body.layers:
+            latents, weights = layer(latents, output_attentions=output_attentions)
+            attentions.append(weights)
+            hidden_states.append(latents)
+        latents = self.main_body.norm(latents)
+
+        return MedformerModelOutput(
+            last_hidden_state=latents,
+            pooler_output=latents.mean(dim=1),
+            context_embedding=context,
+            mask=mask,
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+class MedformerForMultiTask(MedformerPreTrainedModel):
+    """Medformer with the Output Adaptformer and one head per task of `config.tasks`.
+
+    A saved multi-task folder loads with
+    `AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True)`.
+    """
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__(config)
+        self.medformer = MedformerModel(config)
+        self.output_adaptformer = MedformerOutputAdaptformer(config)
+        self.task_heads = nn.ModuleDict(
+            {name: MedformerTaskHead(config, config.task_output_size(name)) for name in config.tasks}
+        )
+        self.post_init()
+
+    def add_task(self, name: str, **spec) -> None:
+        """Grow the model by one task (a new head and task queries); every existing weight stays as it is.
+
+        `spec` takes the keys of a `config.tasks` entry: `type`, `num_labels` or `labels`/`id2label`, `modality`,
+        `body_part`.
+        """
+        self.config.add_task(name, **spec)
+        reference = next(self.parameters())
+        head = MedformerTaskHead(self.config, self.config.task_output_size(name))
+        head.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
+        self.task_heads[name] = head
+
+    def _task_ids(self, task: str | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+        names = list(self.config.tasks)
+        if task is None:
+            if len(names) != 1:
+                raise ValueError(f"This model has tasks {names}; pass task=<name> or per-sample task ids.")
+            task = names[0]
+        if isinstance(task, str):
+            if task not in self.config.tasks:
+                raise ValueError(f"Unknown task {task!r}; known tasks: {names}. Add one with model.add_task(...).")
+            return torch.full((batch_size,), names.index(task), dtype=torch.long, device=device)
+        task = torch.as_tensor(task, device=device)
+        if task.shape != (batch_size,) or task.is_floating_point():
+            raise ValueError(f"Per-sample task ids must be an integer tensor of shape ({batch_size},).")
+        if ((task < 0) | (task >= len(names))).any():
+            raise ValueError(f"Task ids must be in 0..{len(names) - 1} (the order of config.tasks: {names}).")
+        return task
+
+    def _default_ids(self, task_ids: torch.Tensor, field: str, vocabulary: list[str]) -> torch.Tensor:
+        """Each sample's modality or body part as registered for its task."""
+        table = [vocabulary.index(spec[field]) for spec in self.config.tasks.values()]
+        return torch.tensor(table, device=task_ids.device)[task_ids]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        task: str | torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        body_part_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MedformerMultiTaskOutput:
+        r"""
+        Args:
+            task (`str` or `torch.LongTensor` of shape `(B,)`, *optional*):
+                The task of the whole batch by name, or per-sample indices into `list(config.tasks)` for a batch that
+                mixes tasks (all of one input shape). Optional when the model has a single task.
+            labels (`torch.Tensor`, *optional*):
+                `(B,)` class indices for multiclass, binary and ordinal tasks; `(B, num_labels)` for multilabel and
+                regression. A mixed batch passes `(B, W)`: each task reads its first columns (class indices column 0).
+            modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Default to each sample's task's registered modality and body part.
+        """
+        names = list(self.config.tasks)
+        task_ids = self._task_ids(task, pixel_values.shape[0], pixel_values.device)
+        if modality_ids is None:
+            modality_ids = self._default_ids(task_ids, "modality", self.config.modality_names)
+        if body_part_ids is None:
+            body_part_ids = self._default_ids(task_ids, "body_part", self.config.body_part_names)
+        outputs = self.medformer(
+            pixel_values,
+            modality_ids=modality_ids,
+            body_part_ids=body_part_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        latents, context = outputs.last_hidden_state, outputs.context_embedding
+
+        single_task = isinstance(task, str) or task is None
+        present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
+        task_logits, task_indices, task_losses = {}, {}, {}
+        loss = None
+        for index in present:
+            name = names[index]
+            spec = self.config.tasks[name]
+            rows = torch.arange(len(task_ids), device=task_ids.device)
+            task_latents, task_context, task_labels = latents, context, labels
+            if not single_task:
+                rows = (task_ids == index).nonzero().squeeze(1)
+                task_latents, task_context = latents[rows], context[rows]
+                task_labels = None if labels is None else labels[rows]
+            logits = self._read_task(self.task_heads[name], self.output_adaptformer, task_latents, task_context)
+            task_logits[name], task_indices[name] = logits, rows
+            if labels is not None:
+                task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name)
+                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"])
+                weighted = task_losses[name] * len(logits) / len(task_ids)
+                loss = weighted if loss is None else loss + weighted
+
+        return MedformerMultiTaskOutput(
+            loss=loss,
+            logits=task_logits[names[present[0]]] if single_task else None,
+            task_logits=task_logits,
+            task_indices=task_indices,
+            task_losses=task_losses or None,
+            pooler_output=outputs.pooler_output,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class MedformerForImageClassification(MedformerPreTrainedModel):
+    """One task from `config.num_labels` / `config.problem_type` / `config.id2label`, with transformers' standard
+    `ImageClassifierOutput`, so `AutoModelForImageClassification` and `pipeline("image-classification")` work."""
+
+    _problem_to_task_type = {
+        "single_label_classification": "multiclass",
+        "multi_label_classification": "multilabel",
+        "regression": "regression",
+    }
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__(config)
+        self.medformer = MedformerModel(config)
+        self.output_adaptformer = MedformerOutputAdaptformer(config)
+        self.classifier = MedformerTaskHead(config, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        body_part_ids: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> ImageClassifierOutput:
+        outputs = self.medformer(
+            pixel_values,
+            modality_ids=modality_ids,
+            body_part_ids=body_part_ids,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = self._read_task(
+            self.classifier, self.output_adaptformer, outputs.last_hidden_state, outputs.context_embedding
+        )
+        loss = None
+        if labels is not None:
+            if self.config.problem_type is None:  # the same inference as transformers' classification heads
+                if self.config.num_labels == 1:
+                    self.config.problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    self.config.problem_type = "single_label_classification"
+                else:
+                    self.config.problem_type = "multi_label_classification"
+            task_type = self._problem_to_task_type[self.config.problem_type]
+            labels = check_labels(labels, task_type, self.config.num_labels, "image-classification")
+            loss = task_loss(logits, labels, task_type, self.config.num_labels)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class MedformerForPreTraining(MedformerPreTrainedModel):
+    """Self-supervised pre-training on unlabeled 2D and 3D images.
+
+    - masked reconstruction: a random `config.mask_ratio` of patch tokens is dropped before the Input Adaptformer;
+      position queries decode every patch's pixels through an Output Adaptformer; MSE on the dropped patches.
+    - view agreement: two differently masked views of each image go through the model together; their projected
+      pooled latents must identify each other among the batch (InfoNCE), which asks the latents to carry what an
+      image is, not only its pixels. The second view also adds reconstruction signal, so no compute is wasted.
+    """
+
+    def __init__(self, config: MedformerConfig):
+        super().__init__(config)
+        self.medformer = MedformerModel(config)
+        self.decoder = MedformerPixelDecoder(config)
+        self.projector = None
+        if "view_agreement" in config.ssl_tasks:
+            self.projector = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size),
+                nn.GELU(),
+                nn.Linear(config.hidden_size, config.projection_dim),
+            )
+        self.post_init()
+
+    def reconstruction_target(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-patch target and the mean/std used to normalise it (identity when `norm_pix_loss` is off)."""
+        patches = patchify(pixel_values, patch_size_for(self.config, pixel_values.ndim - 2))
+        if not self.config.norm_pix_loss:
+            return patches, torch.zeros_like(patches[..., :1]), torch.ones_like(patches[..., :1])
+        mean = patches.mean(dim=-1, keepdim=True)
+        std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        return (patches - mean) / std, mean, std
+
+    def reconstruct(self, logits: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Predicted patches back to an image shaped like `pixel_values` (pixel scale restored per patch)."""
+        _, mean, std = self.reconstruction_target(pixel_values)
+        patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
+        return unpatchify(logits * std + mean, tuple(pixel_values.shape), patch_size)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        modality_ids: torch.LongTensor | None = None,
+        body_part_ids: torch.LongTensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MedformerForPreTrainingOutput:
+        r"""
+        Args:
+            noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
+                Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
+        """
+        num_views = 2 if self.projector is not None else 1
+        batch_size = pixel_values.shape[0]
+        modality_ids, body_part_ids = check_inputs(self.config, pixel_values, modality_ids, body_part_ids)
+        outputs = self.medformer(
+            pixel_values.repeat_interleave(num_views, dim=0) if num_views > 1 else pixel_values,
+            modality_ids=modality_ids.repeat_interleave(num_views),
+            body_part_ids=body_part_ids.repeat_interleave(num_views),
+            mask_ratio=self.config.mask_ratio,
+            noise=noise,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        image_shape = (batch_size * num_views, *pixel_values.shape[1:])
+        predicted = self.decoder(outputs.last_hidden_state, outputs.context_embedding, image_shape)
+        target, _, _ = self.reconstruction_target(pixel_values)
+        target = target.repeat_interleave(num_views, dim=0) if num_views > 1 else target
+        per_patch = ((predicted - target) ** 2).mean(dim=-1)
+        reconstruction_loss = (per_patch * outputs.mask).sum() / outputs.mask.sum()
+        loss = self.config.ssl_loss_weights["masked_reconstruction"] * reconstruction_loss
+
+        agreement_loss = None
+        if self.projector is not None:
+            embeddings = F.normalize(self.projector(outputs.pooler_output), dim=-1).unflatten(0, (batch_size, 2))
+            similarity = embeddings[:, 0] @ embeddings[:, 1].T / self.config.agreement_temperature
+            targets = torch.arange(batch_size, device=similarity.device)
+            agreement_loss = (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+            loss = loss + self.config.ssl_loss_weights["view_agreement"] * agreement_loss
+
+        return MedformerForPreTrainingOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            agreement_loss=agreement_loss,
+            logits=predicted[::num_views],
+            mask=outputs.mask[::num_views],
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+MedformerModel.register_for_auto_class("AutoModel")
+MedformerForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+# Both classifiers map AutoModelForImageClassification to themselves when saved, so that auto class (and the
+# pipelines built on it) loads whichever classifier a folder holds: one task, or many (then pass `task=`).
+MedformerForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+MedformerForMultiTask.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "MedformerPreTrainedModel",
+    "MedformerModel",
+    "MedformerForMultiTask",
+    "MedformerForImageClassification",
+    "MedformerForPreTraining",
+    "MedformerModelOutput",
+    "MedformerMultiTaskOutput",
+    "MedformerForPreTrainingOutput",
+    "task_loss",
+    "task_probabilities",
+    "num_task_outputs",
+]

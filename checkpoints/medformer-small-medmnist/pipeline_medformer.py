@@ -1,0 +1,78 @@
+"""`pipeline("medical-image-classification")`: what transformers' image-classification pipeline cannot take.
+
+2D images and 3D volumes (arrays, tensors, PIL), NIfTI and DICOM paths (a DICOM folder is one volume), imaging
+modality and body part, and `task=` for multi-task checkpoints. Shipped with every checkpoint (Hub remote code):
+
+    classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
+    classifier("scan.nii.gz", modality="ct", body_part="abdomen", window="soft_tissue", task="organmnist3d")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Pipeline
+
+from .configuration_medformer import CUSTOM_PIPELINES
+from .image_processing_medformer import load_dicom, load_nifti
+from .modeling_medformer import task_probabilities
+
+TASK_NAME = next(iter(CUSTOM_PIPELINES))
+
+
+class MedicalImageClassificationPipeline(Pipeline):
+    """Named labels with scores for one medical image or volume (highest first)."""
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, task: str | None = None, top_k: int | None = None, **processor_kwargs: Any):
+        if hasattr(self.model, "task_heads"):
+            tasks = list(self.model.config.tasks)
+            task = tasks[0] if task is None and len(tasks) == 1 else task
+            if task is not None and task not in tasks:
+                raise ValueError(f"Unknown task {task!r}; this model's tasks are {tasks}.")
+        elif task is not None:
+            raise ValueError("task= is for multi-task models; this model has a single task.")
+        forward = {} if task is None else {"task": task}
+        postprocess = {**forward, **({} if top_k is None else {"top_k": top_k})}
+        return processor_kwargs, forward, postprocess
+
+    def preprocess(self, inputs: Any, **processor_kwargs: Any):
+        if isinstance(inputs, (str, os.PathLike)):
+            path = Path(inputs)
+            if path.name.endswith((".nii", ".nii.gz")):
+                names = {key: processor_kwargs.pop(key) for key in ("modality", "body_part") if key in processor_kwargs}
+                inputs = load_nifti(path, **names)
+            else:
+                inputs = load_dicom(path)
+        return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
+
+    def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None):
+        if task is None and hasattr(self.model, "task_heads"):
+            raise ValueError(f"Pass task=<one of {list(self.model.config.tasks)}> for this multi-task model.")
+        extra = {} if task is None else {"task": task}
+        return {"logits": self.model(**model_inputs, **extra).logits}
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor], task: str | None = None, top_k: int | None = None):
+        logits = model_outputs["logits"].float()
+        if task is None:  # single-task classifier: transformers' conventions
+            config = self.model.config
+            multi_label = config.problem_type == "multi_label_classification"
+            scores = (logits.sigmoid() if multi_label else logits.softmax(-1))[0]
+            id2label = config.id2label
+        else:
+            spec = self.model.config.tasks[task]
+            scores = task_probabilities(logits, spec["type"])[0]
+            id2label = spec["id2label"]
+        ranked = sorted(
+            ({"label": id2label[index], "score": float(score)} for index, score in enumerate(scores.tolist())),
+            key=lambda item: item["score"],
+            reverse=True,
+        )
+        return ranked[:top_k] if top_k else ranked
