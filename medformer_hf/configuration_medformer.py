@@ -119,8 +119,8 @@ class MedformerConfig(PretrainedConfig):
             `weight_init="fixed"`).
         weight_init (`str`, *optional*, defaults to `"fan_in"`):
             Init of linear and convolution weights. `"fan_in"`: truncated normal with std `1 / sqrt(fan_in)`, so
-            activations keep their scale at any width; `"fixed"`: std `initializer_range` (ViT's 0.02, tuned for width
-            768: at width 128 it leaves attention uniform and small models stuck at the class prior).
+            activations keep their scale at any width; `"fixed"`: std `initializer_range` (ViT's 0.02, made for width
+            768: at width 128 it left small models at the class prior, see BENCHMARKS.md).
         patch_size_2d (`int`, *optional*, defaults to 4):
             Patch edge for 2D images; height and width must be multiples of it.
         patch_size_3d (`int`, *optional*, defaults to 4):
