@@ -63,7 +63,9 @@ def table(out: Path) -> str:
 
 def ablation_table(out: Path) -> str:
     """One row per variant of run_recipe_ablation.sh (`<out>/<variant>/<set>/metrics.json`), test ACC/AUC per set."""
-    variants = sorted((path for path in out.iterdir() if path.is_dir()), key=lambda path: path.name != "default")
+    variants = sorted(
+        (path for path in out.iterdir() if path.is_dir()), key=lambda path: (path.name != "default", path.name)
+    )
     names = sorted({run.name for variant in variants for run in variant.iterdir()}, key=list(CATALOGUE).index)
     header = ["variant"] + [f"{name} {metric}" for name in names for metric in ("ACC", "AUC")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

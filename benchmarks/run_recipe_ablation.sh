@@ -2,8 +2,8 @@
 # The tokenizer and recipe ablation of BENCHMARKS.md, one command (resumable: finished runs are skipped).
 #   bash benchmarks/run_recipe_ablation.sh [data_dir] [output_dir]
 # Single-task runs from scratch (`small` model) on one 2D and one 3D set; each variant changes one thing of the
-# default recipe (conv stem, fan-in init, lr 1e-3 with 5% warm-up, label-safe augmentation, EMA 0.999). Each run keeps
-# its best-validation checkpoint and is then evaluated on the test split; the table is written to ablation.md.
+# default recipe (conv stem, fan-in init, lr 1e-3 with 5% warm-up, label-safe augmentation, EMA 0.999, 48 latents).
+# Each run keeps its best-validation checkpoint and is then evaluated on the test split; the table: ablation.md.
 set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/ablation}
@@ -16,8 +16,12 @@ declare -A VARIANTS=(
   [no_augmentation]="--no-augment"
   [no_ema]="--ema_decay 0"
   [lr_3e-4]="--learning_rate 3e-4"
+  [latents_16]="--num_latents 16"
+  [latents_32]="--num_latents 32"
+  [latents_64]="--num_latents 64"
 )
-for variant in ${VARIANT_LIST:-default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4}; do
+ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64"
+for variant in ${VARIANT_LIST:-$ALL}; do
   for entry in $SETS; do
     name=${entry%%:*} epochs=${entry##*:}
     run="$OUT/$variant/$name"

@@ -43,11 +43,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokenizer", choices=list(TOKENIZERS), default="conv", help="Input Adaptformer tokenizer (MedformerConfig)"
     )
     model.add_argument("--weight_init", choices=list(WEIGHT_INITS), default="fan_in", help="see MedformerConfig")
+    model.add_argument("--num_latents", type=int, help="latents of the Input Adaptformer (default: the size's)")
 
 
 def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`MedformerConfig` keyword arguments from `add_model_arguments`' flags."""
-    return {**MODEL_SIZES[args.model_size], "tokenizer": args.tokenizer, "weight_init": args.weight_init}
+    kwargs = {**MODEL_SIZES[args.model_size], "tokenizer": args.tokenizer, "weight_init": args.weight_init}
+    if args.num_latents is not None:
+        kwargs["num_latents"] = args.num_latents
+    return kwargs
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
