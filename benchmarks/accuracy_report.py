@@ -78,14 +78,18 @@ def ablation_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+TABLES = {"table": (table, "accuracy.md"), "ablation": (ablation_table, "ablation.md")}
+
+
 def main() -> None:
     command, *rest = sys.argv[1:]
     if command == "steps":
         for name, steps in single_task_steps(Path(rest[0]), float(rest[1]), float(rest[2])).items():
             print(name, steps)
-    elif command in ("table", "ablation"):
-        text = table(Path(rest[0])) if command == "table" else ablation_table(Path(rest[0]))
-        (Path(rest[0]) / f"{'accuracy' if command == 'table' else 'ablation'}.md").write_text(text + "\n")
+    elif command in TABLES:
+        make_table, filename = TABLES[command]
+        text = make_table(Path(rest[0]))
+        (Path(rest[0]) / filename).write_text(text + "\n")
         print(text)
     else:
         sys.exit(f"unknown command {command!r}: use 'steps <data_dir> <steps>', 'table <dir>' or 'ablation <dir>'")

@@ -88,11 +88,9 @@ def main() -> None:
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = create_ema(accelerator.unwrap_model(model), args.ema_decay)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = create_ema(accelerator, model, args.ema_decay)
     checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)

@@ -59,11 +59,9 @@ def main() -> None:
     model = MedformerForPreTraining(config)
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = create_ema(accelerator.unwrap_model(model), args.ema_decay)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    ema = create_ema(accelerator, model, args.ema_decay)
     # What is previewed and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
     checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)

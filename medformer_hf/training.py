@@ -195,11 +195,14 @@ def resolve_budget(accelerator: Accelerator, args: argparse.Namespace, loader: t
     accelerator.print(f"{args.max_steps} steps of {global_batch} images: epochs per set: {summary}")
 
 
-def create_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
-    """Exponential moving average of the weights (None when `decay` is 0).
+def create_ema(
+    accelerator: Accelerator, model: torch.nn.Module, decay: float
+) -> torch.optim.swa_utils.AveragedModel | None:
+    """Exponential moving average of the (unwrapped) weights, registered for checkpointing; None when `decay` is 0.
 
     The decay ramps up as `min(decay, (1 + n) / (10 + n))` after `n` updates (timm's warm-up), so early evaluations
-    are not dominated by the random initialisation.
+    are not dominated by the random initialisation. Register the `TrainState` first: resume restores registered
+    objects by position.
     """
     if decay == 0:
         return None
@@ -208,7 +211,9 @@ def create_ema(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Av
         rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
         return rate * averaged + (1 - rate) * current
 
-    return torch.optim.swa_utils.AveragedModel(model, avg_fn=average, use_buffers=True)
+    ema = torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
+    accelerator.register_for_checkpointing(ema)
+    return ema
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

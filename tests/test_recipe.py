@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask
 from medformer_hf.data import CATALOGUE, AugmentationPolicy, augment
@@ -65,7 +66,7 @@ def test_ema_tracks_the_weights_and_is_what_gets_saved(tmp_path):
     torch.manual_seed(0)
     config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={"x": {"type": "binary", "num_labels": 2}})
     model = MedformerForMultiTask(config)
-    ema = create_ema(model, 0.5)
+    ema = create_ema(Accelerator(cpu=True), model, 0.5)
     initial = [p.detach().clone() for p in ema.module.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
@@ -81,7 +82,7 @@ def test_ema_tracks_the_weights_and_is_what_gets_saved(tmp_path):
     ema.module.save_pretrained(tmp_path)
     loaded = MedformerForMultiTask.from_pretrained(tmp_path)
     torch.testing.assert_close(dict(loaded.named_parameters())[name], averaged[name])
-    assert create_ema(model, 0.0) is None
+    assert create_ema(Accelerator(cpu=True), model, 0.0) is None
 
 
 def test_default_recipe_learns_a_separable_task_on_real_data():
