@@ -21,7 +21,9 @@ from medformer_hf.visualization import save_confusion_matrix
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="folder written by finetune.py (or any multi-task checkpoint)")
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
     parser.add_argument("--datasets", nargs="+", help="default: every task of the model")
@@ -75,6 +77,7 @@ def main() -> None:
         if args.output_dir == Path(args.model):
             write_model_card(args.model, metrics=metrics, datasets=args.datasets, tasks=task_names, split=args.split)
         print(table)
+        print(f"metrics, table and confusion matrices in {args.output_dir.resolve()}")
 
 
 if __name__ == "__main__":

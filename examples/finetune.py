@@ -27,6 +27,7 @@ from medformer_hf.training import (
     create_ema,
     create_optimizer,
     evaluate_tasks,
+    log_line,
     model_config_kwargs,
     resolve_budget,
     train,
@@ -35,7 +36,9 @@ from medformer_hf.visualization import save_confusion_matrix
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_arguments(parser, default_output_dir="outputs/finetune")
     parser.add_argument("--init_from", help="Medformer checkpoint folder or Hub id (default: from scratch)")
     add_model_arguments(parser)
@@ -74,7 +77,7 @@ def main() -> None:
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
     model = build_model(args)
-    processor = MedformerImageProcessor.from_model_config(model.config)
+    processor = MedformerImageProcessor.from_model_config(model.config, training_size=args.size)
     task_names = list(model.config.tasks)
     loader = multitask_dataloader(
         train_set,
@@ -113,7 +116,10 @@ def main() -> None:
         mean_auc = float(np.mean([values["auc"] for values in metrics.values()]))
         logged = {f"validation/{name}/{key}": values[key] for name, values in metrics.items() for key in ("acc", "auc")}
         accelerator.log({**logged, "validation/mean_auc": mean_auc}, step=step)
-        if mean_auc <= state.best_metric:
+        per_set = ", ".join(f"{name} {values['auc']:.3f}" for name, values in metrics.items())
+        best = mean_auc > state.best_metric
+        log_line(accelerator, f"step {step} validation AUC: {per_set}; mean {mean_auc:.4f}{' (best: saved)' * best}")
+        if not best:
             return
         state.best_metric = mean_auc
         evaluated.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
@@ -161,7 +167,7 @@ def main() -> None:
             tasks=task_names,
             training=training,
         )
-        accelerator.print(f"best mean validation AUC {state.best_metric:.4f}; saved to {output_dir}")
+        accelerator.print(f"best mean validation AUC {state.best_metric:.4f}; model folder: {output_dir.resolve()}")
         if args.push_to_hub:
             url = push_or_exit(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
             accelerator.print(f"pushed: {url}")

@@ -32,7 +32,9 @@ from medformer_hf.visualization import save_reconstruction_grid
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     add_common_arguments(parser, default_output_dir="outputs/pretrain")
     add_model_arguments(parser)
     parser.add_argument("--mask_ratio", type=float, default=0.75)
@@ -50,7 +52,7 @@ def main() -> None:
             args.datasets, split="train", with_labels=False, size=args.size, data_dir=args.data_dir
         )
     config = MedformerConfig(**model_config_kwargs(args), mask_ratio=args.mask_ratio)
-    processor = MedformerImageProcessor.from_model_config(config)
+    processor = MedformerImageProcessor.from_model_config(config, training_size=args.size)
     collator = MedformerCollator(dataset, processor)
     loader = multitask_dataloader(
         dataset, collator, args.batch_size, args.sampling_alpha, args.seed, num_workers=args.num_workers
@@ -97,7 +99,9 @@ def main() -> None:
             f"{accelerator.num_processes} images, learning rate {args.learning_rate}, seed {args.seed}."
         )
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)
-        accelerator.print(f"saved to {args.output_dir}")
+        accelerator.print(
+            f"model folder: {Path(args.output_dir).resolve()} (reconstructions/*.png, runs/ for TensorBoard)"
+        )
         if args.push_to_hub:
             url = push_or_exit(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
             accelerator.print(f"pushed: {url}")

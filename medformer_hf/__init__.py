@@ -15,7 +15,8 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_medformer import MedformerConfig
+from . import metrics  # noqa: F401  (`medformer_hf.metrics.MEDMNIST_METRIC_PATH` after `import medformer_hf`)
+from .configuration_medformer import UNSPECIFIED_ID, MedformerConfig
 from .image_processing_medformer import CT_WINDOWS, MedformerImageProcessor, MedicalImage, load_dicom, load_nifti
 from .modeling_medformer import (
     MedformerForImageClassification,
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CT_WINDOWS",
+    "UNSPECIFIED_ID",
     "MedformerConfig",
     "MedformerImageProcessor",
     "MedicalImage",

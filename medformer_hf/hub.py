@@ -76,6 +76,9 @@ def write_model_card(
         f"Test-split metrics with the MedMNIST evaluator's definitions ({split} split):\n\n{metrics_table(metrics)}"
         if metrics
         else "Not evaluated yet: run `examples/evaluate.py --model <this folder>` to fill this section."
+        if tasks
+        else "A pre-trained backbone without task heads: fine-tune it first "
+        "(`examples/finetune.py --init_from <this folder>`), then evaluate the fine-tuned folder."
     )
     card = ModelCard.from_template(
         card_data,

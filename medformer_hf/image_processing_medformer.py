@@ -7,6 +7,8 @@ sibling `configuration_medformer.py`. nibabel and pydicom (the `[medical]` extra
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 
-from .configuration_medformer import DEFAULT_BODY_PART_NAMES, DEFAULT_MODALITY_NAMES
+from .configuration_medformer import DEFAULT_BODY_PART_NAMES, DEFAULT_MODALITY_NAMES, UNSPECIFIED_ID
 
 # Hounsfield-unit windows (level, width) used in radiology reading.
 CT_WINDOWS = {
@@ -33,6 +35,8 @@ CT_WINDOWS = {
 # Integer dtypes whose full range is the natural intensity scale; others (int16 CT in HU) need a window or range.
 DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("uint16"): (0, 65535), np.dtype("bool"): (0, 1)}
 SUPPORTED_CHANNELS = (1, 3)
+# Float images without a window or range are taken as already in [0, 1]; this much rounding slack is tolerated.
+UNIT_RANGE_SLACK = 1e-3
 
 
 class MedformerImageProcessorKwargs(ImagesKwargs, total=False):
@@ -71,17 +75,21 @@ class MedformerImageProcessor(BaseImageProcessor):
             `"modality"`: `(x - mean) / std` with the modality's entry of `modality_statistics` (or `"default"`);
             `"image"`: z-score of each image and channel (MRI, whose units are arbitrary); `"none"`.
         modality_statistics (`dict[str, [mean, std]]`, *optional*):
-            Mean and std of [0, 1]-scaled images per modality name; `"default"` serves the others.
+            Mean and std of [0, 1]-scaled images per modality name; `"default"` serves the others (and images
+            whose modality was not given).
         do_convert_rgb (`bool`, *optional*, defaults to `False`):
             Repeat 1-channel images to 3 channels (only when asked).
         size_2d, size_3d (`list[int]`, *optional*):
-            Resize 2D images to `[H, W]` / volumes to `[D, H, W]`.
+            Resize 2D images to `[H, W]` / volumes to `[D, H, W]`. The processor the training scripts save records
+            the training size here, so images of any size are brought to what the checkpoint knows.
         spatial_dims (`int`, *optional*):
             2 or 3, when the array layout alone cannot tell (see `to_channels_first`).
         input_data_format (`str`, *optional*):
             `"channels_first"` or `"channels_last"`, when the channel axis cannot be told from its size.
         modality, body_part (`str` or `list[str]`, *optional*):
-            Names per batch or per image; default "unknown".
+            Names per batch or per image. Not given: the ids are `UNSPECIFIED_ID` (-1), which the model replaces by
+            the task's registered modality / body part (or "unknown" where there is no task). Pass "unknown" to
+            say that it is not known.
         group_by_shape (`bool`, *optional*, defaults to `False`):
             Return one `BatchFeature` per input shape (with `indices` into the inputs) instead of raising on a batch
             whose images differ in shape.
@@ -128,14 +136,28 @@ class MedformerImageProcessor(BaseImageProcessor):
         self._check_settings(vars(self))
 
     @classmethod
-    def from_model_config(cls, config: Any, **kwargs) -> MedformerImageProcessor:
-        """A processor whose vocabularies are the model config's, so names map to the ids the model was trained on."""
+    def from_model_config(cls, config: Any, training_size: int | None = None, **kwargs) -> MedformerImageProcessor:
+        """A processor whose vocabularies are the model config's, so names map to the ids the model was trained on.
+
+        `training_size` (the side of the training images) sets `size_2d` / `size_3d`, so that the processor saved
+        with the checkpoint brings images of any size to it.
+        """
+        if training_size is not None:
+            kwargs = {"size_2d": [training_size] * 2, "size_3d": [training_size] * 3, **kwargs}
         return cls(modality_names=config.modality_names, body_part_names=config.body_part_names, **kwargs)
 
     # ------------------------------------------------------------------------------------------ settings
 
     def _check_settings(self, settings: dict[str, Any]) -> None:
         window = settings["window"]
+        numeric_options = {
+            "window": [] if window is None or isinstance(window, str) else window,
+            "rescale_range": settings["rescale_range"] or [],
+            **{f"modality_statistics[{name!r}]": values for name, values in settings["modality_statistics"].items()},
+        }
+        for name, values in numeric_options.items():
+            if not all(isinstance(value, numbers.Real) and math.isfinite(value) for value in values):
+                raise ValueError(f"{name} must hold finite numbers, got {values!r}.")
         if isinstance(window, str) and window not in CT_WINDOWS:
             raise ValueError(f"Unknown CT window {window!r}; presets are {sorted(CT_WINDOWS)}, or pass [level, width].")
         if window is not None and not isinstance(window, str) and (len(window) != 2 or window[1] <= 0):
@@ -176,7 +198,7 @@ class MedformerImageProcessor(BaseImageProcessor):
         for key in ("modality", "body_part"):  # files that know what they are fill in what the call leaves out
             files = images if isinstance(images, (list, tuple)) else [images]
             if settings[key] is None and any(_is_medical_image(image) for image in files):
-                settings[key] = [getattr(image, key, "unknown") for image in files]
+                settings[key] = [_known(getattr(image, key, None)) for image in files]
         groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
         count = sum(len(group) for group in groups)
         modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
@@ -233,20 +255,28 @@ class MedformerImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _ids(names: str | list[str] | None, count: int, vocabulary: list[str], field_name: str) -> torch.Tensor:
-        names = [names or "unknown"] * count if names is None or isinstance(names, str) else list(names)
+        """Names -> ids; a name that was not given (None) -> UNSPECIFIED_ID, for the model to fill from the task."""
+        names = [names] * count if names is None or isinstance(names, str) else list(names)
         if len(names) != count:
             raise ValueError(f"{field_name} has {len(names)} names for {count} images; pass one name or one per image.")
-        unknown = sorted({name for name in names if name not in vocabulary})
+        unknown = sorted({name for name in names if name is not None and name not in vocabulary})
         if unknown:
             raise ValueError(
                 f"Unknown {field_name} {unknown}. Known names: {vocabulary}. To add one, build the model config with "
                 f"`{field_name}_names=[..., 'new']` and the processor with `from_model_config(config)`."
             )
-        return torch.tensor([vocabulary.index(name) for name in names], dtype=torch.long)
+        ids = [UNSPECIFIED_ID if name is None else vocabulary.index(name) for name in names]
+        return torch.tensor(ids, dtype=torch.long)
 
     def _process_group(self, group: RawGroup, settings: dict[str, Any]) -> torch.Tensor:
         """Intensity, channels and size for images that share dtype and shape: `(N, C, *spatial)` float32."""
-        pixels = to_unit_range(group.array, group.source_dtype, settings["window"], settings["rescale_range"])
+        pixels = to_unit_range(
+            group.array,
+            group.source_dtype,
+            settings["window"],
+            settings["rescale_range"],
+            floats_in_unit_range=settings["normalization"] != "image",
+        )
         if pixels.shape[1] not in SUPPORTED_CHANNELS:
             raise ValueError(
                 f"{pixels.shape[1]}-channel image: Medformer takes 1 or 3 channels. Drop alpha (PIL: .convert('RGB')) "
@@ -271,10 +301,10 @@ class MedformerImageProcessor(BaseImageProcessor):
             std = pixels.std(dim=reduce_dims, keepdim=True).clamp_min(1e-6)
             return (pixels - mean) / std
         statistics = settings["modality_statistics"]
-        table = torch.tensor(
-            [statistics.get(name, statistics["default"]) for name in settings["modality_names"]], dtype=pixels.dtype
-        )
-        mean_std = table[modality_ids].reshape(-1, 2, *([1] * (pixels.ndim - 1)))
+        names = settings["modality_names"]
+        table = torch.tensor([statistics.get(name, statistics["default"]) for name in names] + [statistics["default"]])
+        rows = torch.where(modality_ids == UNSPECIFIED_ID, len(names), modality_ids)  # not given: "default"
+        mean_std = table.to(pixels.dtype)[rows].reshape(-1, 2, *([1] * (pixels.ndim - 1)))
         return (pixels - mean_std[:, 0]) / mean_std[:, 1]
 
 
@@ -394,10 +424,24 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
     return groups
 
 
+def _known(name: str | None) -> str | None:
+    """A file's "unknown" tag says nothing: treat it as not given, so the model falls back to the task's."""
+    return None if name in (None, "unknown") else name
+
+
 def to_unit_range(
-    pixels: torch.Tensor, source_dtype: np.dtype, window: str | list[float] | None, rescale_range: list[float] | None
+    pixels: torch.Tensor,
+    source_dtype: np.dtype,
+    window: str | list[float] | None,
+    rescale_range: list[float] | None,
+    floats_in_unit_range: bool = True,
 ) -> torch.Tensor:
-    """Intensities to [0, 1]: CT window, else an explicit range, else the dtype's range; NaN/inf raise."""
+    """Intensities to [0, 1]: CT window, else an explicit range, else the dtype's range; NaN/inf raise.
+
+    Float images without a window or range are taken as already scaled, so they must lie in [0, 1] (unless
+    `floats_in_unit_range` is False: per-image normalisation follows, as for MRI): physical units such as
+    Hounsfield units from `load_dicom` raise instead of reaching the model unscaled.
+    """
     pixels = pixels.to(torch.float32)
     if source_dtype.kind == "f" and not torch.isfinite(pixels).all():
         raise ValueError("Image contains NaN or inf values; clean it (e.g. np.nan_to_num) before processing.")
@@ -407,6 +451,14 @@ def to_unit_range(
     elif rescale_range is not None:
         low, high = rescale_range
     elif source_dtype.kind == "f":
+        low, high = float(pixels.min()), float(pixels.max())
+        if floats_in_unit_range and (low < -UNIT_RANGE_SLACK or high > 1 + UNIT_RANGE_SLACK):
+            raise ValueError(
+                f"Float image values span [{low:.4g}, {high:.4g}], but float images without a window are taken as "
+                f"already scaled to [0, 1]. CT in Hounsfield units (load_dicom gives those): pass window= (a preset "
+                f"of {sorted(CT_WINDOWS)} or [level, width]); other physical ranges: rescale_range=[low, high]; "
+                "MRI and other arbitrary units: normalization='image'."
+            )
         return pixels
     elif source_dtype in DTYPE_RANGES:
         return pixels / DTYPE_RANGES[source_dtype][1]
@@ -555,6 +607,8 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         datasets.sort(key=_slice_position)
         array = np.stack([_dicom_slice(dataset) for dataset in datasets])
         first, spatial_dims = datasets[0], 3
+        if len(datasets) == 1:  # a one-file "series" is a 2D image, not a volume of depth 1
+            array, spatial_dims = array[0], 2
     else:
         first = pydicom.dcmread(str(path))
         if "PixelData" not in first:

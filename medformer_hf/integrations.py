@@ -24,10 +24,31 @@ from .image_processing_medformer import MedformerImageProcessor
 from .metrics import load_medmnist_metric
 from .modeling_medformer import task_probabilities
 
-# LoRA on every attention projection and MLP layer of the Input Adaptformer, Main Body and Output Adaptformer:
-#   LoraConfig(target_modules=LORA_TARGET_MODULES, modules_to_save=["classifier"])   # MedformerForImageClassification
-#   LoraConfig(target_modules=LORA_TARGET_MODULES, modules_to_save=["task_heads"])   # MedformerForMultiTask
+# LoRA on every attention projection and MLP layer of the Input Adaptformer, Main Body and Output Adaptformer.
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+def lora_heads(model: torch.nn.Module) -> list[str]:
+    """The modules LoRA must train in full beside the adapters: the classifier, or every task head.
+
+    PEFT wraps each `modules_to_save` entry in a copy; the `task_heads` container itself cannot be wrapped (it is a
+    `ModuleDict`), and "classifier" matches nothing in a multi-task model, which would silently train no head.
+    """
+    if hasattr(model, "task_heads"):
+        return [f"task_heads.{name}" for name in model.task_heads]
+    if hasattr(model, "classifier"):
+        return ["classifier"]
+    raise ValueError(f"{type(model).__name__} has no head; LoRA fine-tuning needs a classifier or a multi-task model.")
+
+
+def lora_config(model: torch.nn.Module, r: int = 8, lora_alpha: int = 16, **kwargs: Any):
+    """A `peft.LoraConfig` for a Medformer classifier or multi-task model: adapters on every attention projection
+    and MLP layer, the head(s) trained in full (`lora_heads`). `kwargs` go to `LoraConfig` (e.g. `lora_dropout`)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=LORA_TARGET_MODULES, modules_to_save=lora_heads(model), **kwargs
+    )
 
 
 class MedformerDataCollator:
@@ -54,8 +75,8 @@ class MedformerDataCollator:
         features = self.processor(
             pixels,
             spatial_dims=pixels.ndim - 2,
-            modality=[row.get("modality", self.modality) or "unknown" for row in rows],
-            body_part=[row.get("body_part", self.body_part) or "unknown" for row in rows],
+            modality=[row.get("modality") or self.modality for row in rows],  # None: the model uses the task's
+            body_part=[row.get("body_part") or self.body_part for row in rows],
         )
         batch = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
         key = "label" if "label" in rows[0] else "labels"
@@ -85,13 +106,36 @@ def medmnist_compute_metrics(task_type: str) -> Callable[[Any], dict[str, float]
     return compute_metrics
 
 
-def export_onnx(model: torch.nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...]) -> Path:
-    """Export a single-task classifier (`MedformerForImageClassification`) to ONNX for one fixed input shape.
+class _TaskLogits(torch.nn.Module):
+    """One task of a multi-task model as a module with a classifier's signature (for export)."""
+
+    def __init__(self, model: torch.nn.Module, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, pixel_values: torch.Tensor, modality_ids: torch.Tensor, body_part_ids: torch.Tensor):
+        return self.model(pixel_values, task=self.task, modality_ids=modality_ids, body_part_ids=body_part_ids)
+
+
+def export_onnx(
+    model: torch.nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], task: str | None = None
+) -> Path:
+    """Export a classifier, or one `task` of a `MedformerForMultiTask` (its raw logits), to ONNX for one fixed input
+    shape.
 
     Inputs: `pixel_values` of `input_shape` ((B, C, H, W) or (B, C, D, H, W)), `modality_ids` and `body_part_ids`
-    of shape (B,); output: `logits`. Uses torch's dynamo exporter (needs the `[onnx]` extra).
+    of shape (B,) (-1: not given, the task's registered metadata); output: `logits`. Uses torch's dynamo exporter
+    (needs the `[onnx]` extra).
     """
     model = model.eval()
+    if hasattr(model, "task_heads"):
+        tasks = list(model.config.tasks)
+        task = tasks[0] if task is None and len(tasks) == 1 else task
+        if task not in tasks:
+            raise ValueError(f"Pass the task to export; this multi-task model has {tasks}.")
+        model = _TaskLogits(model, task).eval()
+    elif task is not None:
+        raise ValueError("task= is for multi-task models; this model has a single head.")
     batch = input_shape[0]
     ids = {name: torch.zeros(batch, dtype=torch.long) for name in ("modality_ids", "body_part_ids")}
     program = torch.onnx.export(

@@ -10,9 +10,11 @@ This file is shipped with every checkpoint (Hub remote code): it imports only to
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +28,11 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
-from .configuration_medformer import MedformerConfig, num_task_outputs
+from .configuration_medformer import UNSPECIFIED_ID, MedformerConfig, num_task_outputs
+
+logger = hf_logging.get_logger(__name__)
 
 if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"Medformer needs transformers>=5, found {transformers.__version__}: pip install -U transformers")
@@ -190,17 +195,27 @@ def random_masking(
     return keep_indices, mask
 
 
+def fill_unspecified(ids: torch.Tensor | None, defaults: torch.Tensor) -> torch.Tensor:
+    """Metadata ids with what the caller did not give (None, or `UNSPECIFIED_ID` per sample) taken from `defaults`."""
+    if ids is None:
+        return defaults
+    if not isinstance(ids, torch.Tensor) or ids.shape != defaults.shape:
+        return ids  # left for `check_inputs` to refuse with a clear message
+    return torch.where(ids == UNSPECIFIED_ID, defaults.to(ids.device), ids)
+
+
 def _check_ids(ids: torch.Tensor | None, name: str, vocabulary: list[str], batch_size: int, device) -> torch.Tensor:
+    """Validated ids; not given (None or `UNSPECIFIED_ID`) is "unknown" (0) here, where no task says otherwise."""
     if ids is None:
         return torch.zeros(batch_size, dtype=torch.long, device=device)
-    if ids.shape != (batch_size,) or ids.is_floating_point():
-        raise ValueError(
-            f"{name} must be an integer tensor of shape ({batch_size},), got {ids.dtype} {list(ids.shape)}."
-        )
+    if not isinstance(ids, torch.Tensor) or ids.shape != (batch_size,) or ids.is_floating_point():
+        got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape ({batch_size},), got {got}.")
+    ids = fill_unspecified(ids.long(), torch.zeros_like(ids, dtype=torch.long))
     if not torch.compiler.is_compiling() and ((ids < 0) | (ids >= len(vocabulary))).any():
         raise ValueError(
-            f"{name} has ids outside 0..{len(vocabulary) - 1} (vocabulary {vocabulary}); "
-            "map names to ids with the image processor or the config's vocabulary."
+            f"{name} has ids outside 0..{len(vocabulary) - 1} (vocabulary {vocabulary}; {UNSPECIFIED_ID} = not "
+            "given); map names to ids with the image processor or the config's vocabulary."
         )
     return ids
 
@@ -237,7 +252,8 @@ def check_inputs(
     if any(size < patch_size or size % patch_size for size in spatial):
         raise ValueError(
             f"Spatial size {spatial} is not a multiple of the {dims}D patch size {patch_size}; resize or pad each "
-            f"axis to a multiple of {patch_size} (e.g. the image processor's `size=`)."
+            f"axis to a multiple of {patch_size} (the image processor resizes with size_{dims}d=[...]; the one saved "
+            "with a trained checkpoint records its training size)."
         )
     if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
         raise ValueError("pixel_values contains NaN or inf; clean the image (e.g. np.nan_to_num) before the model.")
@@ -524,6 +540,33 @@ class MedformerPixelDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------- models
 
 
+@contextmanager
+def _quiet_transformers():
+    """Without transformers' per-key load report and its progress bars, which for checkpoints of a few MB are
+    noise: loading a backbone out of a bigger checkpoint is the expected path (`from_pretrained` says it in a line)."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    bars = hf_logging.is_progress_bar_enabled()
+    report_logger.addFilter(_drop_load_report)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in record.getMessage()
+
+
+def _module_names(keys: set[str]) -> list[str]:
+    """Parameter names -> the modules they belong to, e.g. `task_heads.breastmnist`, `decoder`."""
+    return sorted(
+        {".".join(key.split(".")[: 2 if key.startswith(("task_heads.", "medformer.")) else 1]) for key in keys}
+    )
+
+
 class MedformerPreTrainedModel(PreTrainedModel):
     config_class = MedformerConfig
     base_model_prefix = "medformer"
@@ -533,11 +576,42 @@ class MedformerPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MedformerLayer"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """As transformers' `from_pretrained`, with one line instead of its per-key report: which modules were
+        initialised anew (train them before use) and which checkpoint modules this class does not use.
+
+        A single-task classifier refuses a multi-task folder (its head would be random): use
+        `MedformerForImageClassification.from_multi_task(path, task=...)`.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        with _quiet_transformers():
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        saved_as = model.config.architectures or []
+        if cls.__name__ == "MedformerForImageClassification" and "MedformerForMultiTask" in saved_as:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a multi-task model (tasks {list(model.config.tasks)}); as a "
+                "single-task classifier its head would be random. Load it with MedformerForMultiTask (pass task=), "
+                "or take one task as a classifier: MedformerForImageClassification.from_multi_task(path, task=...)."
+            )
+        new, unused = _module_names(set(info["missing_keys"])), _module_names(set(info["unexpected_keys"]))
+        if new:
+            logger.warning(
+                f"{cls.__name__} from {pretrained_model_name_or_path}: initialised anew (train before use): "
+                f"{', '.join(new)}" + (f"; not used from the checkpoint: {', '.join(unused)}" if unused else "")
+            )
+        elif unused:
+            logger.info(f"{cls.__name__} from {pretrained_model_name_or_path}: not used: {', '.join(unused)}")
+        return (model, info) if output_loading_info else model
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Save as transformers does (config, weights, modeling code), plus the image-processing and pipeline code,
         so `pipeline("medical-image-classification", model=<folder>, trust_remote_code=True)` finds its class.
         Save the image processor into the same folder too, as for every vision model."""
-        super().save_pretrained(save_directory, *args, **kwargs)
+        with _quiet_transformers():
+            super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             for name in ("image_processing_medformer.py", "pipeline_medformer.py"):
                 source = Path(__file__).with_name(name)
@@ -553,6 +627,19 @@ class MedformerPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.latents, std=self.config.initializer_range)
         elif isinstance(module, MedformerTaskHead):
             init.trunc_normal_(module.queries, std=self.config.initializer_range)
+
+    def _task_metadata(
+        self, task_ids: torch.Tensor, modality_ids: torch.Tensor | None, body_part_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Metadata the caller did not give, taken per sample from its task's registered modality and body part."""
+        filled = []
+        for field, ids, vocabulary in (
+            ("modality", modality_ids, self.config.modality_names),
+            ("body_part", body_part_ids, self.config.body_part_names),
+        ):
+            table = [vocabulary.index(spec[field]) for spec in self.config.tasks.values()]
+            filled.append(fill_unspecified(ids, torch.tensor(table, device=task_ids.device)[task_ids]))
+        return filled[0], filled[1]
 
     def _read_task(self, head: MedformerTaskHead, output_adaptformer, latents, context) -> torch.Tensor:
         """Logits of one task: its queries (plus the input's context) read the latents, pooled, then classified."""
@@ -584,7 +671,8 @@ class MedformerModel(MedformerPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)` or `(B, C, D, H, W)`):
                 Normalised images (see `MedformerImageProcessor`); each spatial size a multiple of the patch size.
             modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
-                Indices into `config.modality_names` / `config.body_part_names`; default 0 ("unknown").
+                Indices into `config.modality_names` / `config.body_part_names`; not given (None, or -1 per sample):
+                0 ("unknown"). The task models fill them from the task's registered metadata instead.
             mask_ratio (`float`, *optional*):
                 Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training).
             noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
@@ -674,7 +762,12 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         names = list(self.config.tasks)
         if task is None:
             if len(names) != 1:
-                raise ValueError(f"This model has tasks {names}; pass task=<name> or per-sample task ids.")
+                raise ValueError(
+                    f"This model has tasks {names}; pass task=<name> or per-sample task ids. Pipelines: "
+                    "pipeline('medical-image-classification', ...)(image, task=<name>), or for "
+                    "pipeline('image-classification') a one-task classifier from "
+                    "MedformerForImageClassification.from_multi_task(model, task) (examples/extract_task.py)."
+                )
             task = names[0]
         if isinstance(task, str):
             if task not in self.config.tasks:
@@ -686,11 +779,6 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         if ((task < 0) | (task >= len(names))).any():
             raise ValueError(f"Task ids must be in 0..{len(names) - 1} (the order of config.tasks: {names}).")
         return task
-
-    def _default_ids(self, task_ids: torch.Tensor, field: str, vocabulary: list[str]) -> torch.Tensor:
-        """Each sample's modality or body part as registered for its task."""
-        table = [vocabulary.index(spec[field]) for spec in self.config.tasks.values()]
-        return torch.tensor(table, device=task_ids.device)[task_ids]
 
     def forward(
         self,
@@ -711,14 +799,12 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
                 `(B,)` class indices for multiclass, binary and ordinal tasks; `(B, num_labels)` for multilabel and
                 regression. A mixed batch passes `(B, W)`: each task reads its first columns (class indices column 0).
             modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
-                Default to each sample's task's registered modality and body part.
+                Default to each sample's task's registered modality and body part, also per sample where an id is
+                `UNSPECIFIED_ID` (-1; what the image processor gives for metadata that was not passed).
         """
         names = list(self.config.tasks)
         task_ids = self._task_ids(task, pixel_values.shape[0], pixel_values.device)
-        if modality_ids is None:
-            modality_ids = self._default_ids(task_ids, "modality", self.config.modality_names)
-        if body_part_ids is None:
-            body_part_ids = self._default_ids(task_ids, "body_part", self.config.body_part_names)
+        modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
         outputs = self.medformer(
             pixel_values,
             modality_ids=modality_ids,
@@ -778,6 +864,55 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         self.classifier = MedformerTaskHead(config, config.num_labels)
         self.post_init()
 
+    @classmethod
+    def from_multi_task(
+        cls, multi_task: MedformerForMultiTask | str | os.PathLike, task: str, **kwargs
+    ) -> MedformerForImageClassification:
+        """One task of a multi-task model (or folder; `kwargs` go to its `from_pretrained`) as a single-task
+        classifier with the same predictions, for `pipeline("image-classification")`, ONNX export and any tool built
+        for one head. The task's metadata defaults come along in `config.tasks`.
+
+        Multiclass, multilabel and regression logits are kept; a binary task's one logit z becomes the two logits
+        [0, z], whose softmax is [1 - sigmoid(z), sigmoid(z)]. Ordinal tasks (cumulative logits) have no such form:
+        use the multi-task model with `task=`.
+        """
+        if not isinstance(multi_task, MedformerForMultiTask):
+            multi_task = MedformerForMultiTask.from_pretrained(multi_task, **kwargs)
+        tasks = multi_task.config.tasks
+        if task not in tasks:
+            raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
+        spec = tasks[task]
+        problem_types = {
+            "multiclass": "single_label_classification",
+            "binary": "single_label_classification",
+            "multilabel": "multi_label_classification",
+            "regression": "regression",
+        }
+        if spec["type"] not in problem_types:
+            raise ValueError(
+                f"Task {task!r} is {spec['type']}: its cumulative logits are not a single-task classifier's. Use the "
+                "multi-task model with task=, or pipeline('medical-image-classification') (which reads them right)."
+            )
+        config = MedformerConfig.from_dict(multi_task.config.to_dict())
+        config.tasks = {task: spec}
+        config.id2label = {int(index): name for index, name in spec["id2label"].items()}
+        config.label2id = {name: index for index, name in config.id2label.items()}
+        config.problem_type = problem_types[spec["type"]]
+        config.architectures = [cls.__name__]
+        head_prefix = f"task_heads.{task}."
+        state = {}
+        for key, value in multi_task.state_dict().items():
+            if key.startswith(head_prefix):
+                state["classifier." + key.removeprefix(head_prefix)] = value
+            elif not key.startswith("task_heads."):
+                state[key] = value
+        if spec["type"] == "binary":  # [0, z]: softmax gives the same class-1 probability as sigmoid(z)
+            for name in ("classifier.projection.weight", "classifier.projection.bias"):
+                state[name] = torch.cat([torch.zeros_like(state[name]), state[name]])
+        model = cls(config).to(dtype=next(multi_task.parameters()).dtype)
+        model.load_state_dict(state, strict=True)
+        return model.eval() if not multi_task.training else model
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -787,6 +922,15 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
     ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+                Not given (None, or -1 per sample): the task's registered metadata when the config records its one
+                task in `config.tasks` (as `from_multi_task` does), else "unknown".
+        """
+        if len(self.config.tasks) == 1:
+            task_ids = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
+            modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
         outputs = self.medformer(
             pixel_values,
             modality_ids=modality_ids,

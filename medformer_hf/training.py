@@ -64,6 +64,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default=default_output_dir)
+    train.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="write into a non-empty --output_dir (otherwise refused, unless resuming)",
+    )
     train.add_argument("--max_steps", type=int, default=300, help="optimizer steps (unless --num_train_epochs)")
     train.add_argument(
         "--num_train_epochs",
@@ -124,6 +129,12 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     resume = args.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         parser.error(f"--resume_from_checkpoint {resume} is not a folder (or pass 'latest').")
+    output_dir = Path(args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and resume is None and not args.overwrite_output_dir:
+        parser.error(
+            f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
+            "--overwrite_output_dir to write over it, or another --output_dir."
+        )
     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
@@ -134,6 +145,12 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1) (0 turns EMA off), got {args.ema_decay}.")
     return args.datasets
+
+
+def log_line(accelerator: Accelerator, text: str) -> None:
+    """One line on the main process's console, printed above the progress bar instead of through it."""
+    if accelerator.is_main_process:
+        tqdm.write(text)
 
 
 def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator:
@@ -365,7 +382,7 @@ def predict(
     scores, labels = [], []
     was_training = model.training
     model.eval()
-    for batch in loader:
+    for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=not accelerator.is_main_process):
         logits = model(
             batch["pixel_values"],
             task=task,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .modeling_medformer import MedformerForPreTraining, patch_size_for, patchify, unpatchify
 
@@ -64,18 +64,20 @@ def save_confusion_matrix(
     counts = np.zeros((classes, classes), dtype=int)
     np.add.at(counts, (labels.astype(int), predictions.astype(int)), 1)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    cell, margin = 40, 110
-    image = Image.new("RGB", (margin + classes * cell + 10, margin + classes * cell + 10), "white")
+    names_width = max(ImageFont.load_default().getlength(name) for name in class_names)
+    cell, margin = 40, max(110, 55 + int(names_width) + 10)  # class names in full, left of the rows
+    image = Image.new("RGB", (margin + classes * cell + 10, 110 + classes * cell + 10), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black")
-    draw.text((margin, margin - 30), "predicted", fill="black")
-    draw.text((10, margin - 15), "true", fill="black")
+    top = 110
+    draw.text((margin, top - 30), "predicted", fill="black")
+    draw.text((10, top - 15), "true", fill="black")
     for row in range(classes):
-        draw.text((45, margin + row * cell + 14), class_names[row][:9], fill="black")
-        draw.text((margin + row * cell + 4, margin - 15), str(row), fill="black")
+        draw.text((10, top + row * cell + 14), f"{row} {class_names[row]}", fill="black")
+        draw.text((margin + row * cell + 4, top - 15), str(row), fill="black")
         for column in range(classes):
             shade = int(255 * (1 - share[row, column]))
-            box = (margin + column * cell, margin + row * cell, margin + (column + 1) * cell, margin + (row + 1) * cell)
+            box = (margin + column * cell, top + row * cell, margin + (column + 1) * cell, top + (row + 1) * cell)
             draw.rectangle(box, fill=(shade, shade, 255), outline="gray")
             draw.text((box[0] + 6, box[1] + 14), str(counts[row, column]), fill="black" if shade > 120 else "white")
     path = Path(path)

@@ -98,7 +98,7 @@ def test_pretrain_writes_a_hub_ready_folder_and_pictures(pretrained):
 
 def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     finetuned = workdir / "finetune"
-    checked(
+    finetuning = checked(
         run_script(
             workdir,
             "finetune.py",
@@ -117,6 +117,9 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     )
     validation = json.loads((finetuned / "validation_metrics.json").read_text())
     assert set(validation["metrics"]) == set(DATASETS)
+    # Each validation is one console line; the end says where the model went.
+    assert finetuning.stdout.count("validation AUC: breastmnist") == 2
+    assert f"model folder: {finetuned.resolve()}" in finetuning.stdout
     assert (finetuned / "confusion_matrices" / "breastmnist_validation.png").is_file()
     # The backbone started from the pre-trained weights (it moved, but from there).
     before, after = load_file(pretrained / "model.safetensors"), load_file(finetuned / "model.safetensors")
@@ -208,6 +211,7 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ("pretrain.py", ["--datasets", "dermamnist"], "dermamnist.npz is not in"),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
     ],
 )
 def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
@@ -219,6 +223,12 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, argument
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
     assert time.time() - started < 60
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py"])
+def test_help_lists_the_defaults(tmp_path, script):
+    result = checked(run_script(tmp_path, script, "--help"))
+    assert "(default:" in result.stdout
 
 
 def test_push_plan_and_clear_hub_errors(pretrained, tmp_path, monkeypatch):

@@ -11,7 +11,9 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# Index 0 of every vocabulary is "unknown": metadata that was not given maps there.
+# Index 0 of every vocabulary is "unknown". A sample whose modality or body part was not given at all carries
+# UNSPECIFIED_ID instead: the model then uses its task's registered one (or "unknown" where there is no task).
+UNSPECIFIED_ID = -1
 DEFAULT_MODALITY_NAMES = [
     "unknown",
     "xray",

@@ -1,0 +1,268 @@
+"""What a new user meets on the documented paths gives the right answer, or a clear error naming an option that
+exists: raw CT units, metadata defaults, one task of a multi-task model, LoRA heads, other image sizes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medformer_hf import (
+    MedformerForImageClassification,
+    MedformerForMultiTask,
+    MedformerForPreTraining,
+    MedformerImageProcessor,
+    load_dicom,
+    task_probabilities,
+)
+from medformer_hf.integrations import export_onnx, lora_config
+
+from .conftest import DATA_DIR, REPO_ROOT, make_tiny_config
+from .test_remote_code import run_code_without_the_package
+
+pydicom_data = pytest.importorskip("pydicom.data")
+CT_FILE = pydicom_data.get_testdata_file("CT_small.dcm")
+
+
+@pytest.fixture(scope="module")
+def multi_task():
+    torch.manual_seed(0)
+    return MedformerForMultiTask(make_tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def organ_volume() -> np.ndarray:
+    return np.load(DATA_DIR / "organmnist3d.npz")["test_images"][0]
+
+
+# ------------------------------------------------------------------------------------------ 1. physical units
+
+
+def test_dicom_ct_in_hounsfield_units_needs_a_window():
+    processor = MedformerImageProcessor()
+    with pytest.raises(ValueError, match=r"window=.*lung") as error:
+        processor(load_dicom(CT_FILE))
+    assert "Hounsfield" in str(error.value)
+    windowed = processor(load_dicom(CT_FILE), window="soft_tissue", normalization="none").pixel_values
+    assert 0.0 <= windowed.min() and windowed.max() <= 1.0
+
+
+@pytest.mark.parametrize("values", [(-1000.0, 2000.0), (0.0, 255.0), (-0.5, 0.5)])
+def test_float_images_outside_the_unit_range_are_refused(values):
+    image = np.linspace(*values, 28 * 28, dtype=np.float32).reshape(28, 28)
+    with pytest.raises(ValueError, match=r"rescale_range=\[low, high\].*normalization='image'"):
+        MedformerImageProcessor()(image)
+    scaled = MedformerImageProcessor()(image, rescale_range=list(values), normalization="none").pixel_values
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    assert torch.isfinite(MedformerImageProcessor()(image, normalization="image").pixel_values).all()
+
+
+def test_float_images_in_the_unit_range_pass_unchanged():
+    image = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
+    pixels = MedformerImageProcessor(normalization="none")(image).pixel_values
+    assert torch.equal(pixels[0, 0], torch.from_numpy(image))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"window": [float("nan"), 400]},
+        {"window": [40, float("inf")]},
+        {"rescale_range": [0, float("nan")]},
+        {"modality_statistics": {"default": [0.5, float("nan")]}},
+    ],
+)
+def test_non_finite_options_are_refused(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{name}.*finite"):
+        MedformerImageProcessor()(np.zeros((28, 28), np.uint8), **option)
+
+
+# ------------------------------------------------------------------------------------------ 2. metadata defaults
+
+
+def test_metadata_not_given_falls_back_to_the_task(multi_task, organ_volume):
+    processor = MedformerImageProcessor.from_model_config(multi_task.config)
+    inputs = processor(organ_volume, spatial_dims=3)
+    assert inputs.modality_ids.tolist() == [-1] and inputs.body_part_ids.tolist() == [-1]
+    with torch.no_grad():
+        through_processor = multi_task(**inputs, task="organ").logits
+        task_defaults = multi_task(inputs.pixel_values, task="organ").logits
+        said_unknown = multi_task(**processor(organ_volume, spatial_dims=3, modality="unknown"), task="organ").logits
+    assert torch.equal(through_processor, task_defaults)
+    assert not torch.allclose(said_unknown, task_defaults)  # "unknown" is an answer, not a missing one
+
+
+def test_mixed_given_and_missing_metadata_per_sample(multi_task):
+    pixels = torch.rand(2, 1, 28, 28, 28)
+    ct, abdomen = multi_task.config.modality_names.index("ct"), multi_task.config.body_part_names.index("abdomen")
+    with torch.no_grad():
+        mixed = multi_task(
+            pixels, task="organ", modality_ids=torch.tensor([-1, 0]), body_part_ids=torch.tensor([-1, 0])
+        )
+        explicit = multi_task(
+            pixels, task="organ", modality_ids=torch.tensor([ct, 0]), body_part_ids=torch.tensor([abdomen, 0])
+        )
+    assert torch.equal(mixed.logits, explicit.logits)
+    with pytest.raises(ValueError, match="-1 = not"):
+        multi_task(pixels, task="organ", modality_ids=torch.tensor([-2, 0]))
+
+
+def test_images_without_modality_use_the_default_statistics():
+    processor = MedformerImageProcessor(modality_statistics={"default": [0.5, 0.25], "ct": [0.1, 1.0]})
+    image = np.full((28, 28), 255, np.uint8)
+    assert processor(image).pixel_values.unique().tolist() == [2.0]
+    assert processor(image, modality="ct").pixel_values.unique().tolist() == pytest.approx([0.9])
+
+
+# ------------------------------------------------------------------------------------------ 3. one task of many
+
+
+def test_a_multi_task_folder_is_not_loaded_as_a_random_classifier(multi_task, tmp_path):
+    multi_task.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="from_multi_task"):
+        MedformerForImageClassification.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("task", ["organ", "pneumonia", "chest", "age"])
+def test_one_task_as_a_classifier_keeps_its_predictions(multi_task, task):
+    classifier = MedformerForImageClassification.from_multi_task(multi_task, task)
+    spec = multi_task.config.tasks[task]
+    pixels = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        expected = multi_task(pixels, task=task).logits
+        logits = classifier(pixels).logits
+    if spec["type"] == "binary":  # two logits [0, z]: the softmax is the task's [1 - p, p]
+        torch.testing.assert_close(logits.softmax(-1), task_probabilities(expected, "binary"))
+    else:
+        torch.testing.assert_close(logits, expected)
+    assert classifier.config.id2label == spec["id2label"] and classifier.config.tasks == {task: spec}
+
+
+def test_ordinal_tasks_do_not_pretend_to_be_a_classifier(multi_task):
+    with pytest.raises(ValueError, match="ordinal.*task="):
+        MedformerForImageClassification.from_multi_task(multi_task, "retina")
+
+
+def test_onnx_export_of_one_task_of_a_multi_task_model(multi_task, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = export_onnx(multi_task, tmp_path / "retina.onnx", (2, 1, 28, 28), task="retina")
+    pixels = torch.rand(2, 1, 28, 28)
+    ids = torch.tensor([-1, 3])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"pixel_values": pixels.numpy(), "modality_ids": ids.numpy(), "body_part_ids": ids.numpy()}
+    (logits,) = session.run(["logits"], feeds)
+    with torch.no_grad():
+        expected = multi_task(pixels, task="retina", modality_ids=ids, body_part_ids=ids).logits
+    assert np.abs(logits - expected.numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="Pass the task"):
+        export_onnx(multi_task, tmp_path / "x.onnx", (2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("saved", ["multitask-without-task", "pretraining"])
+def test_export_script_refuses_what_has_no_trained_head(saved, multi_task, tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = multi_task if saved.startswith("multitask") else MedformerForPreTraining(make_tiny_config())
+    model.save_pretrained(tmp_path / "model")
+    script = REPO_ROOT / "examples" / "export_onnx.py"
+    arguments = ["--model", str(tmp_path / "model"), "--input_shape", "1", "1", "28", "28"]
+    result = subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert ("Pass the task" if saved.startswith("multitask") else "no trained head") in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ 4. LoRA
+
+
+def test_lora_on_a_multi_task_model_trains_every_head(multi_task):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(MedformerForMultiTask(multi_task.config), lora_config(multi_task, r=4))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    for task in multi_task.config.tasks:
+        assert any(f"task_heads.{task}.modules_to_save" in name for name in trainable), task
+    assert all("lora_" in name or "modules_to_save" in name for name in trainable)
+    model(torch.rand(2, 1, 28, 28, 28), task="organ", labels=torch.tensor([1, 2])).loss.backward()
+    head = dict(model.named_parameters())
+    gradient = head["base_model.model.task_heads.organ.modules_to_save.default.projection.weight"].grad
+    assert gradient is not None and gradient.abs().sum() > 0
+
+
+def test_lora_config_for_a_classifier_trains_its_head():
+    pytest.importorskip("peft")
+    classifier = MedformerForImageClassification(make_tiny_config(tasks=None))
+    assert lora_config(classifier).modules_to_save == ["classifier"]
+
+
+# ------------------------------------------------------------------------------------------ 5. other sizes
+
+
+def test_the_processor_saved_by_training_brings_any_size_to_the_training_size(multi_task, tmp_path):
+    MedformerImageProcessor.from_model_config(multi_task.config, training_size=28).save_pretrained(tmp_path)
+    processor = MedformerImageProcessor.from_pretrained(tmp_path)
+    volume = np.random.default_rng(0).integers(0, 255, (25, 41, 33), dtype=np.uint8)
+    assert processor(volume).pixel_values.shape == (1, 1, 28, 28, 28)
+    assert processor(volume[0]).pixel_values.shape == (1, 1, 28, 28)
+    with torch.no_grad():
+        multi_task(**processor(volume), task="organ")
+
+
+def test_a_wrong_size_error_names_options_that_exist(multi_task):
+    with pytest.raises(ValueError, match=r"size_3d=") as error:
+        multi_task(torch.rand(1, 1, 25, 41, 33), task="organ")
+    assert "size=" not in str(error.value).replace("size_3d=", "")
+    assert "size_3d" in MedformerImageProcessor().valid_kwargs.__annotations__
+
+
+def test_a_one_file_dicom_series_is_a_2d_image(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    pydicom.dcmread(CT_FILE).save_as(tmp_path / "only_slice.dcm")
+    image = load_dicom(tmp_path)
+    assert image.spatial_dims == 2 and image.array.shape == (128, 128)
+
+
+# ------------------------------------------------------------------------------------------ 6. pipelines
+
+PIPELINES_ON_A_MULTI_TASK_FOLDER = """
+import json, sys
+import numpy as np
+from transformers import pipeline
+
+multi, single, volume_file = sys.argv[1:]
+volume = np.load(volume_file)
+results = {}
+medical = pipeline("medical-image-classification", model=multi, trust_remote_code=True)
+results["medical"] = medical(volume, task="organ", top_k=None)
+try:
+    pipeline("image-classification", model=multi, trust_remote_code=True)(volume[0])
+except ValueError as error:
+    results["standard_on_multi"] = str(error)
+standard = pipeline("image-classification", model=single, trust_remote_code=True)
+results["standard_on_single"] = standard(volume[0], top_k=2)
+results["medical_on_pneumonia"] = medical(volume[0], task="pneumonia")
+print(json.dumps(results))
+"""
+
+
+def test_both_pipelines_on_a_multi_task_folder_without_the_package(multi_task, organ_volume, tmp_path):
+    multi_task.save_pretrained(tmp_path / "multi")
+    processor = MedformerImageProcessor.from_model_config(multi_task.config, training_size=28)
+    processor.save_pretrained(tmp_path / "multi")
+    MedformerForImageClassification.from_multi_task(multi_task, "pneumonia").save_pretrained(tmp_path / "single")
+    processor.save_pretrained(tmp_path / "single")
+    np.save(tmp_path / "volume.npy", organ_volume)
+    arguments = [str(tmp_path / "multi"), str(tmp_path / "single"), str(tmp_path / "volume.npy")]
+    results = json.loads(run_code_without_the_package(PIPELINES_ON_A_MULTI_TASK_FOLDER, arguments, tmp_path))
+
+    with torch.no_grad():  # the pipeline equals the model with the task's own metadata
+        pixels = processor(organ_volume).pixel_values
+        probabilities = task_probabilities(multi_task(pixels, task="organ").logits, "multiclass")[0]
+    id2label = multi_task.config.tasks["organ"]["id2label"]
+    by_label = {item["label"]: item["score"] for item in results["medical"]}
+    assert by_label == pytest.approx({id2label[i]: float(p) for i, p in enumerate(probabilities)}, abs=1e-6)
+    assert "medical-image-classification" in results["standard_on_multi"]
+    assert "from_multi_task" in results["standard_on_multi"]
+    single = {item["label"]: item["score"] for item in results["standard_on_single"]}
+    medical = {item["label"]: item["score"] for item in results["medical_on_pneumonia"]}
+    assert single == pytest.approx(medical, abs=1e-6) and set(single) == {"normal", "pneumonia"}
