@@ -92,9 +92,10 @@ def main() -> None:
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     ema = create_ema(accelerator, model, args.ema_decay)
-    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
+    checkpoints = CheckpointManager(
+        accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit, state, ema
+    )
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)
 

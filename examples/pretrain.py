@@ -62,11 +62,12 @@ def main() -> None:
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
     ema = create_ema(accelerator, model, args.ema_decay)
     # What is previewed and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
-    checkpoints = CheckpointManager(accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit)
+    checkpoints = CheckpointManager(
+        accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit, state, ema
+    )
     checkpoints.resume(args.resume_from_checkpoint)
 
     def compute_loss(model, batch):

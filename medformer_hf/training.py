@@ -4,11 +4,12 @@ loop and evaluation. The scripts in `examples/` stay thin layers over these."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -215,11 +217,11 @@ def resolve_budget(accelerator: Accelerator, args: argparse.Namespace, loader: t
 def create_ema(
     accelerator: Accelerator, model: torch.nn.Module, decay: float
 ) -> torch.optim.swa_utils.AveragedModel | None:
-    """Exponential moving average of the (unwrapped) weights, registered for checkpointing; None when `decay` is 0.
+    """Exponential moving average of the (unwrapped) weights; None when `decay` is 0. Give it to the
+    `CheckpointManager`, which saves and restores it with every checkpoint.
 
     The decay ramps up as `min(decay, (1 + n) / (10 + n))` after `n` updates (timm's warm-up), so early evaluations
-    are not dominated by the random initialisation. Register the `TrainState` first: resume restores registered
-    objects by position.
+    are not dominated by the random initialisation.
     """
     if decay == 0:
         return None
@@ -228,9 +230,7 @@ def create_ema(
         rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
         return rate * averaged + (1 - rate) * current
 
-    ema = torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
-    accelerator.register_for_checkpointing(ema)
-    return ema
+    return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -245,24 +245,48 @@ class TrainState:
     batch_in_epoch: int = 0
     best_metric: float = -math.inf
 
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self)))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    def load(self, path: Path) -> None:
+        """Read the JSON back, accepting only this class's fields, each a number."""
+        saved = json.loads(path.read_text())
+        names = {field.name for field in fields(self)}
+        if not isinstance(saved, dict) or set(saved) != names:
+            raise ValueError(f"{path} is not a training state: expected the keys {sorted(names)}.")
+        for name, value in saved.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{path}: {name} must be a number, got {value!r}.")
+            setattr(self, name, value)
 
 
 class CheckpointManager:
     """`accelerator.save_state` into `<dir>/step_<n>`, written under a temporary name and renamed when complete, so
-    a kill mid-write leaves the previous checkpoint as the latest usable one. Keeps the newest `total_limit`."""
+    a kill mid-write leaves the previous checkpoint as the latest usable one. Keeps the newest `total_limit`.
+
+    Nothing is unpickled from a checkpoint folder: accelerate writes the model as safetensors and reads the optimizer,
+    scheduler and RNG states with `weights_only=True`; the training state and the EMA weights are written here as
+    `train_state.json` and `ema.safetensors` (accelerate would pickle registered objects and read them back with
+    `weights_only=False`, so a crafted folder could run code).
+    """
 
     prefix = "step_"
+    state_file = "train_state.json"
+    ema_file = "ema.safetensors"
 
-    def __init__(self, accelerator: Accelerator, directory: str | os.PathLike, total_limit: int):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        directory: str | os.PathLike,
+        total_limit: int,
+        state: TrainState,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+    ):
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.total_limit = total_limit
+        self.state = state
+        self.ema = ema
 
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -283,6 +307,10 @@ class CheckpointManager:
         self.accelerator.save_state(str(partial))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            self.state.save(partial / self.state_file)
+            if self.ema is not None:
+                weights = {key: value.detach().cpu().contiguous() for key, value in self.ema.state_dict().items()}
+                save_file(weights, partial / self.ema_file)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self.complete()[: -self.total_limit]:
@@ -298,7 +326,21 @@ class CheckpointManager:
         if path is None:
             self.accelerator.print(f"no checkpoint in {self.directory} yet: starting from scratch")
             return None
+        pickles = sorted(file.name for file in path.glob("custom_checkpoint_*.pkl"))
+        if pickles:
+            raise ValueError(
+                f"{path} carries pickled objects {pickles}, which are never loaded (unpickling them could run code); "
+                "it was not written by this version of medformer-hf. Start a new run, or remove them if you wrote them."
+            )
+        expected = [self.state_file] + ([self.ema_file] if self.ema is not None else [])
+        missing = [name for name in expected if not (path / name).is_file()]
+        if missing:
+            hint = " (pass --ema_decay 0 if the run had no EMA)" if self.ema_file in missing else ""
+            raise ValueError(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)}{hint}.")
         self.accelerator.load_state(str(path))
+        self.state.load(path / self.state_file)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(path / self.ema_file, device=str(self.accelerator.device)))
         return path
 
 

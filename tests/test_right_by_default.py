@@ -266,3 +266,31 @@ def test_both_pipelines_on_a_multi_task_folder_without_the_package(multi_task, o
     single = {item["label"]: item["score"] for item in results["standard_on_single"]}
     medical = {item["label"]: item["score"] for item in results["medical_on_pneumonia"]}
     assert single == pytest.approx(medical, abs=1e-6) and set(single) == {"normal", "pneumonia"}
+
+
+# ------------------------------------------------------------------------------------------ 8. quiet loads
+
+QUIET = """
+import sys
+from medformer_hf import MedformerForMultiTask, MedformerForPreTraining, MedformerModel
+from transformers import AutoModel
+
+folder, saved = sys.argv[1:]
+MedformerModel.from_pretrained(folder)  # a backbone out of a multi-task checkpoint: the expected path, silent
+AutoModel.from_pretrained(folder)
+model = MedformerForMultiTask.from_pretrained(folder)
+model.save_pretrained(saved)  # no progress bar for a file of a few hundred kB
+MedformerForPreTraining.from_pretrained(folder)  # new decoder: said in one line
+"""
+
+
+def test_loading_and_saving_say_one_line_at_most(multi_task, tmp_path):
+    multi_task.save_pretrained(tmp_path / "multi")
+    script = [sys.executable, "-c", QUIET, str(tmp_path / "multi"), str(tmp_path / "saved")]
+    result = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("MedformerForPreTraining")
+    assert "initialised anew (train before use): decoder, projector" in lines[0]
+    assert (tmp_path / "saved" / "model.safetensors").is_file()

@@ -1,0 +1,94 @@
+"""Resuming never runs code from a checkpoint folder: the training state is data (JSON, safetensors), and what
+accelerate reads (optimizer, scheduler, RNG states) goes through `weights_only=True` unpickling."""
+
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from medformer_hf import MedformerForMultiTask
+from medformer_hf.training import CheckpointManager, TrainState, create_ema
+
+from .conftest import make_tiny_config
+
+
+class RunsCode:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _manager(directory, ema_decay: float = 0.9) -> tuple[CheckpointManager, TrainState, torch.nn.Module]:
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = MedformerForMultiTask(make_tiny_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    state = TrainState()
+    ema = create_ema(accelerator, model, ema_decay)
+    return CheckpointManager(accelerator, directory, 2, state, ema), state, ema
+
+
+@pytest.fixture
+def saved_checkpoint(tmp_path):
+    manager, state, ema = _manager(tmp_path / "checkpoints")
+    state.step, state.best_metric = 7, 0.75
+    with torch.no_grad():
+        next(ema.module.parameters()).add_(1.0)
+    path = manager.save(7)
+    return path, next(ema.module.parameters()).detach().clone()
+
+
+def test_training_state_and_ema_are_saved_as_data_and_restored(saved_checkpoint, tmp_path):
+    path, ema_weight = saved_checkpoint
+    assert json.loads((path / "train_state.json").read_text())["step"] == 7
+    assert (path / "ema.safetensors").is_file() and not list(path.glob("*custom_checkpoint*"))
+    manager, state, ema = _manager(tmp_path / "checkpoints")
+    manager.resume("latest")
+    assert (state.step, state.best_metric) == (7, 0.75)
+    assert torch.equal(next(ema.module.parameters()), ema_weight)
+
+
+@pytest.mark.parametrize("target", ["custom_checkpoint_0.pkl", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(saved_checkpoint, tmp_path, target):
+    path, _ = saved_checkpoint
+    marker = tmp_path / "code_ran"
+    (path / target).write_bytes(pickle.dumps(RunsCode(marker)))
+    manager, _, _ = _manager(tmp_path / "checkpoints")
+    if target.startswith("custom_checkpoint"):  # what accelerate would unpickle with weights_only=False: refused
+        with pytest.raises(ValueError, match=r"pickled objects \['custom_checkpoint_0.pkl'\].*never loaded"):
+            manager.resume(str(path))
+    elif target.startswith("random_states"):  # weights_only=True refuses it; accelerate logs that and goes on
+        manager.resume(str(path))
+    else:  # accelerate's own states are read with weights_only=True, which refuses the crafted global
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            manager.resume(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("removed", ["train_state.json", "ema.safetensors"])
+def test_a_folder_without_the_training_state_is_refused(saved_checkpoint, tmp_path, removed):
+    path, _ = saved_checkpoint
+    (path / removed).unlink()
+    manager, _, _ = _manager(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match=f"lacks {removed}"):
+        manager.resume(str(path))
+
+
+@pytest.mark.parametrize("content", ['{"step": "os.system"}', "[1, 2]", '{"step": 1}'])
+def test_a_tampered_training_state_is_refused(saved_checkpoint, tmp_path, content):
+    path, _ = saved_checkpoint
+    copy = shutil.copytree(path, tmp_path / "tampered")
+    (copy / "train_state.json").write_text(content)
+    manager, _, _ = _manager(tmp_path / "checkpoints")
+    with pytest.raises(ValueError, match="train_state.json"):
+        manager.resume(str(copy))
