@@ -27,6 +27,8 @@ from medformer_hf.training import (
     create_ema,
     create_optimizer,
     evaluate_tasks,
+    export_model_folder,
+    exported_state_dict,
     log_line,
     model_config_kwargs,
     resolve_budget,
@@ -123,17 +125,22 @@ def main() -> None:
         if not best:
             return
         state.best_metric = mean_auc
-        evaluated.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
-        if accelerator.is_main_process:
-            processor.save_pretrained(output_dir)
+        weights = exported_state_dict(accelerator, model, ema)
+
+        def write(folder: Path) -> None:
+            evaluated.save_pretrained(folder, state_dict=weights)
+            processor.save_pretrained(folder)
             summary = {"step": step, "mean_auc": mean_auc, "metrics": metrics}
-            (output_dir / "validation_metrics.json").write_text(json.dumps(summary, indent=2))
-            (output_dir / "validation_metrics.md").write_text(f"Best at step {step}\n\n{metrics_table(metrics)}\n")
+            (folder / "validation_metrics.json").write_text(json.dumps(summary, indent=2))
+            (folder / "validation_metrics.md").write_text(f"Best at step {step}\n\n{metrics_table(metrics)}\n")
             for name, (scores, labels) in predictions.items():
                 if CATALOGUE[name].task_type != "multilabel":
-                    path = output_dir / "confusion_matrices" / f"{name}_validation.png"
+                    path = folder / "confusion_matrices" / f"{name}_validation.png"
                     title = f"{name} validation, step {step}"
                     save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
+
+        if accelerator.is_main_process:
+            export_model_folder(output_dir, write)
 
     train(
         accelerator,

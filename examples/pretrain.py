@@ -24,6 +24,8 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
+    export_model_folder,
+    exported_state_dict,
     model_config_kwargs,
     resolve_budget,
     train,
@@ -90,10 +92,15 @@ def main() -> None:
         accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, save_previews, ema=ema
     )
 
+    weights = exported_state_dict(accelerator, model, ema)
+
+    def write(folder: Path) -> None:
+        evaluated.save_pretrained(folder, state_dict=weights)
+        processor.save_pretrained(folder)
+
     accelerator.wait_for_everyone()
-    evaluated.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
-        processor.save_pretrained(args.output_dir)
+        export_model_folder(args.output_dir, write)
         training = (
             f"Self-supervised pre-training (masked reconstruction + view agreement) on the train splits of "
             f"{', '.join(args.datasets)} at {args.size} px: {args.max_steps} steps of {args.batch_size} x "

@@ -89,7 +89,9 @@ def write_model_card(
         training=training or "See the training configuration saved with the checkpoint.",
         evaluation=evaluation,
     )
-    card.save(Path(folder) / "README.md")
+    partial = Path(folder) / ".README.md.partial"
+    card.save(partial)
+    os.replace(partial, Path(folder) / "README.md")  # a kill mid-write keeps the previous card
     return card
 
 

@@ -280,6 +280,14 @@ def check_inputs(
     )
 
 
+def require_label_rows(labels: Any, batch_size: int) -> None:
+    """Labels must be a tensor with one row per image."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.ndim == 0 or labels.shape[0] != batch_size:
+        raise ValueError(f"labels has shape {list(labels.shape)}: it needs one row per image ({batch_size}).")
+
+
 LABEL_PADDING = -100  # in a mixed batch's (B, W) label matrix, the columns past a task's width hold this
 CLASS_TASKS = ("multiclass", "binary", "ordinal")
 
@@ -293,9 +301,7 @@ def check_labels(
     `padded`: a mixed batch's `(B, W)` matrix, where each task reads its first columns (class index in column 0) and
     every column past them must be `LABEL_PADDING` (-100), so that no label is silently dropped.
     """
-    if not isinstance(labels, torch.Tensor):
-        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
-    batch_size = labels.shape[0] if labels.ndim else 0
+    batch_size = labels.shape[0]
     width = 1 if task_type in CLASS_TASKS else num_labels
     expected = f"({batch_size},)" if task_type in CLASS_TASKS else f"({batch_size}, {num_labels})"
     if labels.ndim == 1 and width == 1:
@@ -818,8 +824,11 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             if task not in self.config.tasks:
                 raise ValueError(f"Unknown task {task!r}; known tasks: {names}. Add one with model.add_task(...).")
             return torch.full((batch_size,), names.index(task), dtype=torch.long, device=device)
-        task = torch.as_tensor(task, device=device)
-        if task.shape != (batch_size,) or task.is_floating_point():
+        try:
+            task = torch.as_tensor(task, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"task must be a task name or per-sample task ids, got {type(task).__name__}.") from error
+        if task.shape != (batch_size,) or task.is_floating_point() or task.dtype == torch.bool:
             raise ValueError(f"Per-sample task ids must be an integer tensor of shape ({batch_size},).")
         if ((task < 0) | (task >= len(names))).any():
             raise ValueError(f"Task ids must be in 0..{len(names) - 1} (the order of config.tasks: {names}).")
@@ -849,6 +858,8 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
                 `UNSPECIFIED_ID` (-1; what the image processor gives for metadata that was not passed).
         """
         require_tensor(pixel_values)
+        if labels is not None:
+            require_label_rows(labels, pixel_values.shape[0])
         names = list(self.config.tasks)
         task_ids = self._task_ids(task, pixel_values.shape[0], pixel_values.device)
         modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
@@ -991,6 +1002,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         )
         loss = None
         if labels is not None:
+            require_label_rows(labels, pixel_values.shape[0])
             if self.config.problem_type is None:  # the same inference as transformers' classification heads
                 if self.config.num_labels == 1:
                     self.config.problem_type = "regression"
@@ -1058,6 +1070,7 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
                 Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
         """
+        require_tensor(pixel_values)
         num_views = 2 if self.projector is not None else 1
         batch_size = pixel_values.shape[0]
         pixel_values, modality_ids, body_part_ids = check_inputs(

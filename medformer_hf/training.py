@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -225,6 +225,8 @@ def create_ema(
     """
     if decay == 0:
         return None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("EMA keeps a whole copy of the weights that FSDP shards: pass --ema_decay 0 with FSDP.")
 
     def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
@@ -301,7 +303,8 @@ class CheckpointManager:
         final = self.directory / f"{self.prefix}{step:08d}"
         partial = self.directory / f".partial-{final.name}"
         if self.accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
+            for abandoned in self.directory.glob(".partial-*"):  # a killed save's leftovers, this one's included
+                shutil.rmtree(abandoned, ignore_errors=True)
             partial.parent.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(partial))
@@ -342,6 +345,35 @@ class CheckpointManager:
         if self.ema is not None:
             self.ema.load_state_dict(load_file(path / self.ema_file, device=str(self.accelerator.device)))
         return path
+
+
+def exported_state_dict(
+    accelerator: Accelerator, model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None
+) -> dict[str, torch.Tensor] | None:
+    """The weights to export, whole; call it on every process (under FSDP gathering the shards is collective).
+    None with EMA: its module is an ordinary one that `save_pretrained` reads itself."""
+    return None if ema is not None else accelerator.get_state_dict(model)
+
+
+def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write the Hub-ready model folder complete-or-absent (call on the main process only).
+
+    `write` fills a temporary folder inside `folder`; then its files replace the folder's, with `config.json` removed
+    first and put back last. A kill at any point leaves the previous complete model, or no loadable model (no
+    `config.json`): never new weights beside an old processor or card that look finished.
+    """
+    folder = Path(folder)
+    partial = folder / ".export-partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
+    partial.mkdir(parents=True)
+    write(partial)
+    (folder / "config.json").unlink(missing_ok=True)
+    for entry in sorted(partial.iterdir(), key=lambda entry: entry.name == "config.json"):  # config.json last
+        target = folder / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    partial.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------- training loop

@@ -10,8 +10,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from medformer_hf import MedformerForMultiTask
-from medformer_hf.training import CheckpointManager, TrainState, create_ema
+from medformer_hf import MedformerForMultiTask, training
+from medformer_hf.training import CheckpointManager, TrainState, create_ema, export_model_folder
 
 from .conftest import make_tiny_config
 
@@ -92,3 +92,43 @@ def test_a_tampered_training_state_is_refused(saved_checkpoint, tmp_path, conten
     manager, _, _ = _manager(tmp_path / "checkpoints")
     with pytest.raises(ValueError, match="train_state.json"):
         manager.resume(str(copy))
+
+
+# ---------------------------------------------------------------------------------------------- the model folder
+
+
+def _export(folder, marker: str, fail_after: str | None = None) -> None:
+    def write(partial):
+        for name in ("model.safetensors", "preprocessor_config.json", "README.md", "config.json"):
+            if name == fail_after:
+                raise KeyboardInterrupt("killed while writing")
+            (partial / name).write_text(marker)
+
+    export_model_folder(folder, write)
+
+
+def test_an_export_killed_while_writing_keeps_the_previous_model(tmp_path):
+    _export(tmp_path, "first")
+    with pytest.raises(KeyboardInterrupt):
+        _export(tmp_path, "second", fail_after="README.md")
+    assert {path.name: path.read_text() for path in tmp_path.iterdir() if path.is_file()} == {
+        name: "first" for name in ("model.safetensors", "preprocessor_config.json", "README.md", "config.json")
+    }
+    _export(tmp_path, "third")  # the next export clears what the killed one left
+    assert not (tmp_path / ".export-partial").exists() and (tmp_path / "config.json").read_text() == "third"
+
+
+def test_an_export_killed_while_moving_files_leaves_no_loadable_model(tmp_path, monkeypatch):
+    _export(tmp_path, "first")
+    moves = []
+
+    def replace_then_die(source, target):
+        if len(moves) == 2:
+            raise KeyboardInterrupt("killed between two renames")
+        moves.append(target)
+        os.rename(source, target)
+
+    monkeypatch.setattr(training.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _export(tmp_path, "second")
+    assert not (tmp_path / "config.json").exists()  # absent: from_pretrained refuses it, nothing half-old loads

@@ -124,6 +124,49 @@ def _write_npz(path: Path, source: Path, **changes) -> None:
     np.savez(path, **arrays)
 
 
+def _flip_a_byte(path: Path) -> None:
+    """One flipped byte in the middle of a member (a disk or transfer error)."""
+    content = bytearray((DATA_DIR / "breastmnist.npz").read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def test_a_replaced_file_with_the_same_size_and_time_is_not_served_stale(tmp_path):
+    """The cache is keyed on content: a changed label, then a corrupt file, with size and mtime put back."""
+    data_dir, cache = tmp_path / "data", tmp_path / "cache"
+    data_dir.mkdir()
+    path = data_dir / "breastmnist.npz"
+    _write_npz(path, DATA_DIR / "breastmnist.npz")
+    first_label = int(np.load(path)["test_labels"][0, 0])
+    assert load_medmnist("breastmnist", data_dir=data_dir, cache_dir=cache)["test"][0]["label"] == first_label
+    stat = path.stat()
+    labels = np.load(path)["test_labels"].copy()
+    labels[0, 0] = 1 - first_label
+    _write_npz(path, DATA_DIR / "breastmnist.npz", test_labels=labels)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert load_medmnist("breastmnist", data_dir=data_dir, cache_dir=cache)["test"][0]["label"] == 1 - first_label
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_medmnist("breastmnist", data_dir=data_dir, cache_dir=cache)
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_load(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    arrow = tmp_path / "arrow"
+    abandoned = arrow / f".breastmnist_28_v1_x.pid{dead.pid}.abc"
+    in_progress = arrow / f".organmnist3d_28_v1_x.pid{os.getpid()}.def"
+    for folder in (abandoned, in_progress):
+        folder.mkdir(parents=True)
+        (folder / "data.arrow").write_bytes(b"0" * 1000)
+    load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=tmp_path)
+    assert not abandoned.exists() and in_progress.exists()
+
+
 @pytest.mark.parametrize(
     ("make_bad_file", "message"),
     [
@@ -136,8 +179,18 @@ def _write_npz(path: Path, source: Path, **changes) -> None:
             lambda path: _write_npz(path, DATA_DIR / "breastmnist.npz", test_labels=np.full((156, 1), 7, np.uint8)),
             "test_labels holds values 7..7, outside 0..1",
         ),
+        (_flip_a_byte, "cannot be read"),
+        (lambda path: np.save(open(path, "wb"), np.zeros((4, 28, 28), np.uint8)), r"single array \(a .npy file\)"),
+        (
+            lambda path: _write_npz(path, DATA_DIR / "breastmnist.npz", test_labels=np.full((156, 1), np.nan)),
+            "test_labels must hold whole numbers",
+        ),
+        (
+            lambda path: _write_npz(path, DATA_DIR / "breastmnist.npz", val_labels=np.full((78, 1), 0.5)),
+            "val_labels must hold whole numbers",
+        ),
     ],
-    ids=["truncated", "wrong-split-size", "label-out-of-range"],
+    ids=["truncated", "wrong-split-size", "label-out-of-range", "flipped-byte", "npy", "nan-label", "half-label"],
 )
 def test_bad_local_file_is_a_clear_error_and_leaves_no_cache(tmp_path, make_bad_file, message):
     data_dir, cache = tmp_path / "data", tmp_path / "cache"

@@ -35,6 +35,11 @@ CT_WINDOWS = {
 # Integer dtypes whose full range is the natural intensity scale; others (int16 CT in HU) need a window or range.
 DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("uint16"): (0, 65535), np.dtype("bool"): (0, 1)}
 SUPPORTED_CHANNELS = (1, 3)
+# Channel counts of common image formats Medformer does not take (gray+alpha, RGBA): at either end of a 3-axis array
+# they are refused, not read as the depth of a thin volume (pass spatial_dims=3 for one).
+OTHER_CHANNELS = (2, 4)
+# Resizing beyond this many voxels per image and channel (512^3, or 11585^2) is refused before memory runs out.
+MAX_RESIZE_VOXELS = 2**27
 # Float images without a window or range are taken as already in [0, 1]; this much rounding slack is tolerated.
 UNIT_RANGE_SLACK = 1e-3
 
@@ -178,8 +183,15 @@ class MedformerImageProcessor(BaseImageProcessor):
             )
         for key, length in (("size_2d", 2), ("size_3d", 3)):
             size = settings[key]
-            if size is not None and (len(size) != length or min(size) < 1):
+            if size is None:
+                continue
+            if len(size) != length or not all(isinstance(side, numbers.Integral) and side >= 1 for side in size):
                 raise ValueError(f"{key} must be {length} positive integers, got {size!r}.")
+            if math.prod(size) > MAX_RESIZE_VOXELS:
+                raise ValueError(
+                    f"{key}={list(size)} asks for {math.prod(size):,} pixels per image and channel; the limit is "
+                    f"{MAX_RESIZE_VOXELS:,} (512^3). Resize to the checkpoint's training size, or crop first."
+                )
 
     # ------------------------------------------------------------------------------------------ preprocess
 
@@ -332,7 +344,7 @@ def _as_array(image: Any) -> np.ndarray | torch.Tensor | MedicalImage:
     if isinstance(image, (np.ndarray, torch.Tensor)) or _is_medical_image(image):
         return image
     if hasattr(image, "mode") and hasattr(image, "size"):  # PIL without importing it
-        if image.mode in ("RGBA", "LA", "P", "CMYK"):
+        if image.mode not in ("1", "L", "RGB", "I", "I;16", "I;16L", "I;16B", "F"):  # not alpha, palettes, CMYK
             raise ValueError(f"PIL image in mode {image.mode}: convert it first, e.g. image.convert('RGB') or ('L').")
         return np.array(image)  # a writable copy: torch refuses to share read-only buffers
     raise ValueError(f"Unsupported image type {type(image).__name__}; pass numpy arrays, torch tensors or PIL images.")
@@ -363,10 +375,17 @@ def _image_layout(shape: tuple[int, ...], spatial_dims: int | None, data_format:
         return first_layout
     if last in SUPPORTED_CHANNELS:
         return last_layout
-    if last == 4 and first != 4:
+    if rank == 3 and spatial_dims is None and (first in OTHER_CHANNELS) != (last in OTHER_CHANNELS):
+        channels = first if first in OTHER_CHANNELS else last
         raise ValueError(
-            f"Shape {shape} looks like a 4-channel image (RGBA?): Medformer takes 1 or 3 channels. Drop alpha "
-            "(PIL: .convert('RGB')) or pick channels; if that axis is depth, pass spatial_dims=3."
+            f"Shape {shape} looks like a {channels}-channel image (gray+alpha or RGBA?): Medformer takes 1 or 3 "
+            "channels. Drop alpha (PIL: .convert('RGB') or ('L')) or pick channels; if that axis is the depth of a "
+            "volume, pass spatial_dims=3."
+        )
+    if rank == 4 and data_format is None and last in OTHER_CHANNELS:
+        raise ValueError(
+            f"Shape {shape} looks like a volume with {last} channels: Medformer takes 1 or 3. Pick channels, or pass "
+            "input_data_format='channels_first' if the first axis holds them."
         )
     if rank == 3 and spatial_dims is None:
         return "DHW"

@@ -17,6 +17,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -220,15 +221,23 @@ def _check_ids(ids: torch.Tensor | None, name: str, vocabulary: list[str], batch
     return ids
 
 
+def require_tensor(pixel_values: Any) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}; the image processor makes one."
+        )
+
+
 def check_inputs(
     config: MedformerConfig,
     pixel_values: torch.Tensor,
     modality_ids: torch.Tensor | None,
     body_part_ids: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raise a ValueError that names the problem and the fix; return the (defaulted) metadata ids."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}.")
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raise a ValueError that names the problem and the fix; return `pixel_values` in the model's `dtype` (as
+    transformers' vision models cast them) and the (defaulted) metadata ids."""
+    require_tensor(pixel_values)
     if pixel_values.ndim not in (4, 5):
         raise ValueError(
             f"pixel_values must be (batch, channels, height, width) for 2D or (batch, channels, depth, height, width) "
@@ -255,31 +264,71 @@ def check_inputs(
             f"axis to a multiple of {patch_size} (the image processor resizes with size_{dims}d=[...]; the one saved "
             "with a trained checkpoint records its training size)."
         )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no images (batch size 0); skip empty batches before the model.")
+    pixel_values = pixel_values.to(dtype)
     if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
-        raise ValueError("pixel_values contains NaN or inf; clean the image (e.g. np.nan_to_num) before the model.")
+        raise ValueError(
+            f"pixel_values contains NaN or inf (in {dtype}); clean the image (e.g. np.nan_to_num) and keep its values "
+            "in the range the image processor gives before the model."
+        )
     batch_size, device = pixel_values.shape[0], pixel_values.device
     return (
+        pixel_values,
         _check_ids(modality_ids, "modality_ids", config.modality_names, batch_size, device),
         _check_ids(body_part_ids, "body_part_ids", config.body_part_names, batch_size, device),
     )
 
 
-def check_labels(labels: torch.Tensor, task_type: str, num_labels: int, task_name: str) -> torch.Tensor:
-    """Bring labels to the shape the task's loss expects, raising on a wrong shape or an out-of-range value."""
+def require_label_rows(labels: Any, batch_size: int) -> None:
+    """Labels must be a tensor with one row per image."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}.")
+    if labels.ndim == 0 or labels.shape[0] != batch_size:
+        raise ValueError(f"labels has shape {list(labels.shape)}: it needs one row per image ({batch_size}).")
+
+
+LABEL_PADDING = -100  # in a mixed batch's (B, W) label matrix, the columns past a task's width hold this
+CLASS_TASKS = ("multiclass", "binary", "ordinal")
+
+
+def check_labels(
+    labels: torch.Tensor, task_type: str, num_labels: int, task_name: str, padded: bool = False
+) -> torch.Tensor:
+    """Labels in the shape the task's loss expects: `(B,)` integer classes, or `(B, num_labels)` floats for
+    multilabel and regression. Anything else raises: a wrong width, non-integer classes, values out of range, NaN.
+
+    `padded`: a mixed batch's `(B, W)` matrix, where each task reads its first columns (class index in column 0) and
+    every column past them must be `LABEL_PADDING` (-100), so that no label is silently dropped.
+    """
     batch_size = labels.shape[0]
-    if task_type in ("multiclass", "binary", "ordinal"):
-        if labels.ndim == 2 and labels.shape[1] >= 1:
-            labels = labels[:, 0]
-        if labels.ndim != 1 or labels.is_floating_point():
-            raise ValueError(f"Task {task_name!r} ({task_type}) needs integer class labels of shape ({batch_size},).")
-        if not torch.compiler.is_compiling() and ((labels < 0) | (labels >= num_labels)).any():
+    width = 1 if task_type in CLASS_TASKS else num_labels
+    expected = f"({batch_size},)" if task_type in CLASS_TASKS else f"({batch_size}, {num_labels})"
+    if labels.ndim == 1 and width == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or labels.shape[1] < width or (labels.shape[1] != width and not padded):
+        raise ValueError(
+            f"Task {task_name!r} ({task_type}) needs labels of shape {expected}, got {list(labels.shape)}"
+            + (" (a mixed batch: at least that many columns)." if padded else ".")
+        )
+    compiling = torch.compiler.is_compiling()
+    if padded and not compiling and (labels[:, width:] != LABEL_PADDING).any():
+        raise ValueError(
+            f"Task {task_name!r} reads {width} label column(s); in a mixed batch the columns after them must be "
+            f"{LABEL_PADDING} (padding), but some hold labels: give each task's labels its own width."
+        )
+    labels = labels[:, :width]
+    if labels.is_floating_point() and not compiling and not torch.isfinite(labels).all():
+        raise ValueError(f"Task {task_name!r} has NaN or inf labels; drop or fix those samples.")
+    if task_type in CLASS_TASKS:
+        if labels.is_floating_point() and (not padded or (not compiling and (labels != labels.round()).any())):
+            raise ValueError(f"Task {task_name!r} ({task_type}) needs integer class labels, got {labels.dtype}.")
+        labels = labels[:, 0].long()
+        if not compiling and ((labels < 0) | (labels >= num_labels)).any():
             bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
             raise ValueError(f"Task {task_name!r} has labels {bad} outside 0..{num_labels - 1}.")
         return labels
-    labels = labels.reshape(batch_size, -1)[:, :num_labels]
-    if labels.shape[1] != num_labels:
-        raise ValueError(f"Task {task_name!r} ({task_type}) needs labels of shape ({batch_size}, {num_labels}).")
-    if task_type == "multilabel" and not torch.compiler.is_compiling() and ((labels != 0) & (labels != 1)).any():
+    if task_type == "multilabel" and not compiling and ((labels != 0) & (labels != 1)).any():
         raise ValueError(f"Task {task_name!r} (multilabel) needs 0/1 labels, got values outside {{0, 1}}.")
     return labels.float()
 
@@ -690,7 +739,9 @@ class MedformerModel(MedformerPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        modality_ids, body_part_ids = check_inputs(self.config, pixel_values, modality_ids, body_part_ids)
+        pixel_values, modality_ids, body_part_ids = check_inputs(
+            self.config, pixel_values, modality_ids, body_part_ids, self.input_adaptformer.latents.dtype
+        )
         adaptformer = self.input_adaptformer
 
         mask = None
@@ -773,8 +824,11 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             if task not in self.config.tasks:
                 raise ValueError(f"Unknown task {task!r}; known tasks: {names}. Add one with model.add_task(...).")
             return torch.full((batch_size,), names.index(task), dtype=torch.long, device=device)
-        task = torch.as_tensor(task, device=device)
-        if task.shape != (batch_size,) or task.is_floating_point():
+        try:
+            task = torch.as_tensor(task, device=device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"task must be a task name or per-sample task ids, got {type(task).__name__}.") from error
+        if task.shape != (batch_size,) or task.is_floating_point() or task.dtype == torch.bool:
             raise ValueError(f"Per-sample task ids must be an integer tensor of shape ({batch_size},).")
         if ((task < 0) | (task >= len(names))).any():
             raise ValueError(f"Task ids must be in 0..{len(names) - 1} (the order of config.tasks: {names}).")
@@ -797,11 +851,15 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
                 mixes tasks (all of one input shape). Optional when the model has a single task.
             labels (`torch.Tensor`, *optional*):
                 `(B,)` class indices for multiclass, binary and ordinal tasks; `(B, num_labels)` for multilabel and
-                regression. A mixed batch passes `(B, W)`: each task reads its first columns (class indices column 0).
+                regression. A mixed batch passes `(B, W)`: each task reads its first columns (class indices column 0)
+                and the columns past them must be -100 (`LABEL_PADDING`).
             modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
                 Default to each sample's task's registered modality and body part, also per sample where an id is
                 `UNSPECIFIED_ID` (-1; what the image processor gives for metadata that was not passed).
         """
+        require_tensor(pixel_values)
+        if labels is not None:
+            require_label_rows(labels, pixel_values.shape[0])
         names = list(self.config.tasks)
         task_ids = self._task_ids(task, pixel_values.shape[0], pixel_values.device)
         modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
@@ -830,7 +888,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             logits = self._read_task(self.task_heads[name], self.output_adaptformer, task_latents, task_context)
             task_logits[name], task_indices[name] = logits, rows
             if labels is not None:
-                task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name)
+                task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name, padded=not single_task)
                 task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"])
                 weighted = task_losses[name] * len(logits) / len(task_ids)
                 loss = weighted if loss is None else loss + weighted
@@ -928,6 +986,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
                 Not given (None, or -1 per sample): the task's registered metadata when the config records its one
                 task in `config.tasks` (as `from_multi_task` does), else "unknown".
         """
+        require_tensor(pixel_values)
         if len(self.config.tasks) == 1:
             task_ids = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
             modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
@@ -943,10 +1002,11 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         )
         loss = None
         if labels is not None:
+            require_label_rows(labels, pixel_values.shape[0])
             if self.config.problem_type is None:  # the same inference as transformers' classification heads
                 if self.config.num_labels == 1:
                     self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
+                elif not labels.is_floating_point():
                     self.config.problem_type = "single_label_classification"
                 else:
                     self.config.problem_type = "multi_label_classification"
@@ -1010,9 +1070,12 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
                 Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
         """
+        require_tensor(pixel_values)
         num_views = 2 if self.projector is not None else 1
         batch_size = pixel_values.shape[0]
-        modality_ids, body_part_ids = check_inputs(self.config, pixel_values, modality_ids, body_part_ids)
+        pixel_values, modality_ids, body_part_ids = check_inputs(
+            self.config, pixel_values, modality_ids, body_part_ids, self.medformer.input_adaptformer.latents.dtype
+        )
         outputs = self.medformer(
             pixel_values.repeat_interleave(num_views, dim=0) if num_views > 1 else pixel_values,
             modality_ids=modality_ids.repeat_interleave(num_views),

@@ -2,12 +2,14 @@
 
 A local file (from `data_dir` or `$MEDMNIST_ROOT`) is checked by its structure: keys, shapes, dtypes, split sizes and
 label range (some correct copies are ordered differently from the official file, so their MD5 differs). A download is
-checked by its MD5. Nothing partial is ever left behind: downloads and caches are written to a temporary name and
-renamed when complete.
+checked by its MD5. The Arrow cache is keyed on the file's content (a BLAKE2 hash), so a replaced file is never
+served stale. Nothing partial is kept: downloads and caches are written under a temporary name that carries the
+writer's process id and renamed when complete; what a killed writer left is removed by the next load.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
@@ -16,6 +18,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import datasets
@@ -58,12 +61,12 @@ def load_medmnist(
         raise ValueError(f"{info.name} comes in sizes {list(info.sizes)}, not {size}.")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = find_or_download(info, size, data_dir, download, mirror, cache_dir)
-    stat = path.stat()
-    arrow_dir = cache_dir / "arrow" / f"{info.name}_{size}_v{CACHE_VERSION}_{stat.st_size}_{stat.st_mtime_ns}"
+    arrow_dir = cache_dir / "arrow" / f"{info.name}_{size}_v{CACHE_VERSION}_{content_hash(path)}"
+    remove_abandoned_partials(arrow_dir.parent)
     if not arrow_dir.exists():
         dataset = convert_npz(path, info, size)
         arrow_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=f".{arrow_dir.name}.", dir=arrow_dir.parent))
+        partial = Path(tempfile.mkdtemp(prefix=_partial_prefix(arrow_dir.name), dir=arrow_dir.parent))
         try:
             dataset.save_to_disk(str(partial))
             os.replace(partial, arrow_dir)
@@ -74,6 +77,50 @@ def load_medmnist(
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return datasets.load_from_disk(str(arrow_dir))
+
+
+def content_hash(path: Path) -> str:
+    """BLAKE2 of the file's bytes (about 0.1 s for a 30 MB file), memoised while its inode and change time stay."""
+    stat = path.stat()
+    return _content_hash(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_hash(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _partial_prefix(name: str) -> str:
+    """Temporary names carry the writer's pid, so a later load can tell abandoned ones from ones being written."""
+    return f".{name}.pid{os.getpid()}."
+
+
+def remove_abandoned_partials(folder: Path) -> None:
+    """Delete temporary files and folders in `folder` whose writing process (on this machine) no longer runs."""
+    if not folder.is_dir():
+        return
+    for entry in folder.glob(".*.pid*.*"):
+        pid = entry.name.rsplit(".pid", 1)[1].split(".", 1)[0]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def local_datasets(data_dir: str | os.PathLike, size: int = 28) -> list[str]:
@@ -117,7 +164,8 @@ def find_or_download(
 def download_file(url: str, target: Path, md5: str, searched: str) -> None:
     """Stream `url` to `target` through a temporary file; keep it only if complete and its MD5 matches."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    remove_abandoned_partials(target.parent)
+    handle, partial_name = tempfile.mkstemp(prefix=_partial_prefix(target.name), dir=target.parent)
     partial = Path(partial_name)
     digest = hashlib.md5()
     try:
@@ -149,9 +197,13 @@ def read_npz(path: Path, info: MedMNISTInfo, size: int) -> dict[str, tuple[np.nd
     fix = "delete it and download it again (or replace it with the official file)"
     try:
         archive = np.load(path)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(f"{problem}: it holds a single array (a .npy file), not an npz archive; {fix}.")
         arrays = {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{problem}: it cannot be read ({error}); {fix}.") from error
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as error:
+        if str(error).startswith(problem):
+            raise
+        raise ValueError(f"{problem}: it cannot be read ({type(error).__name__}: {error}); {fix}.") from error
     expected_keys = {f"{prefix}_{kind}" for prefix in SPLITS.values() for kind in ("images", "labels")}
     if set(arrays) != expected_keys:
         raise ValueError(f"{problem}: its keys are {sorted(arrays)}, expected {sorted(expected_keys)}; {fix}.")
@@ -170,6 +222,10 @@ def read_npz(path: Path, info: MedMNISTInfo, size: int) -> dict[str, tuple[np.nd
         if labels.shape != (count, label_width):
             raise ValueError(f"{problem}: {prefix}_labels has shape {labels.shape}, expected {(count, label_width)}.")
         high = 1 if info.task_type == "multilabel" else len(info.labels) - 1
+        if labels.dtype.kind not in "biuf" or (
+            labels.dtype.kind == "f" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all())
+        ):
+            raise ValueError(f"{problem}: {prefix}_labels must hold whole numbers, got {labels.dtype} values; {fix}.")
         if labels.min() < 0 or labels.max() > high:
             raise ValueError(
                 f"{problem}: {prefix}_labels holds values {labels.min()}..{labels.max()}, outside 0..{high}; {fix}."
