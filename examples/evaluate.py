@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
+from medformer_hf.data.medmnist import search_folders
 from medformer_hf.hub import metrics_table, write_model_card
 from medformer_hf.training import evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
@@ -37,10 +38,22 @@ def parse_args() -> argparse.Namespace:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
     tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
-    args.datasets = args.datasets or [name for name in tasks if name in CATALOGUE]
+    if args.datasets is None:  # every task whose MedMNIST file is here; --datasets insists (and may download)
+        folders = search_folders(args.data_dir)
+        catalogued = [name for name in tasks if name in CATALOGUE]
+        args.datasets = [
+            name for name in catalogued if any((f / CATALOGUE[name].filename(args.size)).is_file() for f in folders)
+        ]
+        skipped = [name for name in tasks if name not in args.datasets]
+        if skipped:
+            print(f"skipped tasks without a local MedMNIST file: {', '.join(skipped)} (name them in --datasets)")
     missing = [name for name in args.datasets if name not in tasks]
     if missing or not args.datasets:
-        parser.error(f"the model has no head for {missing or 'any MedMNIST set'}; its tasks are {sorted(tasks)}.")
+        parser.error(
+            f"the model has no head for {missing} (its tasks are {list(tasks)})."
+            if missing
+            else f"none of the model's tasks {list(tasks)} has a MedMNIST file in {args.data_dir}; pass --datasets."
+        )
     args.output_dir = Path(args.output_dir or args.model)
     return args
 
@@ -66,7 +79,7 @@ def main() -> None:
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "metrics.json").write_text(json.dumps({"split": args.split, "metrics": metrics}, indent=2))
-        table = metrics_table(metrics)
+        table = metrics_table(metrics, args.split)
         (args.output_dir / "metrics.md").write_text(f"{args.split} split of {args.model}\n\n{table}\n")
         for name, (scores, labels) in predictions.items():
             if CATALOGUE[name].task_type != "multilabel":

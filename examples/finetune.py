@@ -16,6 +16,7 @@ from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
+from medformer_hf.data.medmnist import search_folders
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
@@ -51,23 +52,58 @@ def parse_args() -> argparse.Namespace:
         default=True,
         help="each set's label-safe augmentation from the catalogue (shifts, intensity; flips/rotations where allowed)",
     )
+    parser.add_argument(
+        "--train",
+        choices=["all", "new_heads"],
+        default="all",
+        help="what trains: everything, or only the heads of --datasets sets the --init_from checkpoint lacks "
+        "(backbone and old heads frozen, so the old tasks' outputs stay bit-identical)",
+    )
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
+    if args.train == "new_heads" and args.init_from is None:
+        parser.error("--train new_heads grows a trained checkpoint: pass --init_from <folder>.")
     check_common_arguments(parser, args)
     return args
 
 
-def build_model(args: argparse.Namespace) -> MedformerForMultiTask:
-    """A multi-task model with one head per dataset: the checkpoint's weights where it has them, new heads else."""
+def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[str]]:
+    """A multi-task model with one head per dataset: the checkpoint's weights where it has them, new heads else.
+    Also returns the checkpoint's own tasks (empty from scratch)."""
     tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
     if args.init_from is None:
-        return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks))
+        return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks)), []
     config = MedformerConfig.from_pretrained(args.init_from)
+    old_tasks = list(config.tasks)
     for name, spec in tasks.items():
         if name not in config.tasks:
-            config.add_task(name, **spec)
-    return MedformerForMultiTask.from_pretrained(args.init_from, config=config, dtype="float32")
+            config.add_task(name, **spec)  # appended: the old tasks keep their ids
+    model = MedformerForMultiTask.from_pretrained(args.init_from, config=config, dtype="float32")
+    if args.train == "new_heads":
+        new_heads = tuple(f"task_heads.{name}." for name in config.tasks if name not in old_tasks)
+        if not new_heads:
+            raise SystemExit(f"--train new_heads: every --datasets set already has a head in {args.init_from}.")
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith(new_heads)
+    return model, old_tasks
+
+
+def old_tasks_report(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """Markdown: each of the checkpoint's own tasks before and after this run (what growing it cost)."""
+    lines = [
+        "| task | validation AUC before | after | change | validation ACC before | after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, start in before.items():
+        end = after[name]
+        cells = [start["auc"], end["auc"], end["auc"] - start["auc"], start["acc"], end["acc"]]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{value:+.4f}" if i == 2 else f"{value:.4f}" for i, value in enumerate(cells))
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -78,7 +114,7 @@ def main() -> None:
     with accelerator.main_process_first():
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
-    model = build_model(args)
+    model, old_tasks = build_model(args)
     processor = MedformerImageProcessor.from_model_config(model.config, training_size=args.size)
     task_names = list(model.config.tasks)
     loader = multitask_dataloader(
@@ -91,6 +127,15 @@ def main() -> None:
     )
     resolve_budget(accelerator, args, loader)
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
+    # The checkpoint's own tasks (those with a local file), validated before and after this run: what growing cost.
+    folders = search_folders(args.data_dir)
+    with accelerator.main_process_first():
+        old_validation = {
+            name: validation.get(name) or build_multitask_dataset([name], "validation", **load)
+            for name in old_tasks
+            if name in CATALOGUE and any((folder / CATALOGUE[name].filename(args.size)).is_file() for folder in folders)
+        }
+    old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
@@ -113,6 +158,11 @@ def main() -> None:
 
     # What is evaluated and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
+    if old_validation and state.step == 0:
+        old_before, _ = evaluate_tasks(accelerator, evaluated, old_validation, old_collators, args.batch_size)
+        if accelerator.is_main_process:
+            (output_dir / "old_tasks_before.json").parent.mkdir(parents=True, exist_ok=True)
+            (output_dir / "old_tasks_before.json").write_text(json.dumps(old_before, indent=2))
 
     def validate_and_keep_best(step: int) -> None:
         metrics, predictions = evaluate_tasks(accelerator, evaluated, validation, collators, args.batch_size)
@@ -132,7 +182,9 @@ def main() -> None:
             processor.save_pretrained(folder)
             summary = {"step": step, "mean_auc": mean_auc, "metrics": metrics}
             (folder / "validation_metrics.json").write_text(json.dumps(summary, indent=2))
-            (folder / "validation_metrics.md").write_text(f"Best at step {step}\n\n{metrics_table(metrics)}\n")
+            (folder / "validation_metrics.md").write_text(
+                f"Best at step {step}\n\n{metrics_table(metrics, 'validation')}\n"
+            )
             for name, (scores, labels) in predictions.items():
                 if CATALOGUE[name].task_type != "multilabel":
                     path = folder / "confusion_matrices" / f"{name}_validation.png"
@@ -157,6 +209,14 @@ def main() -> None:
     )
 
     accelerator.wait_for_everyone()
+    if old_validation:  # the exported (best) model on the checkpoint's own tasks, next to where they started
+        best = MedformerForMultiTask.from_pretrained(output_dir, dtype="float32").to(accelerator.device)
+        old_after, _ = evaluate_tasks(accelerator, best, old_validation, old_collators, args.batch_size)
+        if accelerator.is_main_process:
+            old_before = json.loads((output_dir / "old_tasks_before.json").read_text())
+            report = old_tasks_report(old_before, old_after)
+            (output_dir / "old_tasks_validation.md").write_text(report + "\n")
+            accelerator.print(f"the checkpoint's own tasks, validation split, before and after:\n{report}")
     if accelerator.is_main_process:
         training = (
             f"Multi-task fine-tuning on {', '.join(args.datasets)} at {args.size} px "

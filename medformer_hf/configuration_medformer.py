@@ -151,8 +151,8 @@ class MedformerConfig(PretrainedConfig):
             Body part vocabulary, index 0 = "unknown". Shared with the image processor.
         tasks (`dict[str, dict]`, *optional*):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
-            multiclass, multilabel, binary, ordinal, regression. Kept sorted by name: per-sample task ids index
-            `list(config.tasks)`.
+            multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
+            which keeps the order the tasks were given in; `add_task` appends, so a checkpoint's ids never change.
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
         norm_pix_loss (`bool`, *optional*, defaults to `False`):
@@ -254,8 +254,13 @@ class MedformerConfig(PretrainedConfig):
         self.projection_dim = projection_dim
         self.agreement_temperature = agreement_temperature
         self._validate_sizes()
-        # Sorted by name, as config.json stores them, so task ids (indices into this order) survive save/load.
-        self.tasks = {name: self._normalize_task(name, spec) for name, spec in sorted((tasks or {}).items())}
+        # In the order given (or recorded): task ids index it. config.json sorts its keys, so `to_dict` records the
+        # order as `task_order`; folders saved before that field were saved (and trained) in sorted order.
+        tasks = tasks or {}
+        task_order = kwargs.pop("task_order", None) or list(tasks)
+        if sorted(task_order) != sorted(tasks):
+            raise ValueError(f"task_order {task_order} does not list the tasks {sorted(tasks)}.")
+        self.tasks = {name: self._normalize_task(name, tasks[name]) for name in task_order}
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
@@ -381,13 +386,19 @@ class MedformerConfig(PretrainedConfig):
                 )
         return normalized
 
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output["task_order"] = list(self.tasks)  # config.json sorts keys; task ids need the order
+        return output
+
     # ------------------------------------------------------------------ helpers
 
     def add_task(self, name: str, **spec: Any) -> None:
-        """Register one more task (validated). Use `MedformerForMultiTask.add_task` to also add its head."""
+        """Register one more task (validated) after the others, so existing task ids keep their meaning. Use
+        `MedformerForMultiTask.add_task` to also add its head."""
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
-        self.tasks = dict(sorted({**self.tasks, name: self._normalize_task(name, spec)}.items()))
+        self.tasks = {**self.tasks, name: self._normalize_task(name, spec)}
 
     def task_output_size(self, name: str) -> int:
         """Number of logits the head of task `name` produces."""

@@ -20,11 +20,12 @@ class HubError(RuntimeError):
     """A push that cannot happen (no token, Hub unreachable, refused); the message says what to do."""
 
 
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown table of per-dataset ACC/AUC next to MedMNIST v2's ResNet-18 (28) / ResNet-18 + 3D and the best
-    published 28 px result."""
+def metrics_table(metrics: dict[str, dict[str, float]], split: str = "test") -> str:
+    """Markdown table of per-dataset ACC/AUC on `split` next to MedMNIST v2's ResNet-18 (28) / ResNet-18 + 3D and the
+    best published 28 px result, which are test-split figures (the column names say so)."""
     lines = [
-        "| dataset | ACC | AUC | ResNet-18 ACC | ResNet-18 AUC | best published ACC | best published AUC | samples |",
+        f"| dataset | {split} ACC | {split} AUC | ResNet-18 test ACC | ResNet-18 test AUC | best published test ACC "
+        f"| best published test AUC | {split} samples |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, values in metrics.items():
@@ -73,7 +74,7 @@ def write_model_card(
         eval_results=eval_results or None,
     )
     evaluation = (
-        f"Test-split metrics with the MedMNIST evaluator's definitions ({split} split):\n\n{metrics_table(metrics)}"
+        f"Metrics with the MedMNIST evaluator's definitions ({split} split):\n\n{metrics_table(metrics, split)}"
         if metrics
         else "Not evaluated yet: run `examples/evaluate.py --model <this folder>` to fill this section."
         if tasks

@@ -186,7 +186,7 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_proce
     def decays(name: str, parameter: torch.nn.Parameter) -> bool:
         return parameter.ndim >= 2 and "context_embeddings" not in name and not name.endswith(("latents", "queries"))
 
-    named = list(model.named_parameters())
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
     decay = [parameter for name, parameter in named if decays(name, parameter)]
     no_decay = [parameter for name, parameter in named if not decays(name, parameter)]
     optimizer = torch.optim.AdamW(
@@ -230,7 +230,8 @@ def create_ema(
 
     def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
         rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
-        return rate * averaged + (1 - rate) * current
+        # The average of an unchanged (frozen) weight stays bit-identical instead of drifting by float rounding.
+        return torch.where(averaged == current, averaged, rate * averaged + (1 - rate) * current)
 
     return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
 

@@ -191,7 +191,8 @@ def _bad_forward_calls(kind: str):
             ("retina", "ordinal 5", torch.tensor([0, 5]), "outside 0..4"),
         ]:
             yield f"{task_name} labels {name}", {"pixel_values": flat, "task": task_name, "labels": labels}, keyword
-        mixed = {"pixel_values": flat, "task": torch.tensor([0, 1])}  # age (regression), chest (multilabel)
+        names = list(make_tiny_config().tasks)
+        mixed = {"pixel_values": flat, "task": torch.tensor([names.index("age"), names.index("chest")])}
         yield "mixed extra columns", {**mixed, "labels": torch.tensor([[1.0, 2.0, 7.0], [0, 1, 1]])}, "-100"
         yield "mixed too narrow", {**mixed, "labels": torch.zeros(2, 2)}, "at least"
     if kind == "classifier":

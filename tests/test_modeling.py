@@ -125,7 +125,7 @@ def test_multitask_loss_is_the_sample_weighted_mean_of_task_losses(tiny_config):
     model = MedformerForMultiTask(tiny_config).eval()
     pixels = torch.randn(5, 1, 28, 28)
     names = list(tiny_config.tasks)
-    assert names == sorted(names)  # ids index the tasks sorted by name, as config.json stores them
+    assert names == ["pneumonia", "organ", "retina", "chest", "age"]  # ids index the tasks in the order given
     task_ids = torch.tensor([names.index(name) for name in ("pneumonia", "organ", "organ", "pneumonia", "organ")])
     labels = torch.tensor([[1], [7], [3], [0], [10]])
     mixed = model(pixels, task=task_ids, labels=labels)
@@ -187,6 +187,23 @@ def test_add_task_on_a_loaded_checkpoint_keeps_every_weight(tiny_config, tmp_pat
     model.save_pretrained(tmp_path / "grown")
     reloaded = MedformerForMultiTask.from_pretrained(tmp_path / "grown")
     assert torch.equal(reloaded.task_heads["derma"].queries, model.task_heads["derma"].queries)
+
+
+def test_task_ids_stay_stable_when_a_task_is_added(tiny_config, tmp_path):
+    """Per-sample task ids are the mixed-batch API: a new task, even one whose name sorts first, is appended."""
+    MedformerForMultiTask(tiny_config).save_pretrained(tmp_path)
+    model = MedformerForMultiTask.from_pretrained(tmp_path).eval()
+    before = list(model.config.tasks)
+    pixels = torch.rand(2, 1, 28, 28)
+    ids = torch.tensor([before.index("pneumonia"), before.index("chest")])
+    with torch.no_grad():
+        expected = model(pixels, task=ids).task_logits
+        model.add_task("aaa_first_by_name", type="binary", labels=["no", "yes"])
+        grown = model(pixels, task=ids).task_logits
+    assert list(model.config.tasks) == [*before, "aaa_first_by_name"]
+    assert grown.keys() == expected.keys() and all(torch.equal(grown[k], expected[k]) for k in expected)
+    model.save_pretrained(tmp_path / "grown")
+    assert list(MedformerForMultiTask.from_pretrained(tmp_path / "grown").config.tasks) == list(model.config.tasks)
 
 
 def test_save_and_load_restore_every_parameter_and_buffer(tiny_config, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from medformer_hf import MedformerForMultiTask
 from medformer_hf.hub import HubError, card_metrics, push_folder, upload_plan
 
 from .conftest import DATA_DIR, REPO_ROOT
@@ -137,6 +138,47 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
     loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
     assert loaded["class"] == "MedformerModel" and loaded["output"].shape[0] == 2
+
+
+def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(workdir, tmp_path):
+    """`--train new_heads` on a set the checkpoint lacks: old tasks bit-identical, ids appended, a before/after report;
+    then evaluate.py on a folder of files without the new set evaluates what it finds and says what it skipped."""
+    finetuned = workdir / "finetune"
+    if not (finetuned / "config.json").exists():
+        pytest.skip("needs the end-to-end test's fine-tuned model")
+    grown = tmp_path / "grown"
+    run = checked(
+        run_script(
+            *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "pneumoniamnist"),
+            *("--init_from", str(finetuned), "--train", "new_heads", "--max_steps", "3", "--checkpointing_steps", "3"),
+            *("--batch_size", "8", "--report_to", "none", "--output_dir", str(grown)),
+        )
+    )
+    old_weights, grown_weights = load_file(finetuned / "model.safetensors"), load_file(grown / "model.safetensors")
+    assert set(grown_weights) - set(old_weights) == {
+        f"task_heads.pneumoniamnist.{name}" for name in ("queries", "projection.weight", "projection.bias")
+    }
+    for key, value in old_weights.items():  # every weight the old tasks use is bit-identical
+        assert torch.equal(grown_weights[key], value), key
+    before = MedformerForMultiTask.from_pretrained(finetuned).eval()
+    after = MedformerForMultiTask.from_pretrained(grown).eval()
+    assert list(after.config.tasks) == [*before.config.tasks, "pneumoniamnist"]
+    inputs = {"breastmnist": torch.rand(3, 1, 28, 28), "vesselmnist3d": torch.rand(3, 1, 28, 28, 28)}
+    with torch.no_grad():  # same weights; CPU matmul kernels may round the last bit differently per allocation
+        for task, pixels in inputs.items():
+            torch.testing.assert_close(
+                before(pixels, task=task).logits, after(pixels, task=task).logits, atol=1e-6, rtol=0
+            )
+    report = (grown / "old_tasks_validation.md").read_text()
+    assert report.count("+0.0000") == 2 and "before and after" in run.stdout
+
+    only_old = tmp_path / "only_old_files"
+    only_old.mkdir()
+    for name in DATASETS:
+        (only_old / f"{name}.npz").symlink_to(DATA_DIR / f"{name}.npz")
+    result = checked(run_script(tmp_path, "evaluate.py", "--model", str(grown), "--data_dir", str(only_old)))
+    assert "skipped tasks without a local MedMNIST file: pneumoniamnist" in result.stdout
+    assert set(json.loads((grown / "metrics.json").read_text())["metrics"]) == set(DATASETS)
 
 
 def test_two_processes_pretrain_and_evaluate_like_one(pretrained, workdir):
