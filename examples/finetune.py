@@ -79,11 +79,20 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     for name, spec in tasks.items():
         if name not in config.tasks:
             config.add_task(name, **spec)  # appended: the old tasks keep their ids
-    model = MedformerForMultiTask.from_pretrained(args.init_from, config=config, dtype="float32")
+    model, loading = MedformerForMultiTask.from_pretrained(
+        args.init_from, config=config, dtype="float32", output_loading_info=True
+    )
     if args.train == "new_heads":
-        new_heads = tuple(f"task_heads.{name}." for name in config.tasks if name not in old_tasks)
-        if not new_heads:
-            raise SystemExit(f"--train new_heads: every --datasets set already has a head in {args.init_from}.")
+        trained_here = [name for name in args.datasets if name in old_tasks]
+        if trained_here:
+            raise SystemExit(
+                f"--train new_heads freezes the heads {args.init_from} has, so {trained_here} would not train: drop "
+                "them from --datasets, or replay them with --train all."
+            )
+        new_heads = tuple(f"task_heads.{name}." for name in args.datasets)
+        untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(new_heads))
+        if untrained:
+            raise SystemExit(f"--train new_heads would freeze weights {args.init_from} lacks: {untrained[:3]} ...")
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(new_heads)
     return model, old_tasks
@@ -212,9 +221,11 @@ def main() -> None:
     if old_validation:  # the exported (best) model on the checkpoint's own tasks, next to where they started
         best = MedformerForMultiTask.from_pretrained(output_dir, dtype="float32").to(accelerator.device)
         old_after, _ = evaluate_tasks(accelerator, best, old_validation, old_collators, args.batch_size)
-        if accelerator.is_main_process:
-            old_before = json.loads((output_dir / "old_tasks_before.json").read_text())
-            report = old_tasks_report(old_before, old_after)
+        before_file = output_dir / "old_tasks_before.json"
+        if accelerator.is_main_process and not before_file.is_file():  # resumed from another run's checkpoint
+            accelerator.print(f"no {before_file.name} from this run's start: the before/after report is skipped")
+        elif accelerator.is_main_process:
+            report = old_tasks_report(json.loads(before_file.read_text()), old_after)
             (output_dir / "old_tasks_validation.md").write_text(report + "\n")
             accelerator.print(f"the checkpoint's own tasks, validation split, before and after:\n{report}")
     if accelerator.is_main_process:

@@ -324,7 +324,10 @@ class CheckpointManager:
 
     def resume(self, spec: str | None) -> Path | None:
         """Load `spec` ('latest' or a folder) into the accelerator's registered objects; None when starting fresh."""
-        if spec is None:
+        if spec is None:  # a fresh start keeps no checkpoint of an earlier run (--overwrite_output_dir)
+            if self.accelerator.is_main_process:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             return None
         path = self.latest() if spec == "latest" else Path(spec)
         if path is None:
@@ -356,12 +359,17 @@ def exported_state_dict(
     return None if ema is not None else accelerator.get_state_dict(model)
 
 
+# Files of a model folder that describe the weights they were written with (the card, evaluate.py's test metrics).
+DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md")
+
+
 def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write the Hub-ready model folder complete-or-absent (call on the main process only).
 
     `write` fills a temporary folder inside `folder`; then its files replace the folder's, with `config.json` removed
     first and put back last. A kill at any point leaves the previous complete model, or no loadable model (no
-    `config.json`): never new weights beside an old processor or card that look finished.
+    `config.json`): never new weights beside an old processor, card or test metrics that look finished (the card and
+    metrics of earlier weights are removed unless `write` replaces them).
     """
     folder = Path(folder)
     partial = folder / ".export-partial"
@@ -369,6 +377,9 @@ def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]
     partial.mkdir(parents=True)
     write(partial)
     (folder / "config.json").unlink(missing_ok=True)
+    for name in DESCRIBES_OLD_WEIGHTS:  # an earlier card or test metrics must not sit beside new weights
+        if not (partial / name).exists():
+            (folder / name).unlink(missing_ok=True)
     for entry in sorted(partial.iterdir(), key=lambda entry: entry.name == "config.json"):  # config.json last
         target = folder / entry.name
         if target.is_dir():

@@ -3,6 +3,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -157,14 +158,15 @@ def test_a_replaced_file_with_the_same_size_and_time_is_not_served_stale(tmp_pat
 def test_what_a_killed_writer_left_is_removed_by_the_next_load(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    arrow = tmp_path / "arrow"
-    abandoned = arrow / f".breastmnist_28_v1_x.pid{dead.pid}.abc"
-    in_progress = arrow / f".organmnist3d_28_v1_x.pid{os.getpid()}.def"
-    for folder in (abandoned, in_progress):
+    arrow, host = tmp_path / "arrow", socket.gethostname()
+    abandoned = arrow / f".breastmnist_28_v1_x.{host}.pid{dead.pid}.abc"
+    in_progress = arrow / f".organmnist3d_28_v1_x.{host}.pid{os.getpid()}.def"
+    other_machine = arrow / f".organmnist3d_28_v1_x.another-node.pid{dead.pid}.ghi"  # shared filesystem: not ours
+    for folder in (abandoned, in_progress, other_machine):
         folder.mkdir(parents=True)
         (folder / "data.arrow").write_bytes(b"0" * 1000)
     load_medmnist("breastmnist", data_dir=DATA_DIR, cache_dir=tmp_path)
-    assert not abandoned.exists() and in_progress.exists()
+    assert not abandoned.exists() and in_progress.exists() and other_machine.exists()
 
 
 @pytest.mark.parametrize(

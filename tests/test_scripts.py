@@ -171,6 +171,11 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
             )
     report = (grown / "old_tasks_validation.md").read_text()
     assert report.count("+0.0000") == 2 and "before and after" in run.stdout
+    refused = run_script(
+        *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "breastmnist", "pneumoniamnist"),
+        *("--init_from", str(finetuned), "--train", "new_heads", "--output_dir", str(tmp_path / "refused")),
+    )
+    assert refused.returncode != 0 and "drop them from --datasets, or replay them with --train all" in refused.stderr
 
     only_old = tmp_path / "only_old_files"
     only_old.mkdir()

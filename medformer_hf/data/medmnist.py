@@ -10,10 +10,13 @@ writer's process id and renamed when complete; what a killed writer left is remo
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import http.client
 import os
+import re
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -95,17 +98,19 @@ def _content_hash(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int
 
 
 def _partial_prefix(name: str) -> str:
-    """Temporary names carry the writer's pid, so a later load can tell abandoned ones from ones being written."""
-    return f".{name}.pid{os.getpid()}."
+    """Temporary names carry the writer's host and pid, so a later load can tell abandoned ones from ones being
+    written (by this machine or, on a shared filesystem, by another one)."""
+    return f".{name}.{socket.gethostname()}.pid{os.getpid()}."
 
 
 def remove_abandoned_partials(folder: Path) -> None:
-    """Delete temporary files and folders in `folder` whose writing process (on this machine) no longer runs."""
+    """Delete temporary files and folders in `folder` written on this machine by processes that no longer run."""
     if not folder.is_dir():
         return
-    for entry in folder.glob(".*.pid*.*"):
-        pid = entry.name.rsplit(".pid", 1)[1].split(".", 1)[0]
-        if not pid.isdigit() or _process_alive(int(pid)):
+    host = socket.gethostname()
+    for entry in folder.glob(f".*.{glob.escape(host)}.pid*.*"):
+        pid = re.search(rf"\.{re.escape(host)}\.pid(\d+)\.", entry.name)
+        if pid is None or _process_alive(int(pid.group(1))):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
