@@ -7,7 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-ROUTES = {"frozen": "frozen backbone (`--train new_heads`)", "replay": "full fine-tune, old sets replayed"}
+ROUTES = {
+    "frozen": "frozen backbone (`--train new_heads`)",
+    "own_output": "frozen backbone, own Output Adaptformer (`--train new_heads_and_output`)",
+    "replay": "full fine-tune, old sets replayed",
+}
 NEW = "breastmnist"
 
 

@@ -54,16 +54,17 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--train",
-        choices=["all", "new_heads"],
+        choices=["all", "new_heads", "new_heads_and_output"],
         default="all",
-        help="what trains: everything, or only the heads of --datasets sets the --init_from checkpoint lacks "
-        "(backbone and old heads frozen, so the old tasks' outputs stay bit-identical)",
+        help="what trains: everything; only the heads of --datasets sets the --init_from checkpoint lacks; or those "
+        "heads plus an Output Adaptformer of their own (a copy of the shared one). The last two freeze everything "
+        "the checkpoint had, so its tasks' weights stay bit-identical",
     )
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
-    if args.train == "new_heads" and args.init_from is None:
-        parser.error("--train new_heads grows a trained checkpoint: pass --init_from <folder>.")
+    if args.train != "all" and args.init_from is None:
+        parser.error(f"--train {args.train} grows a trained checkpoint: pass --init_from <folder>.")
     check_common_arguments(parser, args)
     return args
 
@@ -76,25 +77,30 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
         return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks)), []
     config = MedformerConfig.from_pretrained(args.init_from)
     old_tasks = list(config.tasks)
+    private_output = args.train == "new_heads_and_output"
     for name, spec in tasks.items():
         if name not in config.tasks:
-            config.add_task(name, **spec)  # appended: the old tasks keep their ids
+            config.add_task(name, private_output=private_output, **spec)  # appended: the old tasks keep their ids
     model, loading = MedformerForMultiTask.from_pretrained(
         args.init_from, config=config, dtype="float32", output_loading_info=True
     )
-    if args.train == "new_heads":
+    if args.train != "all":
         trained_here = [name for name in args.datasets if name in old_tasks]
         if trained_here:
             raise SystemExit(
-                f"--train new_heads freezes the heads {args.init_from} has, so {trained_here} would not train: drop "
-                "them from --datasets, or replay them with --train all."
+                f"--train {args.train} freezes the heads {args.init_from} has, so {trained_here} would not train: "
+                "drop them from --datasets, or replay them with --train all."
             )
-        new_heads = tuple(f"task_heads.{name}." for name in args.datasets)
-        untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(new_heads))
+        new = tuple(
+            f"{module}.{name}." for name in args.datasets for module in ("task_heads", "private_output_adaptformers")
+        )
+        untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(new))
         if untrained:
-            raise SystemExit(f"--train new_heads would freeze weights {args.init_from} lacks: {untrained[:3]} ...")
+            raise SystemExit(f"--train {args.train} would freeze weights {args.init_from} lacks: {untrained[:3]} ...")
+        for name in args.datasets if private_output else []:  # start from what the shared one learned
+            model.private_output_adaptformers[name].load_state_dict(model.output_adaptformer.state_dict())
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith(new_heads)
+            parameter.requires_grad = name.startswith(new)
     return model, old_tasks
 
 

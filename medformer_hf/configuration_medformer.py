@@ -149,6 +149,9 @@ class MedformerConfig(PretrainedConfig):
             Imaging modality vocabulary, index 0 = "unknown". Shared with the image processor.
         body_part_names (`list[str]`, *optional*):
             Body part vocabulary, index 0 = "unknown". Shared with the image processor.
+        private_output_tasks (`list[str]`, *optional*):
+            Tasks that read the latents through an Output Adaptformer of their own instead of the shared one: a task
+            grown onto a trained checkpoint can then adapt what it reads while every other task stays unchanged.
         tasks (`dict[str, dict]`, *optional*):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
             multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
@@ -215,6 +218,7 @@ class MedformerConfig(PretrainedConfig):
         ssl_loss_weights: dict[str, float] | None = None,
         projection_dim: int = 128,
         agreement_temperature: float = 0.1,
+        private_output_tasks: list[str] | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -261,6 +265,10 @@ class MedformerConfig(PretrainedConfig):
         if sorted(task_order) != sorted(tasks):
             raise ValueError(f"task_order {task_order} does not list the tasks {sorted(tasks)}.")
         self.tasks = {name: self._normalize_task(name, tasks[name]) for name in task_order}
+        self.private_output_tasks = list(private_output_tasks or [])
+        unknown_private = set(self.private_output_tasks) - set(self.tasks)
+        if unknown_private:
+            raise ValueError(f"private_output_tasks names {sorted(unknown_private)}, which are not in tasks.")
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
@@ -393,12 +401,15 @@ class MedformerConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ helpers
 
-    def add_task(self, name: str, **spec: Any) -> None:
-        """Register one more task (validated) after the others, so existing task ids keep their meaning. Use
-        `MedformerForMultiTask.add_task` to also add its head."""
+    def add_task(self, name: str, private_output: bool = False, **spec: Any) -> None:
+        """Register one more task (validated) after the others, so existing task ids keep their meaning;
+        `private_output` gives it an Output Adaptformer of its own. Use `MedformerForMultiTask.add_task` to also add
+        its head."""
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
         self.tasks = {**self.tasks, name: self._normalize_task(name, spec)}
+        if private_output:
+            self.private_output_tasks = [*self.private_output_tasks, name]
 
     def task_output_size(self, name: str) -> int:
         """Number of logits the head of task `name` produces."""

@@ -276,3 +276,32 @@ def test_bad_task_and_labels_raise_clear_errors(tiny_config):
         model(pixels, task="chest", labels=torch.tensor([[0.0, 0.5, 1.0]] * 2))
     with pytest.raises(ValueError, match="modality_ids has ids outside"):
         model(pixels, task="organ", modality_ids=torch.tensor([0, 99]))
+
+
+def test_a_task_with_its_own_output_adaptformer_changes_no_other_task(tiny_config, tmp_path):
+    model = MedformerForMultiTask(tiny_config).eval()
+    pixels = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        before = {task: model(pixels, task=task).logits for task in ("pneumonia", "chest")}
+        model.add_task("derma", private_output=True, type="multiclass", num_labels=7)
+        shared_reader = model._read_task(
+            model.task_heads["derma"], model.output_adaptformer, *_latents_and_context(model, pixels)
+        )
+        assert torch.equal(model(pixels, task="derma").logits, shared_reader)  # starts as a copy of the shared one
+        for parameter in model.private_output_adaptformers["derma"].parameters():
+            parameter.add_(0.1)  # as training would move it
+        for task, logits in before.items():
+            assert torch.equal(model(pixels, task=task).logits, logits), task
+        assert not torch.equal(model(pixels, task="derma").logits, shared_reader)
+    model.save_pretrained(tmp_path)
+    reloaded = MedformerForMultiTask.from_pretrained(tmp_path).eval()
+    classifier = MedformerForImageClassification.from_multi_task(reloaded, "derma")
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(pixels).logits, model(pixels, task="derma").logits)
+
+
+def _latents_and_context(model, pixels):
+    output = model.medformer(
+        pixels, modality_ids=torch.zeros(2, dtype=torch.long), body_part_ids=torch.zeros(2, dtype=torch.long)
+    )
+    return output.last_hidden_state, output.context_embedding

@@ -171,6 +171,26 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
             )
     report = (grown / "old_tasks_validation.md").read_text()
     assert report.count("+0.0000") == 2 and "before and after" in run.stdout
+    own = tmp_path / "own_output"  # the same with an Output Adaptformer of its own: still nothing old moves
+    checked(
+        run_script(
+            *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "pneumoniamnist"),
+            *("--init_from", str(finetuned), "--train", "new_heads_and_output", "--max_steps", "2"),
+            *("--checkpointing_steps", "2", "--batch_size", "8", "--report_to", "none", "--output_dir", str(own)),
+        )
+    )
+    own_weights = load_file(own / "model.safetensors")
+    private = {key for key in own_weights if key.startswith("private_output_adaptformers.pneumoniamnist.")}
+    assert private and all(torch.equal(own_weights[key], value) for key, value in old_weights.items())
+    moved = [
+        key
+        for key in private
+        if not torch.equal(
+            own_weights[key],
+            old_weights[key.replace("private_output_adaptformers.pneumoniamnist.", "output_adaptformer.")],
+        )
+    ]
+    assert moved  # it started as a copy of the shared one and trained
     refused = run_script(
         *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "breastmnist", "pneumoniamnist"),
         *("--init_from", str(finetuned), "--train", "new_heads", "--output_dir", str(tmp_path / "refused")),

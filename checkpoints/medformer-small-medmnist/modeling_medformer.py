@@ -10,6 +10,7 @@ This file is shipped with every checkpoint (Hub remote code): it imports only to
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -612,7 +613,14 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
 def _module_names(keys: set[str]) -> list[str]:
     """Parameter names -> the modules they belong to, e.g. `task_heads.breastmnist`, `decoder`."""
     return sorted(
-        {".".join(key.split(".")[: 2 if key.startswith(("task_heads.", "medformer.")) else 1]) for key in keys}
+        {
+            ".".join(
+                key.split(".")[
+                    : 2 if key.startswith(("task_heads.", "medformer.", "private_output_adaptformers.")) else 1
+                ]
+            )
+            for key in keys
+        }
     )
 
 
@@ -792,22 +800,37 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         super().__init__(config)
         self.medformer = MedformerModel(config)
         self.output_adaptformer = MedformerOutputAdaptformer(config)
+        self.private_output_adaptformers = nn.ModuleDict(
+            {name: MedformerOutputAdaptformer(config) for name in config.private_output_tasks}
+        )
         self.task_heads = nn.ModuleDict(
             {name: MedformerTaskHead(config, config.task_output_size(name)) for name in config.tasks}
         )
         self.post_init()
 
-    def add_task(self, name: str, **spec) -> None:
+    def add_task(self, name: str, private_output: bool = False, **spec) -> None:
         """Grow the model by one task (a new head and task queries); every existing weight stays as it is.
 
         `spec` takes the keys of a `config.tasks` entry: `type`, `num_labels` or `labels`/`id2label`, `modality`,
-        `body_part`.
+        `body_part`. `private_output` also gives the task an Output Adaptformer of its own, starting as a copy of
+        the shared one, so that training it changes no other task.
         """
-        self.config.add_task(name, **spec)
+        self.config.add_task(name, private_output=private_output, **spec)
         reference = next(self.parameters())
         head = MedformerTaskHead(self.config, self.config.task_output_size(name))
         head.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
         self.task_heads[name] = head
+        if private_output:
+            self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer)
+
+    def output_adaptformer_of(self, task: str) -> MedformerOutputAdaptformer:
+        """The Output Adaptformer a task reads the latents with: its own (`config.private_output_tasks`) or the
+        shared one."""
+        return (
+            self.private_output_adaptformers[task]
+            if task in self.private_output_adaptformers
+            else self.output_adaptformer
+        )
 
     def _task_ids(self, task: str | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
         names = list(self.config.tasks)
@@ -885,7 +908,9 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
                 rows = (task_ids == index).nonzero().squeeze(1)
                 task_latents, task_context = latents[rows], context[rows]
                 task_labels = None if labels is None else labels[rows]
-            logits = self._read_task(self.task_heads[name], self.output_adaptformer, task_latents, task_context)
+            logits = self._read_task(
+                self.task_heads[name], self.output_adaptformer_of(name), task_latents, task_context
+            )
             task_logits[name], task_indices[name] = logits, rows
             if labels is not None:
                 task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name, padded=not single_task)
@@ -952,18 +977,24 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
                 "multi-task model with task=, or pipeline('medical-image-classification') (which reads them right)."
             )
         config = MedformerConfig.from_dict(multi_task.config.to_dict())
-        config.tasks = {task: spec}
+        config.tasks, config.private_output_tasks = {task: spec}, []
         config.id2label = {int(index): name for index, name in spec["id2label"].items()}
         config.label2id = {name: index for index, name in config.id2label.items()}
         config.problem_type = problem_types[spec["type"]]
         config.architectures = [cls.__name__]
-        head_prefix = f"task_heads.{task}."
+        renamed = {  # the task's head becomes the classifier; the Output Adaptformer it reads with, the only one
+            f"task_heads.{task}.": "classifier.",
+            f"private_output_adaptformers.{task}.": "output_adaptformer.",
+        }
+        own_reader = task in multi_task.config.private_output_tasks
         state = {}
         for key, value in multi_task.state_dict().items():
-            if key.startswith(head_prefix):
-                state["classifier." + key.removeprefix(head_prefix)] = value
-            elif not key.startswith("task_heads."):
-                state[key] = value
+            prefix = next((old for old in renamed if key.startswith(old)), None)
+            if prefix is not None:
+                state[renamed[prefix] + key.removeprefix(prefix)] = value
+            elif not key.startswith(("task_heads.", "private_output_adaptformers.")):
+                if not (own_reader and key.startswith("output_adaptformer.")):
+                    state[key] = value
         if spec["type"] == "binary":  # [0, z]: softmax gives the same class-1 probability as sigmoid(z)
             for name in ("classifier.projection.weight", "classifier.projection.bias"):
                 state[name] = torch.cat([torch.zeros_like(state[name]), state[name]])
