@@ -70,37 +70,33 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[str]]:
-    """A multi-task model with one head per dataset: the checkpoint's weights where it has them, new heads else.
-    Also returns the checkpoint's own tasks (empty from scratch)."""
+    """A multi-task model with one head per dataset: the checkpoint as it is, grown by `add_task` for the sets it
+    lacks (appended, so its tasks keep their ids). Also returns the checkpoint's own tasks (empty from scratch)."""
     tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
     if args.init_from is None:
         return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks)), []
-    config = MedformerConfig.from_pretrained(args.init_from)
-    old_tasks = list(config.tasks)
-    private_output = args.train == "new_heads_and_output"
-    for name, spec in tasks.items():
-        if name not in config.tasks:
-            config.add_task(name, private_output=private_output, **spec)  # appended: the old tasks keep their ids
-    model, loading = MedformerForMultiTask.from_pretrained(
-        args.init_from, config=config, dtype="float32", output_loading_info=True
-    )
+    model, loading = MedformerForMultiTask.from_pretrained(args.init_from, dtype="float32", output_loading_info=True)
+    old_tasks = list(model.config.tasks)
+    new_tasks = [name for name in tasks if name not in old_tasks]
+    for name in new_tasks:  # with --train new_heads_and_output, a copy of the shared Output Adaptformer of its own
+        model.add_task(name, private_output=args.train == "new_heads_and_output", **tasks[name])
     if args.train != "all":
-        trained_here = [name for name in args.datasets if name in old_tasks]
-        if trained_here:
+        if len(new_tasks) < len(tasks):
             raise SystemExit(
-                f"--train {args.train} freezes the heads {args.init_from} has, so {trained_here} would not train: "
-                "drop them from --datasets, or replay them with --train all."
+                f"--train {args.train} freezes the heads {args.init_from} has, so "
+                f"{[name for name in tasks if name in old_tasks]} would not train: drop them from --datasets, or "
+                "replay them with --train all."
             )
-        new = tuple(
-            f"{module}.{name}." for name in args.datasets for module in ("task_heads", "private_output_adaptformers")
+        if loading["missing_keys"]:
+            raise SystemExit(
+                f"--train {args.train} would freeze weights {args.init_from} lacks: "
+                f"{sorted(loading['missing_keys'])[:3]} ..."
+            )
+        trained = tuple(
+            f"{module}.{name}." for name in new_tasks for module in ("task_heads", "private_output_adaptformers")
         )
-        untrained = sorted(key for key in loading["missing_keys"] if not key.startswith(new))
-        if untrained:
-            raise SystemExit(f"--train {args.train} would freeze weights {args.init_from} lacks: {untrained[:3]} ...")
-        for name in args.datasets if private_output else []:  # start from what the shared one learned
-            model.private_output_adaptformers[name].load_state_dict(model.output_adaptformer.state_dict())
         for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith(new)
+            parameter.requires_grad = name.startswith(trained)
     return model, old_tasks
 
 

@@ -468,7 +468,9 @@ def predict(
     scores, labels = [], []
     was_training = model.training
     model.eval()
-    for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=not accelerator.is_main_process):
+    # On a terminal only (disable=None): in a log file the nested bar's cursor codes would garble the lines around it.
+    bar = None if accelerator.is_main_process else True
+    for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=bar):
         logits = model(
             batch["pixel_values"],
             task=task,
