@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
-from medformer_hf.data.medmnist import search_folders
+from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, write_model_card
 from medformer_hf.training import evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
@@ -39,10 +39,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
     tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
     if args.datasets is None:  # every task whose MedMNIST file is here; --datasets insists (and may download)
-        folders = search_folders(args.data_dir)
-        catalogued = [name for name in tasks if name in CATALOGUE]
         args.datasets = [
-            name for name in catalogued if any((f / CATALOGUE[name].filename(args.size)).is_file() for f in folders)
+            name for name in tasks if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)
         ]
         skipped = [name for name in tasks if name not in args.datasets]
         if skipped:

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
-from medformer_hf.data.medmnist import search_folders
+from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
@@ -139,12 +139,11 @@ def main() -> None:
     resolve_budget(accelerator, args, loader)
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
     # The checkpoint's own tasks (those with a local file), validated before and after this run: what growing cost.
-    folders = search_folders(args.data_dir)
     with accelerator.main_process_first():
         old_validation = {
             name: validation.get(name) or build_multitask_dataset([name], "validation", **load)
             for name in old_tasks
-            if name in CATALOGUE and any((folder / CATALOGUE[name].filename(args.size)).is_file() for folder in folders)
+            if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)
         }
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)

@@ -965,12 +965,8 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         if task not in tasks:
             raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
         spec = tasks[task]
-        problem_types = {
-            "multiclass": "single_label_classification",
-            "binary": "single_label_classification",
-            "multilabel": "multi_label_classification",
-            "regression": "regression",
-        }
+        problem_types = {task_type: problem for problem, task_type in cls._problem_to_task_type.items()}
+        problem_types["binary"] = problem_types["multiclass"]  # as the two logits [0, z]
         if spec["type"] not in problem_types:
             raise ValueError(
                 f"Task {task!r} is {spec['type']}: its cumulative logits are not a single-task classifier's. Use the "
@@ -1101,12 +1097,11 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
                 Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
         """
-        require_tensor(pixel_values)
         num_views = 2 if self.projector is not None else 1
-        batch_size = pixel_values.shape[0]
         pixel_values, modality_ids, body_part_ids = check_inputs(
             self.config, pixel_values, modality_ids, body_part_ids, self.medformer.input_adaptformer.latents.dtype
         )
+        batch_size = pixel_values.shape[0]
         outputs = self.medformer(
             pixel_values.repeat_interleave(num_views, dim=0) if num_views > 1 else pixel_values,
             modality_ids=modality_ids.repeat_interleave(num_views),

@@ -23,7 +23,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
-from .data.medmnist import local_datasets, search_folders
+from .data.medmnist import find_local, local_datasets, search_folders
 from .metrics import load_medmnist_metric
 from .modeling_medformer import task_probabilities
 
@@ -119,13 +119,13 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(CATALOGUE)}.")
     args.datasets = [name.lower() for name in args.datasets]
-    folders = search_folders(args.data_dir)
     for name in args.datasets:
         info = CATALOGUE[name]
         if args.size not in info.sizes:
             parser.error(f"{name} comes in sizes {list(info.sizes)}, not --size {args.size}.")
-        if offline and not any((folder / info.filename(args.size)).is_file() for folder in folders):
-            parser.error(f"{info.filename(args.size)} is not in {', '.join(map(str, folders))} and the Hub is offline.")
+        if offline and find_local(info, args.size, args.data_dir) is None:
+            folders = ", ".join(map(str, search_folders(args.data_dir)))
+            parser.error(f"{info.filename(args.size)} is not in {folders} and the Hub is offline.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id user/name.")
     resume = args.resume_from_checkpoint

@@ -139,6 +139,16 @@ def search_folders(data_dir: str | os.PathLike | None = None, cache_dir: Path | 
     return [*folders, (cache_dir if cache_dir is not None else default_cache_dir()) / "npz"]
 
 
+def find_local(
+    info: MedMNISTInfo, size: int, data_dir: str | os.PathLike | None = None, cache_dir: Path | None = None
+) -> Path | None:
+    """The set's official file of `size` in the first of `search_folders` that has it, else None."""
+    filename = info.filename(size)
+    return next(
+        (folder / filename for folder in search_folders(data_dir, cache_dir) if (folder / filename).is_file()), None
+    )
+
+
 def find_or_download(
     info: MedMNISTInfo,
     size: int,
@@ -151,11 +161,10 @@ def find_or_download(
     filename = info.filename(size)
     if data_dir is not None and not Path(data_dir).is_dir():
         raise FileNotFoundError(f"data_dir {data_dir} is not a folder; pass the folder that holds {filename}.")
-    folders = search_folders(data_dir, cache_dir)
-    for folder in folders:
-        if (folder / filename).is_file():
-            return folder / filename
-    searched = ", ".join(str(folder) for folder in folders)
+    local = find_local(info, size, data_dir, cache_dir)
+    if local is not None:
+        return local
+    searched = ", ".join(str(folder) for folder in search_folders(data_dir, cache_dir))
     if not download:
         raise FileNotFoundError(
             f"{filename} is not in {searched}. Put it in one of them (or set MEDMNIST_ROOT), or pass download=True."
