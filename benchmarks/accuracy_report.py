@@ -62,19 +62,25 @@ def table(out: Path) -> str:
 
 
 def ablation_table(out: Path) -> str:
-    """One row per variant of run_recipe_ablation.sh (`<out>/<variant>/<set>/metrics.json`), test ACC/AUC per set."""
+    """One row per variant of run_recipe_ablation.sh: test ACC/AUC per set, mean ± sd over the seeds run
+    (`<out>/<variant>/<set>/seed<n>/metrics.json`; older single-seed runs: `<out>/<variant>/<set>/metrics.json`)."""
     variants = sorted(
         (path for path in out.iterdir() if path.is_dir()), key=lambda path: (path.name != "default", path.name)
     )
     names = sorted({run.name for variant in variants for run in variant.iterdir()}, key=list(CATALOGUE).index)
-    header = ["variant"] + [f"{name} {metric}" for name in names for metric in ("ACC", "AUC")]
+    header = ["variant", "seeds"] + [f"{name} {metric}" for name in names for metric in ("ACC", "AUC")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
-        cells = []
+        cells, seeds = [], set()
         for name in names:
-            values = read_metrics(variant / name).get(name)
-            cells += [f"{values[m]:.3f}" if values else "–" for m in ("acc", "auc")]
-        lines.append(f"| {variant.name} | " + " | ".join(cells) + " |")
+            runs = [variant / name, *sorted((variant / name).glob("seed*"))]
+            found = [metrics[name] for metrics in map(read_metrics, runs) if name in metrics]
+            seeds.add(len(found))
+            for metric in ("acc", "auc"):
+                values = [entry[metric] for entry in found]
+                spread = f" ± {np.std(values):.3f}" if len(values) > 1 else ""
+                cells.append(f"{np.mean(values):.3f}{spread}" if values else "–")
+        lines.append(f"| {variant.name} | {'/'.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The tokenizer and recipe ablation of BENCHMARKS.md, one command (resumable: finished runs are skipped).
-#   bash benchmarks/run_recipe_ablation.sh [data_dir] [output_dir]
-# Single-task runs from scratch (`small` model) on one 2D and one 3D set; each variant changes one thing of the
-# default recipe (conv stem, fan-in init, lr 1e-3 with 5% warm-up, label-safe augmentation, EMA 0.999, 48 latents).
-# Each run keeps its best-validation checkpoint and is then evaluated on the test split; the table: ablation.md.
+#   [SEEDS="0 1 2"] [INIT=outputs/ref/ssl] [VARIANT_LIST="default ..."] bash benchmarks/run_recipe_ablation.sh [data_dir] [output_dir]
+# Single-task runs (`small` model; from scratch, or from the INIT checkpoint) on one 2D and one 3D set; each variant
+# changes one thing of the default recipe (conv stem, fan-in init, lr 1e-3 with 5% warm-up, label-safe augmentation,
+# EMA 0.999, 48 latents, no label smoothing / stochastic depth / layer-wise lr decay). Each run keeps its
+# best-validation checkpoint and is then evaluated on the test split; the table (mean ± sd over SEEDS): ablation.md.
 set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/ablation}
@@ -19,18 +20,25 @@ declare -A VARIANTS=(
   [latents_16]="--num_latents 16"
   [latents_32]="--num_latents 32"
   [latents_64]="--num_latents 64"
+  [label_smoothing_0.1]="--label_smoothing 0.1"
+  [drop_path_0.1]="--drop_path_rate 0.1"
+  [layer_decay_0.75]="--layer_decay 0.75"
 )
-ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64"
-for variant in ${VARIANT_LIST:-$ALL}; do
-  for entry in $SETS; do
-    name=${entry%%:*} epochs=${entry##*:}
-    run="$OUT/$variant/$name"
-    [ -f "$run/metrics.json" ] && continue
-    # shellcheck disable=SC2086  # the variant's flags are meant to split
-    "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "$name" --model_size small --batch_size 64 \
-      --seed 0 --num_train_epochs "$epochs" --checkpointing_steps 25 --report_to none \
-      --resume_from_checkpoint latest --output_dir "$run" ${VARIANTS[$variant]}
-    "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
+ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64 label_smoothing_0.1 drop_path_0.1 layer_decay_0.75"
+INIT_FLAGS=()
+[ -n "${INIT:-}" ] && INIT_FLAGS=(--init_from "$INIT")
+for seed in ${SEEDS:-0}; do
+  for variant in ${VARIANT_LIST:-$ALL}; do
+    for entry in $SETS; do
+      name=${entry%%:*} epochs=${entry##*:}
+      run="$OUT/$variant/$name/seed$seed"
+      [ -f "$run/metrics.json" ] && continue
+      # shellcheck disable=SC2086  # the variant's flags are meant to split
+      "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "$name" --model_size small --batch_size 64 \
+        --seed "$seed" --num_train_epochs "$epochs" --checkpointing_steps 25 --report_to none \
+        --resume_from_checkpoint latest --output_dir "$run" "${INIT_FLAGS[@]}" ${VARIANTS[$variant]}
+      "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
+    done
   done
 done
 python benchmarks/accuracy_report.py ablation "$OUT"

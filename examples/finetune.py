@@ -46,6 +46,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--init_from", help="Medformer checkpoint folder or Hub id (default: from scratch)")
     add_model_arguments(parser)
     parser.add_argument("--label_fraction", type=float, default=1.0, help="share of training labels kept, (0, 1]")
+    regularisation = parser.add_argument_group("regularisation")
+    regularisation.add_argument(
+        "--label_smoothing", type=float, default=0.0, help="targets moved this far to uniform (see task_loss)"
+    )
+    regularisation.add_argument(
+        "--drop_path_rate",
+        type=float,
+        help="Main Body stochastic depth (MedformerConfig; default: the checkpoint's, 0)",
+    )
+    regularisation.add_argument(
+        "--layer_decay",
+        type=float,
+        default=1.0,
+        help="layer-wise learning-rate decay towards the input (1: off; for fine-tuning a pre-trained checkpoint)",
+    )
     parser.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -63,6 +78,12 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    if not 0.0 < args.layer_decay <= 1.0:
+        parser.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
+    if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
+        parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
     if args.train != "all" and args.init_from is None:
         parser.error(f"--train {args.train} grows a trained checkpoint: pass --init_from <folder>.")
     check_common_arguments(parser, args)
@@ -73,9 +94,12 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     """A multi-task model with one head per dataset: the checkpoint as it is, grown by `add_task` for the sets it
     lacks (appended, so its tasks keep their ids). Also returns the checkpoint's own tasks (empty from scratch)."""
     tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
+    regularisation = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
     if args.init_from is None:
-        return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), tasks=tasks)), []
-    model, loading = MedformerForMultiTask.from_pretrained(args.init_from, dtype="float32", output_loading_info=True)
+        return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), **regularisation, tasks=tasks)), []
+    model, loading = MedformerForMultiTask.from_pretrained(
+        args.init_from, dtype="float32", output_loading_info=True, **regularisation
+    )
     old_tasks = list(model.config.tasks)
     new_tasks = [name for name in tasks if name not in old_tasks]
     for name in new_tasks:  # with --train new_heads_and_output, a copy of the shared Output Adaptformer of its own
@@ -146,7 +170,7 @@ def main() -> None:
             if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)
         }
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
-    optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
+    optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes, args.layer_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
@@ -163,6 +187,7 @@ def main() -> None:
             labels=batch["labels"],
             modality_ids=batch["modality_ids"],
             body_part_ids=batch["body_part_ids"],
+            label_smoothing=args.label_smoothing,
         )
         return output.loss, {}
 

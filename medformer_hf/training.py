@@ -176,21 +176,45 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
     return accelerator
 
 
-def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_processes: int):
+def layer_depth(parameter_name: str, num_hidden_layers: int) -> int:
+    """Depth of a parameter for layer-wise learning-rate decay: 0 for the Input Adaptformer, `i + 1` for Main Body
+    block `i`, `num_hidden_layers + 1` for everything after the body (its norm, Output Adaptformers, heads)."""
+    if "input_adaptformer." in parameter_name:
+        return 0
+    if "main_body.layers." in parameter_name:
+        return int(parameter_name.split("main_body.layers.")[1].split(".")[0]) + 1
+    return num_hidden_layers + 1
+
+
+def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_processes: int, layer_decay: float = 1.0):
     """AdamW without weight decay on biases, norms, context embeddings, latents and queries; cosine schedule with
-    warm-up.
+    warm-up. `layer_decay` < 1 scales the learning rate of a parameter at `layer_depth` d by
+    `layer_decay ** (num_hidden_layers + 1 - d)` (BEiT's layer-wise decay for fine-tuning a pre-trained model: the
+    heads learn at the full rate, the tokenizer slowest).
 
     The schedule counts `max_steps * num_processes` because accelerate steps a prepared scheduler once per process.
     """
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}.")
 
     def decays(name: str, parameter: torch.nn.Parameter) -> bool:
         return parameter.ndim >= 2 and "context_embeddings" not in name and not name.endswith(("latents", "queries"))
 
-    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    decay = [parameter for name, parameter in named if decays(name, parameter)]
-    no_decay = [parameter for name, parameter in named if not decays(name, parameter)]
+    num_layers = model.config.num_hidden_layers
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            depth = layer_depth(name, num_layers) if layer_decay < 1.0 else num_layers + 1
+            groups.setdefault((depth, decays(name, parameter)), []).append(parameter)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {
+                "params": parameters,
+                "weight_decay": args.weight_decay if decay else 0.0,
+                "lr": args.learning_rate * layer_decay ** (num_layers + 1 - depth),
+            }
+            for (depth, decay), parameters in sorted(groups.items())
+        ],
         lr=args.learning_rate,
     )
     warmup_steps = round(args.warmup_ratio * args.max_steps)
@@ -436,7 +460,7 @@ def train(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             accelerator.log(
-                {"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0], **scalars}, step=state.step
+                {"train/loss": loss.item(), "train/lr": max(scheduler.get_last_lr()), **scalars}, step=state.step
             )
             if state.step % args.checkpointing_steps == 0 or state.step == args.max_steps:
                 if on_checkpoint is not None:
