@@ -8,9 +8,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask
+from medformer_hf import MedformerConfig, MedformerForMultiTask, task_loss
 from medformer_hf.data import CATALOGUE, AugmentationPolicy, augment
 from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
+from medformer_hf.modeling_medformer import MedformerDropPath
 from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer
 
 from .conftest import load_npz_images
@@ -107,3 +108,70 @@ def test_default_recipe_learns_a_separable_task_on_real_data():
     with torch.no_grad():
         predicted = (model.eval()(images[held_out]).logits[:, 0] > 0).long()
     assert (predicted == labels[held_out]).float().mean() > 0.9
+
+
+def test_label_smoothing_moves_every_target_towards_uniform():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, -2.0]])
+    labels = torch.tensor([0, 1])
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+    assert task_loss(logits, labels, "multiclass", 3, label_smoothing=0.2) == pytest.approx(expected.item())
+    # Sigmoid outputs: the target 1 becomes 0.9 and 0 becomes 0.1, so a confident correct logit now costs more.
+    confident = torch.tensor([[8.0]])
+    plain = task_loss(confident, torch.tensor([1]), "binary", 2)
+    smoothed = task_loss(confident, torch.tensor([1]), "binary", 2, label_smoothing=0.2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(confident[:, 0], torch.tensor([0.9]))
+    assert smoothed.item() == pytest.approx(bce.item()) and smoothed > plain
+    ordinal = task_loss(torch.tensor([[1.0, -1.0]]), torch.tensor([1]), "ordinal", 3, label_smoothing=0.2)
+    targets = torch.tensor([[0.9, 0.1]])
+    assert ordinal.item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([[1.0, -1.0]]), targets).item()
+    )
+    regression = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]])
+    assert task_loss(*regression, "regression", 2, label_smoothing=0.2) == task_loss(*regression, "regression", 2)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        task_loss(logits, labels, "multiclass", 3, label_smoothing=1.0)
+
+
+def test_multitask_forward_passes_label_smoothing_to_every_task():
+    torch.manual_seed(0)
+    config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={"x": {"type": "multiclass", "num_labels": 3}})
+    model = MedformerForMultiTask(config).eval()
+    pixels, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 1])
+    smoothed = model(pixels, labels=labels, label_smoothing=0.3)
+    assert smoothed.loss.item() == pytest.approx(task_loss(smoothed.logits, labels, "multiclass", 3, 0.3).item())
+    assert smoothed.loss != model(pixels, labels=labels).loss
+
+
+def test_drop_path_rises_with_depth_drops_whole_samples_in_training_and_never_in_evaluation():
+    torch.manual_seed(0)
+    config = MedformerConfig(**{**MODEL_SIZES["small"], "drop_path_rate": 0.3})
+    rates = [layer.drop_path.rate for layer in MedformerForMultiTask(config).medformer.main_body.layers]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="drop_path_rate"):
+        MedformerConfig(drop_path_rate=1.0)
+    drop = MedformerDropPath(0.5)
+    branch = torch.ones(2000, 3, 4)
+    dropped = drop.train()(branch)
+    per_sample = dropped.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}  # a sample is dropped whole or rescaled whole
+    assert (per_sample.std(1) == 0).all() and abs(dropped.mean().item() - 1.0) < 0.1  # expectation kept
+    assert torch.equal(drop.eval()(branch), branch)
+
+
+def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_one():
+    config = MedformerConfig(**MODEL_SIZES["small"], tasks={"x": {"type": "binary", "num_labels": 2}})
+    model = MedformerForMultiTask(config)
+    args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.0, max_steps=10)
+    optimizer, _ = create_optimizer(model, args, num_processes=1, layer_decay=0.5)
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert rate_of[id(named["task_heads.x.projection.weight"])] == pytest.approx(1e-3)
+    assert rate_of[id(named["medformer.main_body.layers.3.mlp.fc1.weight"])] == pytest.approx(5e-4)
+    assert rate_of[id(named["medformer.main_body.layers.0.mlp.fc1.weight"])] == pytest.approx(1e-3 / 16)
+    assert rate_of[id(named["medformer.input_adaptformer.latents"])] == pytest.approx(1e-3 / 32)
+    assert len(rate_of) == len(named)  # every parameter trains, once
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert id(named["medformer.input_adaptformer.latents"]) not in decayed
+    assert id(named["medformer.main_body.layers.0.mlp.fc1.weight"]) in decayed
+    plain, _ = create_optimizer(model, args, num_processes=1)
+    assert {group["lr"] for group in plain.param_groups} == {1e-3}

@@ -112,6 +112,9 @@ class MedformerConfig(PretrainedConfig):
             Dropout after attention and MLP projections.
         attention_probs_dropout_prob (`float`, *optional*, defaults to 0.0):
             Dropout on attention weights.
+        drop_path_rate (`float`, *optional*, defaults to 0.0):
+            Stochastic depth of the Main Body: its blocks drop their residual branches per sample in training with
+            rates rising linearly from 0 (first block) to this value (last block), as in DeiT / timm.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
             Epsilon of every LayerNorm.
         qkv_bias (`bool`, *optional*, defaults to `True`):
@@ -197,6 +200,7 @@ class MedformerConfig(PretrainedConfig):
         hidden_act: str = "gelu",
         hidden_dropout_prob: float = 0.0,
         attention_probs_dropout_prob: float = 0.0,
+        drop_path_rate: float = 0.0,
         layer_norm_eps: float = 1e-6,
         qkv_bias: bool = True,
         initializer_range: float = 0.02,
@@ -233,6 +237,7 @@ class MedformerConfig(PretrainedConfig):
         self.hidden_act = hidden_act
         self.hidden_dropout_prob = hidden_dropout_prob
         self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.drop_path_rate = drop_path_rate
         self.layer_norm_eps = layer_norm_eps
         self.qkv_bias = qkv_bias
         self.initializer_range = initializer_range
@@ -300,7 +305,7 @@ class MedformerConfig(PretrainedConfig):
                     f"MedformerConfig.hidden_size ({self.hidden_size}) must be divisible by {heads} "
                     f"({getattr(self, heads)})."
                 )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"MedformerConfig.{name} must be in [0, 1), got {getattr(self, name)!r}.")
         if not 0.0 < self.mask_ratio < 1.0:

@@ -334,18 +334,28 @@ def check_labels(
     return labels.float()
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, task_type: str, num_labels: int) -> torch.Tensor:
-    """Loss of one task's raw logits against labels already checked by `check_labels`."""
+def task_loss(
+    logits: torch.Tensor, labels: torch.Tensor, task_type: str, num_labels: int, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Loss of one task's raw logits against labels already checked by `check_labels`.
+
+    `label_smoothing` (training only) moves each target `label_smoothing` of the way to uniform: over the classes for
+    multiclass (as `F.cross_entropy`), towards 1/2 for each sigmoid output (binary, ordinal, multilabel); regression
+    targets are left as they are."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     if task_type == "multiclass":
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    if task_type == "regression":
+        return F.mse_loss(logits, labels.to(logits.dtype))
     if task_type == "binary":
-        return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
-    if task_type == "ordinal":  # cumulative link: logit k predicts P(label > k)
+        logits, targets = logits[:, 0], labels.to(logits.dtype)
+    elif task_type == "ordinal":  # cumulative link: logit k predicts P(label > k)
         thresholds = torch.arange(num_labels - 1, device=labels.device)
-        return F.binary_cross_entropy_with_logits(logits, (labels[:, None] > thresholds).to(logits.dtype))
-    if task_type == "multilabel":
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    return F.mse_loss(logits, labels.to(logits.dtype))
+        targets = (labels[:, None] > thresholds).to(logits.dtype)
+    else:  # multilabel
+        targets = labels.to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, targets * (1 - label_smoothing) + label_smoothing / 2)
 
 
 def task_probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
@@ -419,10 +429,28 @@ class MedformerMLP(nn.Module):
         return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
 
 
-class MedformerLayer(GradientCheckpointingLayer):
-    """Pre-norm transformer block. As cross-attention (Perceiver), `hidden_states` read a separately normed context."""
+class MedformerDropPath(nn.Module):
+    """Stochastic depth (timm's DropPath): in training, drops whole samples' residual branch, rescaling the rest."""
 
-    def __init__(self, config: MedformerConfig, cross_attention: bool):
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return branch
+        keep = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(1 - self.rate)
+        return branch * keep / (1 - self.rate)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class MedformerLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block. As cross-attention (Perceiver), `hidden_states` read a separately normed context.
+    `drop_path` is this block's stochastic-depth rate (the Main Body's grow with depth)."""
+
+    def __init__(self, config: MedformerConfig, cross_attention: bool, drop_path: float = 0.0):
         super().__init__()
         heads = config.num_cross_attention_heads if cross_attention else config.num_attention_heads
         self.norm_attention = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -431,14 +459,15 @@ class MedformerLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.norm_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MedformerMLP(config)
+        self.drop_path = MedformerDropPath(drop_path)
 
     def forward(
         self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed_context = None if self.norm_context is None else self.norm_context(context)
         attended, weights = self.attention(self.norm_attention(hidden_states), normed_context, output_attentions)
-        hidden_states = hidden_states + self.dropout(attended)
-        hidden_states = hidden_states + self.mlp(self.norm_mlp(hidden_states))
+        hidden_states = hidden_states + self.drop_path(self.dropout(attended))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm_mlp(hidden_states)))
         return hidden_states, weights
 
 
@@ -529,8 +558,10 @@ class MedformerMainBody(nn.Module):
 
     def __init__(self, config: MedformerConfig):
         super().__init__()
+        depth = config.num_hidden_layers
         self.layers = nn.ModuleList(
-            MedformerLayer(config, cross_attention=False) for _ in range(config.num_hidden_layers)
+            MedformerLayer(config, cross_attention=False, drop_path=config.drop_path_rate * index / max(depth - 1, 1))
+            for index in range(depth)
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -866,6 +897,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         body_part_ids: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        label_smoothing: float = 0.0,
     ) -> MedformerMultiTaskOutput:
         r"""
         Args:
@@ -879,6 +911,8 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
                 Default to each sample's task's registered modality and body part, also per sample where an id is
                 `UNSPECIFIED_ID` (-1; what the image processor gives for metadata that was not passed).
+            label_smoothing (`float`, *optional*, defaults to 0.0):
+                Smooths the targets of the loss (see `task_loss`); a training choice, so not in the config.
         """
         require_tensor(pixel_values)
         if labels is not None:
@@ -914,7 +948,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             task_logits[name], task_indices[name] = logits, rows
             if labels is not None:
                 task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name, padded=not single_task)
-                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"])
+                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"], label_smoothing)
                 weighted = task_losses[name] * len(logits) / len(task_ids)
                 loss = weighted if loss is None else loss + weighted
 
