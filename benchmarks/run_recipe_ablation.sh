@@ -23,8 +23,9 @@ declare -A VARIANTS=(
   [label_smoothing_0.1]="--label_smoothing 0.1"
   [drop_path_0.1]="--drop_path_rate 0.1"
   [layer_decay_0.75]="--layer_decay 0.75"
+  [stem_blocks_1]="--conv_stem_blocks 1"
 )
-ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64 label_smoothing_0.1 drop_path_0.1 layer_decay_0.75"
+ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64 label_smoothing_0.1 drop_path_0.1 layer_decay_0.75 stem_blocks_1"
 INIT_FLAGS=()
 [ -n "${INIT:-}" ] && INIT_FLAGS=(--init_from "$INIT")
 for seed in ${SEEDS:-0}; do

@@ -46,11 +46,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--weight_init", choices=list(WEIGHT_INITS), default="fan_in", help="see MedformerConfig")
     model.add_argument("--num_latents", type=int, help="latents of the Input Adaptformer (default: the size's)")
+    model.add_argument("--conv_stem_blocks", type=int, default=0, help="residual blocks per conv stem stage")
 
 
 def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`MedformerConfig` keyword arguments from `add_model_arguments`' flags."""
-    kwargs = {**MODEL_SIZES[args.model_size], "tokenizer": args.tokenizer, "weight_init": args.weight_init}
+    kwargs = {
+        **MODEL_SIZES[args.model_size],
+        "tokenizer": args.tokenizer,
+        "weight_init": args.weight_init,
+        "conv_stem_blocks": args.conv_stem_blocks,
+    }
     if args.num_latents is not None:
         kwargs["num_latents"] = args.num_latents
     return kwargs

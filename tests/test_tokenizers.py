@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerModel
-from medformer_hf.modeling_medformer import MedformerConvStem, pixel_mask
+from medformer_hf.modeling_medformer import MedformerConvBlock, MedformerConvStem, pixel_mask
 
 from .conftest import make_tiny_config
 
 KINDS = [(2, 1, 28, 28), (2, 3, 28, 28), (2, 1, 28, 28, 28), (1, 1, 12, 36, 20), (1, 3, 8, 44)]
 
 
-@pytest.mark.parametrize("tokenizer", ["conv", "linear"])
+@pytest.mark.parametrize("tokenizer", ["conv", "linear", "conv_with_blocks"])
 @pytest.mark.parametrize("shape", KINDS)
 def test_both_tokenizers_give_one_token_per_patch(tokenizer, shape):
-    config = make_tiny_config(tokenizer=tokenizer)
+    blocks = {"conv_stem_blocks": 2} if tokenizer == "conv_with_blocks" else {}
+    config = make_tiny_config(tokenizer=tokenizer.removesuffix("_with_blocks"), **blocks)
     embeddings = MedformerModel(config).input_adaptformer.patch_embeddings
     tokens = embeddings(torch.randn(shape))
     assert tokens.shape == (shape[0], torch.Size(shape[2:]).numel() // 4 ** (len(shape) - 2), config.hidden_size)
@@ -36,6 +37,17 @@ def test_stem_depth_must_match_the_patch_size():
     assert MedformerModel(config)(torch.randn(1, 1, 32, 32)).last_hidden_state.shape[1] == config.num_latents
     with pytest.raises(ValueError, match="tokenizer must be one of"):
         make_tiny_config(tokenizer="vq")
+    with pytest.raises(ValueError, match="conv_stem_blocks"):
+        make_tiny_config(conv_stem_blocks=-1)
+
+
+def test_stem_blocks_add_residual_depth_at_the_intermediate_resolution():
+    stem = MedformerModel(make_tiny_config(conv_stem_blocks=2)).input_adaptformer.patch_embeddings.projections["3d_1ch"]
+    blocks = [module for module in stem if isinstance(module, MedformerConvBlock)]
+    assert len(blocks) == 2 and blocks[0].conv.stride == (1, 1, 1)
+    hidden = torch.randn(1, stem[0].out_channels, 6, 6, 6)
+    torch.nn.init.zeros_(blocks[0].conv.weight), torch.nn.init.zeros_(blocks[0].conv.bias)
+    torch.testing.assert_close(blocks[0](hidden), hidden)  # a zero branch is the identity: a residual block
 
 
 def test_a_folder_saved_before_the_option_loads_as_linear(tmp_path):
@@ -51,12 +63,13 @@ def test_a_folder_saved_before_the_option_loads_as_linear(tmp_path):
     assert MedformerConfig().tokenizer == "conv"
 
 
-@pytest.mark.parametrize("tokenizer", ["conv", "linear"])
+@pytest.mark.parametrize("tokenizer", ["conv", "linear", "conv_with_blocks"])
 @pytest.mark.parametrize("shape", [(2, 1, 28, 28), (2, 1, 16, 16, 16)])
 def test_masked_pixels_never_reach_the_encoder(tokenizer, shape):
     """Changing only masked pixels leaves the latents unchanged (a conv stem over the unmasked image fails this)."""
     torch.manual_seed(0)
-    model = MedformerModel(make_tiny_config(tokenizer=tokenizer)).eval()
+    blocks = {"conv_stem_blocks": 1} if tokenizer == "conv_with_blocks" else {}
+    model = MedformerModel(make_tiny_config(tokenizer=tokenizer.removesuffix("_with_blocks"), **blocks)).eval()
     pixels = torch.randn(shape)
     num_patches = torch.Size(shape[2:]).numel() // 4 ** (len(shape) - 2)
     noise = torch.rand(shape[0], num_patches)

@@ -140,6 +140,9 @@ class MedformerConfig(PretrainedConfig):
         conv_stem_channels (`list[int]`, *optional*, defaults to `[32]`):
             Widths of the stem's intermediate convolutions; the stem has `len + 1` stride-2 convolutions, so patch
             sizes must equal `2 ** (len(conv_stem_channels) + 1)` (4 for the default).
+        conv_stem_blocks (`int`, *optional*, defaults to 0):
+            Residual stride-1 3x3(x3) convolution blocks after each of the stem's intermediate stride-2 convolutions:
+            deeper local features at the same token grid (0: the plain stem).
         input_channels_2d (`list[int]`, *optional*, defaults to `[1, 3]`):
             Channel counts that get a 2D patch embedding (and a 2D pixel decoder for pre-training).
         input_channels_3d (`list[int]`, *optional*, defaults to `[1]`):
@@ -209,6 +212,7 @@ class MedformerConfig(PretrainedConfig):
         patch_size_3d: int = 4,
         tokenizer: str | None = None,
         conv_stem_channels: list[int] | None = None,
+        conv_stem_blocks: int = 0,
         input_channels_2d: list[int] | None = None,
         input_channels_3d: list[int] | None = None,
         num_position_bands: int = 16,
@@ -248,6 +252,7 @@ class MedformerConfig(PretrainedConfig):
             tokenizer = "linear" if "transformers_version" in kwargs else "conv"
         self.tokenizer = tokenizer
         self.conv_stem_channels = list(conv_stem_channels) if conv_stem_channels is not None else [32]
+        self.conv_stem_blocks = conv_stem_blocks
         self.input_channels_2d = list(input_channels_2d) if input_channels_2d is not None else [1, 3]
         self.input_channels_3d = list(input_channels_3d) if input_channels_3d is not None else [1]
         self.num_position_bands = num_position_bands
@@ -299,6 +304,14 @@ class MedformerConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MedformerConfig.{name} must be a positive integer, got {value!r}.")
+        if (
+            not isinstance(self.conv_stem_blocks, int)
+            or isinstance(self.conv_stem_blocks, bool)
+            or self.conv_stem_blocks < 0
+        ):
+            raise ValueError(
+                f"MedformerConfig.conv_stem_blocks must be an integer >= 0, got {self.conv_stem_blocks!r}."
+            )
         for heads in ("num_attention_heads", "num_cross_attention_heads"):
             if self.hidden_size % getattr(self, heads):
                 raise ValueError(

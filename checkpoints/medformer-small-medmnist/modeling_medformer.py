@@ -482,9 +482,23 @@ class MedformerChannelLayerNorm(nn.LayerNorm):
         return super().forward(hidden_states.movedim(1, -1)).movedim(-1, 1)
 
 
+class MedformerConvBlock(nn.Module):
+    """Residual stride-1 3x3(x3) convolution + channel LayerNorm + activation: depth at a stem stage's resolution."""
+
+    def __init__(self, config: MedformerConfig, spatial_dims: int, width: int):
+        super().__init__()
+        self.conv = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(width, width, kernel_size=3, padding=1)
+        self.norm = MedformerChannelLayerNorm(width, eps=config.layer_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.act(self.norm(self.conv(hidden_states)))
+
+
 class MedformerConvStem(nn.Sequential):
-    """Stride-2 3x3(x3) convolutions, each but the last followed by channel LayerNorm and GELU: one token per
-    `2 ** num_convs` pixels per axis, the same grid as linear patches of that size."""
+    """Stride-2 3x3(x3) convolutions, each but the last followed by channel LayerNorm, GELU and
+    `config.conv_stem_blocks` residual stride-1 blocks: one token per `2 ** num_convs` pixels per axis, the same grid
+    as linear patches of that size."""
 
     def __init__(self, config: MedformerConfig, spatial_dims: int, in_channels: int):
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
@@ -494,6 +508,7 @@ class MedformerConvStem(nn.Sequential):
             layers.append(conv(width_in, width_out, kernel_size=3, stride=2, padding=1))
             if index < len(widths) - 2:
                 layers += [MedformerChannelLayerNorm(width_out, eps=config.layer_norm_eps), ACT2FN[config.hidden_act]]
+                layers += [MedformerConvBlock(config, spatial_dims, width_out) for _ in range(config.conv_stem_blocks)]
         super().__init__(*layers)
 
 
