@@ -10,6 +10,7 @@ from pathlib import Path
 ROUTES = {
     "frozen": "frozen backbone (`--train new_heads`)",
     "own_output": "frozen backbone, own Output Adaptformer (`--train new_heads_and_output`)",
+    "adapters": "frozen backbone, own Output Adaptformer + Main Body adapters (`--train new_heads_and_adapters`)",
     "replay": "full fine-tune, old sets replayed",
 }
 NEW = "breastmnist"

@@ -69,12 +69,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--train",
-        choices=["all", "new_heads", "new_heads_and_output"],
+        choices=["all", "new_heads", "new_heads_and_output", "new_heads_and_adapters"],
         default="all",
-        help="what trains: everything; only the heads of --datasets sets the --init_from checkpoint lacks; or those "
-        "heads plus an Output Adaptformer of their own (a copy of the shared one). The last two freeze everything "
-        "the checkpoint had, so its tasks' weights stay bit-identical",
+        help="what trains: everything; only the heads of --datasets sets the --init_from checkpoint lacks; those "
+        "heads plus an Output Adaptformer of their own (a copy of the shared one); or also low-rank adapters on the "
+        "Main Body used only for their samples (--adapter_rank). All but 'all' freeze everything the checkpoint had, "
+        "so its tasks' weights stay bit-identical",
     )
+    parser.add_argument("--adapter_rank", type=int, default=8, help="LoRA rank of --train new_heads_and_adapters")
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
@@ -84,6 +86,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
     if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
         parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
+    if args.adapter_rank < 1:
+        parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
     if args.train != "all" and args.init_from is None:
         parser.error(f"--train {args.train} grows a trained checkpoint: pass --init_from <folder>.")
     check_common_arguments(parser, args)
@@ -102,8 +106,12 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     )
     old_tasks = list(model.config.tasks)
     new_tasks = [name for name in tasks if name not in old_tasks]
-    for name in new_tasks:  # with --train new_heads_and_output, a copy of the shared Output Adaptformer of its own
-        model.add_task(name, private_output=args.train == "new_heads_and_output", **tasks[name])
+    adapters = args.train == "new_heads_and_adapters"
+    for name in new_tasks:  # its own Output Adaptformer (a copy of the shared one) and Main Body adapters, if asked
+        own_output = args.train in ("new_heads_and_output", "new_heads_and_adapters")
+        model.add_task(
+            name, private_output=own_output, adapter_rank=args.adapter_rank if adapters else 0, **tasks[name]
+        )
     if args.train != "all":
         if len(new_tasks) < len(tasks):
             raise SystemExit(
@@ -116,9 +124,8 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
                 f"--train {args.train} would freeze weights {args.init_from} lacks: "
                 f"{sorted(loading['missing_keys'])[:3]} ..."
             )
-        trained = tuple(
-            f"{module}.{name}." for name in new_tasks for module in ("task_heads", "private_output_adaptformers")
-        )
+        owned = ("task_heads", "private_output_adaptformers", "medformer.task_adapters")
+        trained = tuple(f"{module}.{name}." for name in new_tasks for module in owned)
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(trained)
     return model, old_tasks

@@ -302,6 +302,49 @@ def test_a_task_with_its_own_output_adaptformer_changes_no_other_task(tiny_confi
 
 def _latents_and_context(model, pixels):
     output = model.medformer(
-        pixels, modality_ids=torch.zeros(2, dtype=torch.long), body_part_ids=torch.zeros(2, dtype=torch.long)
+        pixels,
+        modality_ids=torch.zeros(len(pixels), dtype=torch.long),
+        body_part_ids=torch.zeros(len(pixels), dtype=torch.long),
     )
     return output.last_hidden_state, output.context_embedding
+
+
+def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
+    model = MedformerForMultiTask(tiny_config).eval()
+    pixels = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        before = {task: model(pixels, task=task).logits for task in ("pneumonia", "chest")}
+        model.add_task("derma", adapter_rank=2, type="multiclass", num_labels=7)
+        assert model.config.adapter_tasks == {"derma": 2}
+        plain_body = model._read_task(
+            model.task_heads["derma"], model.output_adaptformer, *_latents_and_context(model, pixels)
+        )
+        assert torch.equal(model(pixels, task="derma").logits, plain_body)  # adapters start at zero
+        for parameter in model.medformer.task_adapters["derma"].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # as training would move them
+        adapted = model(pixels, task="derma").logits
+        assert not torch.equal(adapted, plain_body)
+        for task, logits in before.items():
+            assert torch.equal(model(pixels, task=task).logits, logits), task
+        # A batch mixing tasks with and without adapters gives each sample what its task alone gives.
+        names = list(model.config.tasks)
+        task_ids = torch.tensor([names.index("derma"), names.index("pneumonia"), names.index("derma"), 0])
+        mixed = model(pixels, task=task_ids, output_hidden_states=True)
+        torch.testing.assert_close(mixed.task_logits["derma"], adapted[[0, 2]])
+        torch.testing.assert_close(mixed.task_logits["pneumonia"], before["pneumonia"][[1, 3]])
+        alone = model(pixels, task="derma", output_hidden_states=True)
+        torch.testing.assert_close(mixed.hidden_states[-1][[0, 2]], alone.hidden_states[-1][[0, 2]])
+    model.save_pretrained(tmp_path)
+    reloaded = MedformerForMultiTask.from_pretrained(tmp_path).eval()
+    assert reloaded.config.adapter_tasks == {"derma": 2}
+    classifier = MedformerForImageClassification.from_multi_task(reloaded, "derma")  # adapters merged into the body
+    assert classifier.config.adapter_tasks == {} and not list(classifier.medformer.task_adapters)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels, task="derma").logits, adapted)
+        torch.testing.assert_close(classifier(pixels).logits, adapted, atol=1e-5, rtol=1e-4)
+        plain = MedformerForImageClassification.from_multi_task(reloaded, "pneumonia")
+        torch.testing.assert_close(plain(pixels).logits[:, 1], before["pneumonia"][:, 0])
+    with pytest.raises(ValueError, match="adapter_rank must be a positive integer"):
+        model.add_task("blood", adapter_rank=-1, type="multiclass", num_labels=8)
+    with pytest.raises(ValueError, match="No adapters for task 'pneumonia'"):
+        model.medformer(pixels, adapter="pneumonia")

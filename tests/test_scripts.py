@@ -191,6 +191,22 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
         )
     ]
     assert moved  # it started as a copy of the shared one and trained
+    adapted = tmp_path / "adapters"  # and with Main Body adapters of its own: still nothing old moves
+    checked(
+        run_script(
+            *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "pneumoniamnist"),
+            *("--init_from", str(finetuned), "--train", "new_heads_and_adapters", "--adapter_rank", "2"),
+            *("--max_steps", "2", "--checkpointing_steps", "2", "--batch_size", "8", "--report_to", "none"),
+            *("--output_dir", str(adapted)),
+        )
+    )
+    adapted_weights = load_file(adapted / "model.safetensors")
+    assert all(torch.equal(adapted_weights[key], value) for key, value in old_weights.items())
+    ups = [
+        key for key in adapted_weights if key.startswith("medformer.task_adapters.pneumoniamnist.") and ".up." in key
+    ]
+    assert ups and any(adapted_weights[key].abs().max() > 0 for key in ups)  # started at zero and trained
+    assert json.loads((adapted / "config.json").read_text())["adapter_tasks"] == {"pneumoniamnist": 2}
     refused = run_script(
         *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "breastmnist", "pneumoniamnist"),
         *("--init_from", str(finetuned), "--train", "new_heads", "--output_dir", str(tmp_path / "refused")),

@@ -158,6 +158,10 @@ class MedformerConfig(PretrainedConfig):
         private_output_tasks (`list[str]`, *optional*):
             Tasks that read the latents through an Output Adaptformer of their own instead of the shared one: a task
             grown onto a trained checkpoint can then adapt what it reads while every other task stays unchanged.
+        adapter_tasks (`dict[str, int]`, *optional*):
+            Tasks whose samples go through the Main Body with low-rank adapters of their own (LoRA on every linear
+            map of the body), `{task: rank}`: a task grown onto a trained checkpoint can then adapt the latents
+            themselves while every other task still runs the body unchanged.
         tasks (`dict[str, dict]`, *optional*):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
             multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
@@ -227,6 +231,7 @@ class MedformerConfig(PretrainedConfig):
         projection_dim: int = 128,
         agreement_temperature: float = 0.1,
         private_output_tasks: list[str] | None = None,
+        adapter_tasks: dict[str, int] | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -279,6 +284,13 @@ class MedformerConfig(PretrainedConfig):
         unknown_private = set(self.private_output_tasks) - set(self.tasks)
         if unknown_private:
             raise ValueError(f"private_output_tasks names {sorted(unknown_private)}, which are not in tasks.")
+        self.adapter_tasks = dict(adapter_tasks or {})
+        unknown_adapted = set(self.adapter_tasks) - set(self.tasks)
+        if unknown_adapted:
+            raise ValueError(f"adapter_tasks names {sorted(unknown_adapted)}, which are not in tasks.")
+        bad_ranks = {name: rank for name, rank in self.adapter_tasks.items() if not _is_positive_int(rank)}
+        if bad_ranks:
+            raise ValueError(f"adapter_tasks ranks must be positive integers, got {bad_ranks}.")
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
@@ -419,20 +431,28 @@ class MedformerConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ helpers
 
-    def add_task(self, name: str, private_output: bool = False, **spec: Any) -> None:
+    def add_task(self, name: str, private_output: bool = False, adapter_rank: int = 0, **spec: Any) -> None:
         """Register one more task (validated) after the others, so existing task ids keep their meaning;
-        `private_output` gives it an Output Adaptformer of its own. Use `MedformerForMultiTask.add_task` to also add
-        its head."""
+        `private_output` gives it an Output Adaptformer of its own, `adapter_rank` > 0 Main Body adapters of that
+        rank. Use `MedformerForMultiTask.add_task` to also add its weights."""
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
+        if adapter_rank != 0 and not _is_positive_int(adapter_rank):
+            raise ValueError(f"adapter_rank must be a positive integer (or 0: no adapters), got {adapter_rank!r}.")
         self.tasks = {**self.tasks, name: self._normalize_task(name, spec)}
         if private_output:
             self.private_output_tasks = [*self.private_output_tasks, name]
+        if adapter_rank:
+            self.adapter_tasks = {**self.adapter_tasks, name: adapter_rank}
 
     def task_output_size(self, name: str) -> int:
         """Number of logits the head of task `name` produces."""
         task = self.tasks[name]
         return num_task_outputs(task["type"], task["num_labels"])
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 MedformerConfig.register_for_auto_class()

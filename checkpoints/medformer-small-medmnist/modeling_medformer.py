@@ -401,11 +401,16 @@ class MedformerAttention(nn.Module):
         return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
     def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        adapter: MedformerLayerAdapter | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         context = hidden_states if context is None else context
-        query = self._heads(self.q_proj(hidden_states))
-        key, value = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+        query = self._heads(_adapted(self.q_proj, hidden_states, adapter, "q_proj"))
+        key = self._heads(_adapted(self.k_proj, context, adapter, "k_proj"))
+        value = self._heads(_adapted(self.v_proj, context, adapter, "v_proj"))
         dropout = self.dropout if self.training else 0.0
         weights = None
         if output_attentions:  # SDPA does not expose its weights
@@ -413,7 +418,7 @@ class MedformerAttention(nn.Module):
             attended = F.dropout(weights, dropout, self.training) @ value
         else:
             attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=False)
-        return self.o_proj(attended.transpose(1, 2).flatten(2)), weights
+        return _adapted(self.o_proj, attended.transpose(1, 2).flatten(2), adapter, "o_proj"), weights
 
 
 class MedformerMLP(nn.Module):
@@ -425,8 +430,57 @@ class MedformerMLP(nn.Module):
         self.fc2 = nn.Linear(intermediate, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def forward(self, hidden_states: torch.Tensor, adapter: MedformerLayerAdapter | None = None) -> torch.Tensor:
+        hidden_states = self.act(_adapted(self.fc1, hidden_states, adapter, "fc1"))
+        return self.dropout(_adapted(self.fc2, hidden_states, adapter, "fc2"))
+
+
+class MedformerLowRank(nn.Module):
+    """LoRA update of one linear map, `x -> up(down(x))`; `up` starts at zero, so a new adapter changes nothing."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+        return self.up(self.down(hidden_states))
+
+
+# Where each adapted linear map sits inside a `MedformerLayer`.
+ADAPTED_LINEARS = {
+    "q_proj": "attention.q_proj",
+    "k_proj": "attention.k_proj",
+    "v_proj": "attention.v_proj",
+    "o_proj": "attention.o_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+class MedformerLayerAdapter(nn.Module):
+    """One Main Body block's low-rank updates, one per linear map (`ADAPTED_LINEARS`)."""
+
+    def __init__(self, config: MedformerConfig, rank: int):
+        super().__init__()
+        width, intermediate = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
+        shapes = {name: (width, width) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        shapes.update(fc1=(width, intermediate), fc2=(intermediate, width))
+        self.deltas = nn.ModuleDict({name: MedformerLowRank(*shape, rank) for name, shape in shapes.items()})
+
+
+class MedformerBodyAdapter(nn.Module):
+    """A task's adapters for the whole Main Body (`config.adapter_tasks`)."""
+
+    def __init__(self, config: MedformerConfig, rank: int):
+        super().__init__()
+        self.layers = nn.ModuleList(MedformerLayerAdapter(config, rank) for _ in range(config.num_hidden_layers))
+
+
+def _adapted(linear: nn.Linear, hidden_states: torch.Tensor, adapter: MedformerLayerAdapter | None, name: str):
+    """`linear(hidden_states)`, plus the adapter's low-rank update when a task's adapter is active."""
+    output = linear(hidden_states)
+    return output if adapter is None else output + adapter.deltas[name](hidden_states)
 
 
 class MedformerDropPath(nn.Module):
@@ -462,12 +516,18 @@ class MedformerLayer(GradientCheckpointingLayer):
         self.drop_path = MedformerDropPath(drop_path)
 
     def forward(
-        self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        adapter: MedformerLayerAdapter | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed_context = None if self.norm_context is None else self.norm_context(context)
-        attended, weights = self.attention(self.norm_attention(hidden_states), normed_context, output_attentions)
+        attended, weights = self.attention(
+            self.norm_attention(hidden_states), normed_context, output_attentions, adapter
+        )
         hidden_states = hidden_states + self.drop_path(self.dropout(attended))
-        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm_mlp(hidden_states)))
+        hidden_states = hidden_states + self.drop_path(self.mlp(self.norm_mlp(hidden_states), adapter))
         return hidden_states, weights
 
 
@@ -730,6 +790,8 @@ class MedformerPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.latents, std=self.config.initializer_range)
         elif isinstance(module, MedformerTaskHead):
             init.trunc_normal_(module.queries, std=self.config.initializer_range)
+        elif isinstance(module, MedformerLowRank):
+            init.zeros_(module.up.weight)
 
     def _task_metadata(
         self, task_ids: torch.Tensor, modality_ids: torch.Tensor | None, body_part_ids: torch.Tensor | None
@@ -757,6 +819,9 @@ class MedformerModel(MedformerPreTrainedModel):
         super().__init__(config)
         self.input_adaptformer = MedformerInputAdaptformer(config)
         self.main_body = MedformerMainBody(config)
+        self.task_adapters = nn.ModuleDict(
+            {name: MedformerBodyAdapter(config, rank) for name, rank in config.adapter_tasks.items()}
+        )
         self.post_init()
 
     def forward(
@@ -768,6 +833,7 @@ class MedformerModel(MedformerPreTrainedModel):
         noise: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        adapter: str | None = None,
     ) -> MedformerModelOutput:
         r"""
         Args:
@@ -780,6 +846,8 @@ class MedformerModel(MedformerPreTrainedModel):
                 Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training).
             noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
                 Makes the masking reproducible: the patches with the lowest noise are kept. Implies masking.
+            adapter (`str`, *optional*):
+                Run the Main Body with this task's low-rank adapters (`config.adapter_tasks`); None: the body as is.
 
         Example:
 
@@ -818,9 +886,14 @@ class MedformerModel(MedformerPreTrainedModel):
         for layer in adaptformer.layers:
             latents, weights = layer(latents, tokens, output_attentions=output_attentions)
             attentions.append(weights)
+        if adapter is not None and adapter not in self.task_adapters:
+            raise ValueError(f"No adapters for task {adapter!r}; this model has them for {list(self.task_adapters)}.")
+        layer_adapters = (
+            self.task_adapters[adapter].layers if adapter is not None else [None] * len(self.main_body.layers)
+        )
         hidden_states = [latents]
-        for layer in self.main_body.layers:
-            latents, weights = layer(latents, output_attentions=output_attentions)
+        for layer, layer_adapter in zip(self.main_body.layers, layer_adapters, strict=True):
+            latents, weights = layer(latents, output_attentions=output_attentions, adapter=layer_adapter)
             attentions.append(weights)
             hidden_states.append(latents)
         latents = self.main_body.norm(latents)
@@ -854,18 +927,24 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         )
         self.post_init()
 
-    def add_task(self, name: str, private_output: bool = False, **spec) -> None:
+    def add_task(self, name: str, private_output: bool = False, adapter_rank: int = 0, **spec) -> None:
         """Grow the model by one task (a new head and task queries); every existing weight stays as it is.
 
         `spec` takes the keys of a `config.tasks` entry: `type`, `num_labels` or `labels`/`id2label`, `modality`,
         `body_part`. `private_output` also gives the task an Output Adaptformer of its own, starting as a copy of
-        the shared one, so that training it changes no other task.
+        the shared one; `adapter_rank` > 0 gives it low-rank adapters on the Main Body, starting at zero. Either way
+        training them changes no other task.
         """
-        self.config.add_task(name, private_output=private_output, **spec)
+        self.config.add_task(name, private_output=private_output, adapter_rank=adapter_rank, **spec)
         reference = next(self.parameters())
-        head = MedformerTaskHead(self.config, self.config.task_output_size(name))
-        head.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
-        self.task_heads[name] = head
+        new_modules = {"head": MedformerTaskHead(self.config, self.config.task_output_size(name))}
+        if adapter_rank:
+            new_modules["adapter"] = MedformerBodyAdapter(self.config, adapter_rank)
+        for module in new_modules.values():
+            module.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
+        self.task_heads[name] = new_modules["head"]
+        if adapter_rank:
+            self.medformer.task_adapters[name] = new_modules["adapter"]
         if private_output:
             self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer)
 
@@ -876,6 +955,40 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             self.private_output_adaptformers[task]
             if task in self.private_output_adaptformers
             else self.output_adaptformer
+        )
+
+    def _run_backbone(
+        self, pixel_values: torch.Tensor, task_ids: torch.Tensor, present: list[str], **kwargs
+    ) -> MedformerModelOutput:
+        """The backbone's output for the batch: one pass for the tasks that share the Main Body as is, one pass per
+        task with adapters of its own (`config.adapter_tasks`) over its rows, put back in batch order."""
+        names = list(self.config.tasks)
+        groups: dict[str | None, list[int]] = {}
+        for name in present:
+            groups.setdefault(name if name in self.config.adapter_tasks else None, []).append(names.index(name))
+        if len(groups) == 1:
+            return self.medformer(pixel_values, adapter=next(iter(groups)), **kwargs)
+        merged = {}
+        for adapter, indices in groups.items():
+            rows = torch.isin(task_ids, torch.tensor(indices, device=task_ids.device)).nonzero().squeeze(1)
+            part = self.medformer(
+                pixel_values[rows],
+                adapter=adapter,
+                **{key: value[rows] if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()},
+            )
+            for key, value in part.items():
+                if key == "mask":
+                    continue
+                parts = value if isinstance(value, tuple) else (value,)
+                if key not in merged:
+                    merged[key] = [item.new_empty((len(task_ids), *item.shape[1:])) for item in parts]
+                for target, item in zip(merged[key], parts, strict=True):
+                    target[rows] = item
+        return MedformerModelOutput(
+            **{
+                key: tuple(value) if key in ("hidden_states", "attentions") else value[0]
+                for key, value in merged.items()
+            }
         )
 
     def _task_ids(self, task: str | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -935,8 +1048,12 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         names = list(self.config.tasks)
         task_ids = self._task_ids(task, pixel_values.shape[0], pixel_values.device)
         modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
-        outputs = self.medformer(
+        single_task = isinstance(task, str) or task is None
+        present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
+        outputs = self._run_backbone(
             pixel_values,
+            task_ids,
+            [names[index] for index in present],
             modality_ids=modality_ids,
             body_part_ids=body_part_ids,
             output_attentions=output_attentions,
@@ -944,8 +1061,6 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         )
         latents, context = outputs.last_hidden_state, outputs.context_embedding
 
-        single_task = isinstance(task, str) or task is None
-        present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
         task_logits, task_indices, task_losses = {}, {}, {}
         loss = None
         for index in present:
@@ -1022,7 +1137,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
                 "multi-task model with task=, or pipeline('medical-image-classification') (which reads them right)."
             )
         config = MedformerConfig.from_dict(multi_task.config.to_dict())
-        config.tasks, config.private_output_tasks = {task: spec}, []
+        config.tasks, config.private_output_tasks, config.adapter_tasks = {task: spec}, [], {}
         config.id2label = {int(index): name for index, name in spec["id2label"].items()}
         config.label2id = {name: index for index, name in config.id2label.items()}
         config.problem_type = problem_types[spec["type"]]
@@ -1037,9 +1152,16 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
             prefix = next((old for old in renamed if key.startswith(old)), None)
             if prefix is not None:
                 state[renamed[prefix] + key.removeprefix(prefix)] = value
-            elif not key.startswith(("task_heads.", "private_output_adaptformers.")):
+            elif not key.startswith(("task_heads.", "private_output_adaptformers.", "medformer.task_adapters.")):
                 if not (own_reader and key.startswith("output_adaptformer.")):
                     state[key] = value
+        if task in multi_task.config.adapter_tasks:  # the task's adapters merged into the body it runs: W + up @ down
+            adapter = multi_task.medformer.task_adapters[task]
+            for index, layer in enumerate(adapter.layers):
+                for name, path in ADAPTED_LINEARS.items():
+                    delta = layer.deltas[name]
+                    key = f"medformer.main_body.layers.{index}.{path}.weight"
+                    state[key] = state[key] + (delta.up.weight @ delta.down.weight).detach()
         if spec["type"] == "binary":  # [0, z]: softmax gives the same class-1 probability as sigmoid(z)
             for name in ("classifier.projection.weight", "classifier.projection.bias"):
                 state[name] = torch.cat([torch.zeros_like(state[name]), state[name]])
