@@ -87,21 +87,21 @@ def test_metrics(scores: np.ndarray, labels: np.ndarray, task_type: str) -> dict
 
 def run_until_target(
     name: str,
-    train_epoch: Callable[[int], None],
+    train_epoch: Callable[[float], int],
     score_test: Callable[[], dict[str, float]],
     target_auc: float,
     max_epochs: int,
     max_seconds: float,
 ) -> dict:
     """Alternate one training epoch (timed) and a test evaluation (not timed) until the target, the epoch budget or
-    the time cap."""
+    the time cap. `train_epoch(seconds_left)` stops early at the cap and returns the batches it trained."""
     trained, curve = 0.0, []
     for epoch in range(max_epochs):
         start = time.perf_counter()
-        train_epoch(epoch)
+        batches = train_epoch(max_seconds - trained)
         trained += time.perf_counter() - start
         metrics = score_test()
-        curve.append({"epoch": epoch + 1, "train_seconds": round(trained, 1), **metrics})
+        curve.append({"epoch": epoch + 1, "batches": batches, "train_seconds": round(trained, 1), **metrics})
         print(
             f"{name} epoch {epoch + 1}: {trained / 60:.1f} min, test AUC {metrics['auc']:.4f} ACC {metrics['acc']:.4f}"
         )
@@ -128,14 +128,18 @@ def resnet_run(name: str, splits: dict, max_seconds: float) -> dict:
     batch_size = 128 if info.spatial_dims == 2 else 32
     generator = torch.Generator().manual_seed(0)
 
-    def train_epoch(epoch: int) -> None:
+    def train_epoch(seconds_left: float) -> int:
         model.train()
-        for batch in torch.randperm(len(train_x), generator=generator).split(batch_size):
+        deadline = time.perf_counter() + seconds_left
+        for count, batch in enumerate(torch.randperm(len(train_x), generator=generator).split(batch_size), 1):
             loss = F.cross_entropy(model(scale(train_x[batch].float())), train_y[batch])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if time.perf_counter() > deadline:
+                return count
         scheduler.step()
+        return count
 
     @torch.no_grad()
     def score_test() -> dict[str, float]:
@@ -165,9 +169,10 @@ def medformer_run(name: str, splits: dict, max_seconds: float, epochs: int) -> d
     ema = create_ema(Accelerator(cpu=True), model, 0.999)
     generator = torch.Generator().manual_seed(0)
 
-    def train_epoch(epoch: int) -> None:
+    def train_epoch(seconds_left: float) -> int:
         model.train()
-        for batch in torch.randperm(len(train_x), generator=generator).split(batch_size):
+        deadline = time.perf_counter() + seconds_left
+        for count, batch in enumerate(torch.randperm(len(train_x), generator=generator).split(batch_size), 1):
             pixels = augment(processor(train_x[batch.numpy()], **metadata)["pixel_values"], info.augmentation)
             model(pixels, labels=train_y[batch]).loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -175,6 +180,9 @@ def medformer_run(name: str, splits: dict, max_seconds: float, epochs: int) -> d
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             ema.update_parameters(model)
+            if time.perf_counter() > deadline:
+                return count
+        return count
 
     @torch.no_grad()
     def score_test() -> dict[str, float]:
