@@ -355,7 +355,8 @@ def task_loss(
         targets = (labels[:, None] > thresholds).to(logits.dtype)
     else:  # multilabel
         targets = labels.to(logits.dtype)
-    return F.binary_cross_entropy_with_logits(logits, targets * (1 - label_smoothing) + label_smoothing / 2)
+    targets = targets.float() * (1 - label_smoothing) + label_smoothing / 2  # float32: bf16 would round 0.95
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
 def task_probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
@@ -459,22 +460,22 @@ ADAPTED_LINEARS = {
 
 
 class MedformerLayerAdapter(nn.Module):
-    """One Main Body block's low-rank updates, one per linear map (`ADAPTED_LINEARS`)."""
+    """One Main Body block's low-rank updates, one per linear map (`ADAPTED_LINEARS`), shaped like the block's."""
 
-    def __init__(self, config: MedformerConfig, rank: int):
+    def __init__(self, layer: MedformerLayer, rank: int):
         super().__init__()
-        width, intermediate = config.hidden_size, int(config.hidden_size * config.mlp_ratio)
-        shapes = {name: (width, width) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        shapes.update(fc1=(width, intermediate), fc2=(intermediate, width))
-        self.deltas = nn.ModuleDict({name: MedformerLowRank(*shape, rank) for name, shape in shapes.items()})
+        linears = {name: layer.get_submodule(path) for name, path in ADAPTED_LINEARS.items()}
+        self.deltas = nn.ModuleDict(
+            {name: MedformerLowRank(linear.in_features, linear.out_features, rank) for name, linear in linears.items()}
+        )
 
 
 class MedformerBodyAdapter(nn.Module):
     """A task's adapters for the whole Main Body (`config.adapter_tasks`)."""
 
-    def __init__(self, config: MedformerConfig, rank: int):
+    def __init__(self, main_body: MedformerMainBody, rank: int):
         super().__init__()
-        self.layers = nn.ModuleList(MedformerLayerAdapter(config, rank) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(MedformerLayerAdapter(layer, rank) for layer in main_body.layers)
 
 
 def _adapted(linear: nn.Linear, hidden_states: torch.Tensor, adapter: MedformerLayerAdapter | None, name: str):
@@ -820,7 +821,7 @@ class MedformerModel(MedformerPreTrainedModel):
         self.input_adaptformer = MedformerInputAdaptformer(config)
         self.main_body = MedformerMainBody(config)
         self.task_adapters = nn.ModuleDict(
-            {name: MedformerBodyAdapter(config, rank) for name, rank in config.adapter_tasks.items()}
+            {name: MedformerBodyAdapter(self.main_body, rank) for name, rank in config.adapter_tasks.items()}
         )
         self.post_init()
 
@@ -833,7 +834,7 @@ class MedformerModel(MedformerPreTrainedModel):
         noise: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        adapter: str | None = None,
+        adapter_rows: dict[str, torch.Tensor] | None = None,
     ) -> MedformerModelOutput:
         r"""
         Args:
@@ -846,8 +847,9 @@ class MedformerModel(MedformerPreTrainedModel):
                 Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training).
             noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
                 Makes the masking reproducible: the patches with the lowest noise are kept. Implies masking.
-            adapter (`str`, *optional*):
-                Run the Main Body with this task's low-rank adapters (`config.adapter_tasks`); None: the body as is.
+            adapter_rows (`dict[str, torch.LongTensor]`, *optional*):
+                `{task: row indices}`: those samples run the Main Body with that task's low-rank adapters
+                (`config.adapter_tasks`); every other sample runs it as it is. The Input Adaptformer runs once.
 
         Example:
 
@@ -864,6 +866,9 @@ class MedformerModel(MedformerPreTrainedModel):
         pixel_values, modality_ids, body_part_ids = check_inputs(
             self.config, pixel_values, modality_ids, body_part_ids, self.input_adaptformer.latents.dtype
         )
+        unknown = sorted(set(adapter_rows or {}) - set(self.task_adapters))
+        if unknown:
+            raise ValueError(f"No adapters for tasks {unknown}; this model has them for {list(self.task_adapters)}.")
         adaptformer = self.input_adaptformer
 
         mask = None
@@ -886,17 +891,13 @@ class MedformerModel(MedformerPreTrainedModel):
         for layer in adaptformer.layers:
             latents, weights = layer(latents, tokens, output_attentions=output_attentions)
             attentions.append(weights)
-        if adapter is not None and adapter not in self.task_adapters:
-            raise ValueError(f"No adapters for task {adapter!r}; this model has them for {list(self.task_adapters)}.")
-        layer_adapters = (
-            self.task_adapters[adapter].layers if adapter is not None else [None] * len(self.main_body.layers)
-        )
         hidden_states = [latents]
-        for layer, layer_adapter in zip(self.main_body.layers, layer_adapters, strict=True):
-            latents, weights = layer(latents, output_attentions=output_attentions, adapter=layer_adapter)
-            attentions.append(weights)
-            hidden_states.append(latents)
-        latents = self.main_body.norm(latents)
+        body_latents, body_hidden_states, body_attentions = self._run_main_body(
+            latents, adapter_rows or {}, output_attentions
+        )
+        hidden_states += body_hidden_states
+        attentions += body_attentions
+        latents = self.main_body.norm(body_latents)
 
         return MedformerModelOutput(
             last_hidden_state=latents,
@@ -906,6 +907,46 @@ class MedformerModel(MedformerPreTrainedModel):
             hidden_states=tuple(hidden_states) if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
         )
+
+    def _run_main_body(
+        self, latents: torch.Tensor, adapter_rows: dict[str, torch.Tensor], output_attentions: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+        """The Main Body's output, each block's output and attention weights: one pass per group of rows (the rows
+        of each task in `adapter_rows` with its adapters, the rest as is), put back in batch order."""
+        groups: list[tuple[MedformerBodyAdapter | None, torch.Tensor | None]] = [(None, None)]  # None: every row
+        if adapter_rows:
+            adapted = torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device)
+            groups = []
+            for task, rows in adapter_rows.items():
+                adapted[rows] = True
+                groups.append((self.task_adapters[task], rows))
+            if not adapted.all():
+                groups.append((None, (~adapted).nonzero().squeeze(1)))
+            if len(groups) == 1:
+                groups = [(groups[0][0], None)]
+        results = []
+        for adapter, rows in groups:
+            hidden = latents if rows is None else latents[rows]
+            if adapter is not None and torch.is_grad_enabled() and not hidden.requires_grad:
+                # With the rest frozen, reentrant gradient checkpointing would give the adapters no gradient unless
+                # the blocks' input requires one (as PEFT's enable_input_require_grads).
+                hidden = hidden.detach().requires_grad_()
+            block_outputs, weights = [], []
+            for index, layer in enumerate(self.main_body.layers):
+                layer_adapter = None if adapter is None else adapter.layers[index]
+                hidden, layer_weights = layer(hidden, output_attentions=output_attentions, adapter=layer_adapter)
+                block_outputs.append(hidden)
+                weights.append(layer_weights)
+            results.append((rows, block_outputs, weights))
+        if results[0][0] is None:
+            return results[0][1][-1], results[0][1], results[0][2]
+        merged_outputs = [latents.new_empty((latents.shape[0], *out.shape[1:])) for out in results[0][1]]
+        merged_weights = [None if w is None else w.new_empty((latents.shape[0], *w.shape[1:])) for w in results[0][2]]
+        for rows, block_outputs, weights in results:
+            for target, value in zip(merged_outputs + merged_weights, block_outputs + weights, strict=True):
+                if target is not None:
+                    target[rows] = value
+        return merged_outputs[-1], merged_outputs, merged_weights
 
 
 class MedformerForMultiTask(MedformerPreTrainedModel):
@@ -939,7 +980,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         reference = next(self.parameters())
         new_modules = {"head": MedformerTaskHead(self.config, self.config.task_output_size(name))}
         if adapter_rank:
-            new_modules["adapter"] = MedformerBodyAdapter(self.config, adapter_rank)
+            new_modules["adapter"] = MedformerBodyAdapter(self.medformer.main_body, adapter_rank)
         for module in new_modules.values():
             module.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
         self.task_heads[name] = new_modules["head"]
@@ -955,40 +996,6 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             self.private_output_adaptformers[task]
             if task in self.private_output_adaptformers
             else self.output_adaptformer
-        )
-
-    def _run_backbone(
-        self, pixel_values: torch.Tensor, task_ids: torch.Tensor, present: list[str], **kwargs
-    ) -> MedformerModelOutput:
-        """The backbone's output for the batch: one pass for the tasks that share the Main Body as is, one pass per
-        task with adapters of its own (`config.adapter_tasks`) over its rows, put back in batch order."""
-        names = list(self.config.tasks)
-        groups: dict[str | None, list[int]] = {}
-        for name in present:
-            groups.setdefault(name if name in self.config.adapter_tasks else None, []).append(names.index(name))
-        if len(groups) == 1:
-            return self.medformer(pixel_values, adapter=next(iter(groups)), **kwargs)
-        merged = {}
-        for adapter, indices in groups.items():
-            rows = torch.isin(task_ids, torch.tensor(indices, device=task_ids.device)).nonzero().squeeze(1)
-            part = self.medformer(
-                pixel_values[rows],
-                adapter=adapter,
-                **{key: value[rows] if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()},
-            )
-            for key, value in part.items():
-                if key == "mask":
-                    continue
-                parts = value if isinstance(value, tuple) else (value,)
-                if key not in merged:
-                    merged[key] = [item.new_empty((len(task_ids), *item.shape[1:])) for item in parts]
-                for target, item in zip(merged[key], parts, strict=True):
-                    target[rows] = item
-        return MedformerModelOutput(
-            **{
-                key: tuple(value) if key in ("hidden_states", "attentions") else value[0]
-                for key, value in merged.items()
-            }
         )
 
     def _task_ids(self, task: str | torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -1050,14 +1057,14 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
         single_task = isinstance(task, str) or task is None
         present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
-        outputs = self._run_backbone(
+        adapted = [index for index in present if names[index] in self.config.adapter_tasks]
+        outputs = self.medformer(
             pixel_values,
-            task_ids,
-            [names[index] for index in present],
             modality_ids=modality_ids,
             body_part_ids=body_part_ids,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            adapter_rows={names[index]: (task_ids == index).nonzero().squeeze(1) for index in adapted},
         )
         latents, context = outputs.last_hidden_state, outputs.context_embedding
 

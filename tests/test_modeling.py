@@ -332,8 +332,11 @@ def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
         mixed = model(pixels, task=task_ids, output_hidden_states=True)
         torch.testing.assert_close(mixed.task_logits["derma"], adapted[[0, 2]])
         torch.testing.assert_close(mixed.task_logits["pneumonia"], before["pneumonia"][[1, 3]])
-        alone = model(pixels, task="derma", output_hidden_states=True)
-        torch.testing.assert_close(mixed.hidden_states[-1][[0, 2]], alone.hidden_states[-1][[0, 2]])
+        alone = model(pixels, task="derma", output_hidden_states=True, output_attentions=True)
+        mixed = model(pixels, task=task_ids, output_hidden_states=True, output_attentions=True)
+        pairs = zip(mixed.hidden_states + mixed.attentions, alone.hidden_states + alone.attentions, strict=True)
+        for merged, single in pairs:
+            torch.testing.assert_close(merged[[0, 2]], single[[0, 2]])
     model.save_pretrained(tmp_path)
     reloaded = MedformerForMultiTask.from_pretrained(tmp_path).eval()
     assert reloaded.config.adapter_tasks == {"derma": 2}
@@ -346,5 +349,18 @@ def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
         torch.testing.assert_close(plain(pixels).logits[:, 1], before["pneumonia"][:, 0])
     with pytest.raises(ValueError, match="adapter_rank must be a positive integer"):
         model.add_task("blood", adapter_rank=-1, type="multiclass", num_labels=8)
-    with pytest.raises(ValueError, match="No adapters for task 'pneumonia'"):
-        model.medformer(pixels, adapter="pneumonia")
+    with pytest.raises(ValueError, match=r"No adapters for tasks \['pneumonia'\]"):
+        model.medformer(pixels, adapter_rows={"pneumonia": torch.arange(4)})
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_adapters_of_a_frozen_model_get_gradients_with_gradient_checkpointing(tiny_config, reentrant):
+    model = MedformerForMultiTask(tiny_config)
+    model.add_task("derma", adapter_rank=2, type="multiclass", num_labels=7)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith(("medformer.task_adapters.", "task_heads.derma."))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    model(torch.rand(3, 1, 28, 28), task="derma", labels=torch.tensor([0, 3, 6])).loss.backward()
+    downs = [p.grad for n, p in model.named_parameters() if n.startswith("medformer.task_adapters.") and "up." in n]
+    assert downs and all(grad is not None and grad.abs().max() > 0 for grad in downs)
