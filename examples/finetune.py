@@ -194,7 +194,7 @@ def main() -> None:
             labels=batch["labels"],
             modality_ids=batch["modality_ids"],
             body_part_ids=batch["body_part_ids"],
-            label_smoothing=args.label_smoothing,
+            target_smoothing=args.label_smoothing,
         )
         return output.loss, {}
 

@@ -1032,7 +1032,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         body_part_ids: torch.LongTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        label_smoothing: float = 0.0,
+        target_smoothing: float = 0.0,
     ) -> MedformerMultiTaskOutput:
         r"""
         Args:
@@ -1046,8 +1046,9 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             modality_ids, body_part_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
                 Default to each sample's task's registered modality and body part, also per sample where an id is
                 `UNSPECIFIED_ID` (-1; what the image processor gives for metadata that was not passed).
-            label_smoothing (`float`, *optional*, defaults to 0.0):
-                Smooths the targets of the loss (see `task_loss`); a training choice, so not in the config.
+            target_smoothing (`float`, *optional*, defaults to 0.0):
+                Label smoothing of the loss (`task_loss`'s `label_smoothing`); a training choice, so not in the config.
+                Not named `label_*`: transformers' Trainer takes every such argument for a label column.
         """
         require_tensor(pixel_values)
         if labels is not None:
@@ -1085,7 +1086,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             task_logits[name], task_indices[name] = logits, rows
             if labels is not None:
                 task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name, padded=not single_task)
-                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"], label_smoothing)
+                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"], target_smoothing)
                 weighted = task_losses[name] * len(logits) / len(task_ids)
                 loss = weighted if loss is None else loss + weighted
 

@@ -137,7 +137,7 @@ def test_multitask_forward_passes_label_smoothing_to_every_task():
     config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={"x": {"type": "multiclass", "num_labels": 3}})
     model = MedformerForMultiTask(config).eval()
     pixels, labels = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 1])
-    smoothed = model(pixels, labels=labels, label_smoothing=0.3)
+    smoothed = model(pixels, labels=labels, target_smoothing=0.3)
     assert smoothed.loss.item() == pytest.approx(task_loss(smoothed.logits, labels, "multiclass", 3, 0.3).item())
     assert smoothed.loss != model(pixels, labels=labels).loss
 
