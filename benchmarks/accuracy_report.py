@@ -62,7 +62,7 @@ def table(out: Path) -> str:
 
 
 def ablation_table(out: Path) -> str:
-    """One row per variant of run_recipe_ablation.sh: test ACC/AUC per set, mean ± sd over the seeds run
+    """One row per variant of run_recipe_ablation.sh: test ACC/AUC per set, mean ± sample sd over the seeds run
     (`<out>/<variant>/<set>/seed<n>/metrics.json`; older single-seed runs: `<out>/<variant>/<set>/metrics.json`)."""
     variants = sorted(
         (path for path in out.iterdir() if path.is_dir()), key=lambda path: (path.name != "default", path.name)
@@ -73,12 +73,12 @@ def ablation_table(out: Path) -> str:
     for variant in variants:
         cells, seeds = [], set()
         for name in names:
-            runs = [variant / name, *sorted((variant / name).glob("seed*"))]
+            runs = sorted((variant / name).glob("seed*")) or [variant / name]  # seed folders, or an older single run
             found = [metrics[name] for metrics in map(read_metrics, runs) if name in metrics]
             seeds.add(len(found))
             for metric in ("acc", "auc"):
                 values = [entry[metric] for entry in found]
-                spread = f" ± {np.std(values):.3f}" if len(values) > 1 else ""
+                spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""  # sample sd
                 cells.append(f"{np.mean(values):.3f}{spread}" if values else "–")
         lines.append(f"| {variant.name} | {'/'.join(map(str, sorted(seeds)))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

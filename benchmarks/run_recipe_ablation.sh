@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The tokenizer and recipe ablation of BENCHMARKS.md, one command (resumable: finished runs are skipped).
 #   [SEEDS="0 1 2"] [INIT=outputs/ref/ssl] [VARIANT_LIST="default ..."] bash benchmarks/run_recipe_ablation.sh [data_dir] [output_dir]
-# Single-task runs (`small` model; from scratch, or from the INIT checkpoint) on one 2D and one 3D set; each variant
+# Single-task runs (`small` model from scratch, or the INIT checkpoint) on one 2D and one 3D set; each variant
 # changes one thing of the default recipe (conv stem, fan-in init, lr 1e-3 with 5% warm-up, label-safe augmentation,
 # EMA 0.999, 48 latents, no label smoothing / stochastic depth / layer-wise lr decay). Each run keeps its
 # best-validation checkpoint and is then evaluated on the test split; the table (mean ± sd over SEEDS): ablation.md.
@@ -25,9 +25,31 @@ declare -A VARIANTS=(
   [layer_decay_0.75]="--layer_decay 0.75"
   [stem_blocks_1]="--conv_stem_blocks 1"
 )
-ALL="default linear_tokenizer vit_init_0.02 no_augmentation no_ema lr_3e-4 latents_16 latents_32 latents_64 label_smoothing_0.1 drop_path_0.1 layer_decay_0.75 stem_blocks_1"
-INIT_FLAGS=()
-[ -n "${INIT:-}" ] && INIT_FLAGS=(--init_from "$INIT")
+# Architecture variants need a model built from scratch; layer-wise decay needs a pre-trained INIT.
+SCRATCH_ONLY="linear_tokenizer vit_init_0.02 latents_16 latents_32 latents_64 stem_blocks_1"
+INIT_ONLY="layer_decay_0.75"
+if [ -n "${INIT:-}" ]; then
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 $INIT_ONLY"
+  FORBIDDEN=$SCRATCH_ONLY
+  MODEL_FLAGS=(--init_from "$INIT")
+else
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 $SCRATCH_ONLY"
+  FORBIDDEN=$INIT_ONLY
+  MODEL_FLAGS=(--model_size small)
+fi
+for variant in ${VARIANT_LIST:-$ALL}; do
+  if [[ " $FORBIDDEN " == *" $variant "* ]]; then
+    echo "variant $variant does not apply when starting from ${INIT:-scratch}; choose from: $ALL" >&2
+    exit 2
+  fi
+done
+# The folder records what the runs started from, so a scratch and a pre-trained ablation never share results.
+STARTED_FROM="${INIT:-scratch}"
+if [ -f "$OUT/started_from" ] && [ "$(cat "$OUT/started_from")" != "$STARTED_FROM" ]; then
+  echo "$OUT holds runs started from $(cat "$OUT/started_from"), not $STARTED_FROM: use another output folder." >&2
+  exit 2
+fi
+mkdir -p "$OUT" && echo "$STARTED_FROM" > "$OUT/started_from"
 for seed in ${SEEDS:-0}; do
   for variant in ${VARIANT_LIST:-$ALL}; do
     for entry in $SETS; do
@@ -35,9 +57,9 @@ for seed in ${SEEDS:-0}; do
       run="$OUT/$variant/$name/seed$seed"
       [ -f "$run/metrics.json" ] && continue
       # shellcheck disable=SC2086  # the variant's flags are meant to split
-      "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "$name" --model_size small --batch_size 64 \
+      "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "$name" --batch_size 64 \
         --seed "$seed" --num_train_epochs "$epochs" --checkpointing_steps 25 --report_to none \
-        --resume_from_checkpoint latest --output_dir "$run" "${INIT_FLAGS[@]}" ${VARIANTS[$variant]}
+        --resume_from_checkpoint latest --output_dir "$run" "${MODEL_FLAGS[@]}" ${VARIANTS[$variant]}
       "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
     done
   done

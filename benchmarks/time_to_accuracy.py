@@ -5,9 +5,10 @@ re-implementation of MedMNIST's own ResNet-18 (28) / ResNet-18 + 3D training, si
         --max_minutes 20 --output benchmarks/results/time_to_accuracy_cpu.json
 
 ResNet-18 as in github.com/MedMNIST/experiments (models.py, train_and_eval_pytorch.py): the CIFAR-style ResNet-18
-(3x3 stride-1 first convolution, no max-pool, BatchNorm), for volumes the same net with every 2D layer made 3D (their
-`Conv3dConverter`); Adam at 1e-3, MultiStepLR x0.1 at 50 and 75 of 100 epochs, batch 128 (2D) / 32 (3D, their 3D
-script's default), no augmentation, inputs scaled to [-1, 1] (2D) / [0, 1] (3D) as their transforms do.
+(3x3 stride-1 first convolution, no max-pool, BatchNorm), for volumes the same net with every 2D layer made 3D and its
+kernels inflated as their `Conv3dConverter(i3d_repeat_axis=-3)` does; Adam at 1e-3, MultiStepLR x0.1 at 50 and 75
+of 100 epochs, batch 128 (2D) / 32 (3D, their 3D script's default), no augmentation, inputs scaled to [-1, 1] (2D) /
+[0, 1] (3D) as their transforms do.
 Medformer: the `small` model from scratch with the scripts' recipe (fan-in init, conv stem, AdamW 1e-3, 5% warm-up,
 cosine over `--medformer_epochs`, label-safe augmentation, EMA 0.999 evaluated), one task, batch 64.
 
@@ -59,7 +60,7 @@ class BasicBlock(nn.Module):
 
 
 class MedMNISTResNet18(nn.Module):
-    """MedMNIST v2's ResNet-18 for 28-pixel inputs (2D), and its Conv3d conversion (3D)."""
+    """MedMNIST v2's ResNet-18 for 28-pixel inputs (2D), and its Conv3d conversion (3D, see `inflated_3d`)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int):
         super().__init__()
@@ -75,6 +76,20 @@ class MedMNISTResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(self.layers(self.stem(x)).flatten(2).mean(-1))
+
+
+def inflated_3d(in_channels: int, num_classes: int) -> MedMNISTResNet18:
+    """The 3D net as MedMNIST builds it: a 2D ResNet-18 converted by ACSConv's `Conv3dConverter` with their default
+    `--pretrained_3d i3d`, which inflates even the untrained 2D kernels: each k x k kernel repeated k times along
+    depth and divided by k; norms and the classifier copied."""
+    flat, deep = MedMNISTResNet18(2, in_channels, num_classes), MedMNISTResNet18(3, in_channels, num_classes)
+    state = {}
+    for key, value in flat.state_dict().items():
+        if value.ndim == 4:  # a convolution kernel
+            value = value.unsqueeze(2).repeat(1, 1, value.shape[-1], 1, 1) / value.shape[-1]
+        state[key] = value
+    deep.load_state_dict(state)
+    return deep
 
 
 # ------------------------------------------------------------------------------------------- the runs
@@ -122,7 +137,10 @@ def resnet_run(name: str, splits: dict, max_seconds: float) -> dict:
     scale = (lambda x: x / 255.0 * 2 - 1) if info.spatial_dims == 2 else (lambda x: x / 255.0)
     train_x, train_y = torch.from_numpy(splits["train"][0]), torch.from_numpy(splits["train"][1][:, 0]).long()
     test_x, test_y = torch.from_numpy(splits["test"][0]), splits["test"][1][:, 0]
-    model = MedMNISTResNet18(info.spatial_dims, info.num_channels, len(info.labels))
+    if info.spatial_dims == 2:
+        model = MedMNISTResNet18(2, info.num_channels, len(info.labels))
+    else:
+        model = inflated_3d(info.num_channels, len(info.labels))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[50, 75], gamma=0.1)
     batch_size = 128 if info.spatial_dims == 2 else 32
@@ -197,7 +215,15 @@ def medformer_run(name: str, splits: dict, max_seconds: float, epochs: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", default="../shared/data/medmnist")
-    parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "organmnist3d"])
+    single_label = [name for name, info in CATALOGUE.items() if info.task_type != "multilabel"]
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        choices=single_label,
+        default=["pneumoniamnist", "organmnist3d"],
+        metavar="NAME",
+        help="single-label MedMNIST sets (both recipes train them with cross-entropy)",
+    )
     parser.add_argument("--models", nargs="+", choices=["medformer", "resnet18"], default=["medformer", "resnet18"])
     parser.add_argument("--max_minutes", type=float, default=20.0, help="training-time cap per model and set")
     parser.add_argument("--medformer_epochs", type=int, default=40, help="Medformer's cosine schedule length")

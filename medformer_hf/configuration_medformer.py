@@ -324,6 +324,13 @@ class MedformerConfig(PretrainedConfig):
             raise ValueError(
                 f"MedformerConfig.conv_stem_blocks must be an integer >= 0, got {self.conv_stem_blocks!r}."
             )
+        if self.conv_stem_blocks and (self.tokenizer != "conv" or not self.conv_stem_channels):
+            raise ValueError(
+                f"MedformerConfig.conv_stem_blocks={self.conv_stem_blocks} adds blocks after the conv stem's "
+                f"intermediate convolutions, but tokenizer={self.tokenizer!r} with conv_stem_channels="
+                f'{self.conv_stem_channels} has none: use tokenizer="conv" with at least one conv_stem_channels entry, '
+                "or conv_stem_blocks=0."
+            )
         for heads in ("num_attention_heads", "num_cross_attention_heads"):
             if self.hidden_size % getattr(self, heads):
                 raise ValueError(

@@ -184,11 +184,14 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
 
 def layer_depth(parameter_name: str, num_hidden_layers: int) -> int:
     """Depth of a parameter for layer-wise learning-rate decay: 0 for the Input Adaptformer, `i + 1` for Main Body
-    block `i`, `num_hidden_layers + 1` for everything after the body (its norm, Output Adaptformers, heads)."""
+    block `i` (and a task's adapters of that block), `num_hidden_layers + 1` for everything after the body (its
+    norm, Output Adaptformers, heads)."""
     if "input_adaptformer." in parameter_name:
         return 0
     if "main_body.layers." in parameter_name:
         return int(parameter_name.split("main_body.layers.")[1].split(".")[0]) + 1
+    if "task_adapters." in parameter_name:
+        return int(parameter_name.split("task_adapters.")[1].split(".layers.")[1].split(".")[0]) + 1
     return num_hidden_layers + 1
 
 
@@ -219,7 +222,9 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_proce
                 "weight_decay": args.weight_decay if decay else 0.0,
                 "lr": args.learning_rate * layer_decay ** (num_layers + 1 - depth),
             }
-            for (depth, decay), parameters in sorted(groups.items())
+            # Decayed before not decayed at each depth: without layer decay that is the two groups' order of
+            # checkpoints saved before layer decay existed, which resuming relies on.
+            for (depth, decay), parameters in sorted(groups.items(), key=lambda item: (item[0][0], not item[0][1]))
         ],
         lr=args.learning_rate,
     )

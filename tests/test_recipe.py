@@ -161,6 +161,7 @@ def test_drop_path_rises_with_depth_drops_whole_samples_in_training_and_never_in
 def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_one():
     config = MedformerConfig(**MODEL_SIZES["small"], tasks={"x": {"type": "binary", "num_labels": 2}})
     model = MedformerForMultiTask(config)
+    model.add_task("y", adapter_rank=2, type="binary", num_labels=2)
     args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.0, max_steps=10)
     optimizer, _ = create_optimizer(model, args, num_processes=1, layer_decay=0.5)
     rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -168,6 +169,8 @@ def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_on
     assert rate_of[id(named["task_heads.x.projection.weight"])] == pytest.approx(1e-3)
     assert rate_of[id(named["medformer.main_body.layers.3.mlp.fc1.weight"])] == pytest.approx(5e-4)
     assert rate_of[id(named["medformer.main_body.layers.0.mlp.fc1.weight"])] == pytest.approx(1e-3 / 16)
+    adapter = named["medformer.task_adapters.y.layers.0.deltas.fc1.down.weight"]
+    assert rate_of[id(adapter)] == pytest.approx(1e-3 / 16)  # at its block's depth
     assert rate_of[id(named["medformer.input_adaptformer.latents"])] == pytest.approx(1e-3 / 32)
     assert len(rate_of) == len(named)  # every parameter trains, once
     decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
@@ -175,3 +178,5 @@ def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_on
     assert id(named["medformer.main_body.layers.0.mlp.fc1.weight"]) in decayed
     plain, _ = create_optimizer(model, args, num_processes=1)
     assert {group["lr"] for group in plain.param_groups} == {1e-3}
+    # Without layer decay: [decayed, not decayed], the layout of checkpoints saved before the option (resumable).
+    assert [group["weight_decay"] for group in plain.param_groups] == [0.05, 0.0]

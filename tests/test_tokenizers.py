@@ -39,6 +39,8 @@ def test_stem_depth_must_match_the_patch_size():
         make_tiny_config(tokenizer="vq")
     with pytest.raises(ValueError, match="conv_stem_blocks"):
         make_tiny_config(conv_stem_blocks=-1)
+    with pytest.raises(ValueError, match="use tokenizer=.conv. with at least one conv_stem_channels"):
+        make_tiny_config(conv_stem_blocks=1, tokenizer="linear")
 
 
 def test_stem_blocks_add_residual_depth_at_the_intermediate_resolution():
