@@ -12,15 +12,15 @@ OUT=${2:-outputs/accuracy}
 SSL_EPOCHS=${SSL_EPOCHS:-3}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-28}
 ALPHA=${ALPHA:-0}
-COMMON=(--data_dir "$DATA" --model_size small --batch_size 64 --seed 0 --resume_from_checkpoint latest)
+COMMON=(--data_dir "$DATA" --batch_size 64 --seed 0 --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
-"${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --num_train_epochs "$SSL_EPOCHS" --learning_rate 5e-4 \
+"${LAUNCH[@]}" examples/pretrain.py "${COMMON[@]}" --model_size small --num_train_epochs "$SSL_EPOCHS" --learning_rate 5e-4 \
   --checkpointing_steps 100 --output_dir "$OUT/ssl"
 for init in ssl scratch; do
   run="$OUT/multitask_$init"
   [ -f "$run/metrics.json" ] && continue
-  init_args=()
+  init_args=(--model_size small)  # the architecture from scratch; the checkpoint brings its own
   [ "$init" = ssl ] && init_args=(--init_from "$OUT/ssl")
   "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --num_train_epochs "$FINETUNE_EPOCHS" \
     --sampling_alpha "$ALPHA" --checkpointing_steps 250 --output_dir "$run"
@@ -29,7 +29,7 @@ done
 while read -r name steps <&3; do  # fd 3: the runs below must not eat the list on stdin
   run="$OUT/single_task/$name"
   [ -f "$run/metrics.json" ] && continue
-  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" --datasets "$name" --max_steps "$steps" \
+  "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" --model_size small --datasets "$name" --max_steps "$steps" \
     --checkpointing_steps 50 --output_dir "$run"
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done 3< <(python benchmarks/accuracy_report.py steps "$DATA" "$FINETUNE_EPOCHS" "$ALPHA")

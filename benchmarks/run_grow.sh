@@ -12,7 +12,7 @@ OUT=${2:-outputs/grow}
 SSL=${3:-outputs/accuracy/ssl}
 OLD=(pneumoniamnist retinamnist organmnist3d nodulemnist3d fracturemnist3d vesselmnist3d)
 NEW=breastmnist
-COMMON=(--data_dir "$DATA" --model_size small --batch_size 64 --seed 0 --sampling_alpha 0 --resume_from_checkpoint latest)
+COMMON=(--data_dir "$DATA" --batch_size 64 --seed 0 --sampling_alpha 0 --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
 finetune() {  # output folder, then finetune.py arguments; skipped when finished
@@ -32,5 +32,5 @@ finetune "$OUT/adapters" --datasets "$NEW" --init_from "$OUT/reference6" --train
   --num_train_epochs 40 --checkpointing_steps 100
 finetune "$OUT/replay" --datasets "${OLD[@]}" "$NEW" --init_from "$OUT/reference6" --num_train_epochs 3 \
   --checkpointing_steps 100
-finetune "$OUT/scratch" --datasets "$NEW" --num_train_epochs 40 --checkpointing_steps 100
+finetune "$OUT/scratch" --datasets "$NEW" --model_size small --num_train_epochs 40 --checkpointing_steps 100
 python benchmarks/grow_report.py "$OUT"

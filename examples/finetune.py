@@ -19,6 +19,7 @@ from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_data
 from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
+    MODEL_FLAGS,
     CheckpointManager,
     TrainState,
     add_common_arguments,
@@ -76,7 +77,7 @@ def parse_args() -> argparse.Namespace:
         "Main Body used only for their samples (--adapter_rank). All but 'all' freeze everything the checkpoint had, "
         "so its tasks' weights stay bit-identical",
     )
-    parser.add_argument("--adapter_rank", type=int, default=8, help="LoRA rank of --train new_heads_and_adapters")
+    parser.add_argument("--adapter_rank", type=int, help="LoRA rank of --train new_heads_and_adapters (default 8)")
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
@@ -86,8 +87,20 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
     if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
         parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
+    if args.adapter_rank is not None and args.train != "new_heads_and_adapters":
+        parser.error("--adapter_rank sizes the adapters of --train new_heads_and_adapters; add that, or drop it.")
+    args.adapter_rank = 8 if args.adapter_rank is None else args.adapter_rank
     if args.adapter_rank < 1:
         parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
+    if args.layer_decay < 1.0 and args.train in ("new_heads", "new_heads_and_output"):
+        parser.error(f"--layer_decay changes nothing with --train {args.train} (only the new heads train); drop it.")
+    if args.init_from is not None:
+        given = [f"--{name}" for name in MODEL_FLAGS if getattr(args, name) != parser.get_default(name)]
+        if given:
+            parser.error(
+                f"{', '.join(given)} shape a model built from scratch, but --init_from {args.init_from} brings its "
+                "own architecture: drop them."
+            )
     if args.train != "all" and args.init_from is None:
         parser.error(f"--train {args.train} grows a trained checkpoint: pass --init_from <folder>.")
     check_common_arguments(parser, args)

@@ -37,6 +37,9 @@ MODEL_SIZES = {
 # ---------------------------------------------------------------------------------------------- arguments
 
 
+MODEL_FLAGS = ("model_size", "tokenizer", "weight_init", "num_latents", "conv_stem_blocks")  # add_model_arguments'
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Architecture flags of a model built from scratch."""
     model = parser.add_argument_group("model (from scratch)")

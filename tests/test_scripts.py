@@ -295,6 +295,17 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--push_to_hub"], "--push_to_hub needs --hub_model_id"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--conv_stem_blocks", "1"],
+            "--conv_stem_blocks shape a model built from scratch",
+        ),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads", "--layer_decay", "0.7"],
+            "--layer_decay changes nothing with --train new_heads",
+        ),
     ],
 )
 def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
