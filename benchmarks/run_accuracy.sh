@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy table of BENCHMARKS.md, one command (resumable: re-running continues every stage where it stopped).
-#   bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
+#   [SSL_EPOCHS=3] [FINETUNE_EPOCHS=28] [ALPHA=0] [FINETUNE_FLAGS="..."] bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
 # 1. SSL pre-training on the train images of every set in data_dir (2D and 3D together, labels unused)
 # 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds); the SSL run is
 #    the released checkpoint (checkpoints/medformer-small-medmnist)
@@ -12,6 +12,7 @@ OUT=${2:-outputs/accuracy}
 SSL_EPOCHS=${SSL_EPOCHS:-3}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-28}
 ALPHA=${ALPHA:-0}
+FINETUNE_FLAGS=${FINETUNE_FLAGS:-}  # extra finetune.py flags for every fine-tuning run, e.g. "--label_smoothing 0.1"
 COMMON=(--data_dir "$DATA" --batch_size 64 --seed 0 --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
@@ -23,14 +24,14 @@ for init in ssl scratch; do
   init_args=(--model_size small)  # the architecture from scratch; the checkpoint brings its own
   [ "$init" = ssl ] && init_args=(--init_from "$OUT/ssl")
   "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" "${init_args[@]}" --num_train_epochs "$FINETUNE_EPOCHS" \
-    --sampling_alpha "$ALPHA" --checkpointing_steps 250 --output_dir "$run"
+    --sampling_alpha "$ALPHA" --checkpointing_steps 250 --output_dir "$run" $FINETUNE_FLAGS
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done
 while read -r name steps <&3; do  # fd 3: the runs below must not eat the list on stdin
   run="$OUT/single_task/$name"
   [ -f "$run/metrics.json" ] && continue
   "${LAUNCH[@]}" examples/finetune.py "${COMMON[@]}" --model_size small --datasets "$name" --max_steps "$steps" \
-    --checkpointing_steps 50 --output_dir "$run"
+    --checkpointing_steps 50 --output_dir "$run" $FINETUNE_FLAGS
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done 3< <(python benchmarks/accuracy_report.py steps "$DATA" "$FINETUNE_EPOCHS" "$ALPHA")
 python benchmarks/accuracy_report.py table "$OUT"
