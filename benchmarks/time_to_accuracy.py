@@ -35,7 +35,7 @@ from torch import nn
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, task_probabilities
 from medformer_hf.data import CATALOGUE, RESNET18_BASELINES, augment
 from medformer_hf.data.medmnist import find_local, read_npz
-from medformer_hf.metrics import load_medmnist_metric
+from medformer_hf.metrics import medmnist_metrics
 from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer
 
 # ------------------------------------------------------------------------------------ MedMNIST's ResNet-18
@@ -93,11 +93,6 @@ def inflated_3d(in_channels: int, num_classes: int) -> MedMNISTResNet18:
 
 
 # ------------------------------------------------------------------------------------------- the runs
-
-
-def test_metrics(scores: np.ndarray, labels: np.ndarray, task_type: str) -> dict[str, float]:
-    result = load_medmnist_metric(task_type).compute(predictions=scores.tolist(), references=labels.tolist())
-    return {"acc": result["acc"], "auc": result["auc"]}
 
 
 def run_until_target(
@@ -163,7 +158,7 @@ def resnet_run(name: str, splits: dict, max_seconds: float) -> dict:
     def score_test() -> dict[str, float]:
         model.eval()
         scores = torch.cat([model(scale(x.float())).softmax(-1) for x in test_x.split(256)])
-        return test_metrics(scores.numpy(), test_y, info.task_type)
+        return medmnist_metrics(scores.numpy(), test_y, info.task_type)
 
     return run_until_target(
         f"resnet18 {name}", train_epoch, score_test, RESNET18_BASELINES[name]["auc"], 100, max_seconds
@@ -206,7 +201,7 @@ def medformer_run(name: str, splits: dict, max_seconds: float, epochs: int) -> d
     def score_test() -> dict[str, float]:
         evaluated = ema.module.eval()
         logits = [evaluated(processor(x, **metadata)["pixel_values"]).logits for x in np.array_split(test_x, 8)]
-        return test_metrics(task_probabilities(torch.cat(logits), info.task_type).numpy(), test_y, info.task_type)
+        return medmnist_metrics(task_probabilities(torch.cat(logits), info.task_type).numpy(), test_y, info.task_type)
 
     target = RESNET18_BASELINES[name]["auc"]
     return run_until_target(f"medformer {name}", train_epoch, score_test, target, epochs, max_seconds)

@@ -119,9 +119,10 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     )
     old_tasks = list(model.config.tasks)
     new_tasks = [name for name in tasks if name not in old_tasks]
+    # Its own Output Adaptformer (a copy of the shared one) and Main Body adapters, if asked.
+    own_output = args.train in ("new_heads_and_output", "new_heads_and_adapters")
     adapters = args.train == "new_heads_and_adapters"
-    for name in new_tasks:  # its own Output Adaptformer (a copy of the shared one) and Main Body adapters, if asked
-        own_output = args.train in ("new_heads_and_output", "new_heads_and_adapters")
+    for name in new_tasks:
         model.add_task(
             name, private_output=own_output, adapter_rank=args.adapter_rank if adapters else 0, **tasks[name]
         )

@@ -314,13 +314,9 @@ class MedformerConfig(PretrainedConfig):
         )
         for name in positive_ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"MedformerConfig.{name} must be a positive integer, got {value!r}.")
-        if (
-            not isinstance(self.conv_stem_blocks, int)
-            or isinstance(self.conv_stem_blocks, bool)
-            or self.conv_stem_blocks < 0
-        ):
+        if not (_is_int(self.conv_stem_blocks) and self.conv_stem_blocks >= 0):
             raise ValueError(
                 f"MedformerConfig.conv_stem_blocks must be an integer >= 0, got {self.conv_stem_blocks!r}."
             )
@@ -458,8 +454,12 @@ class MedformerConfig(PretrainedConfig):
         return num_task_outputs(task["type"], task["num_labels"])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
 
 
 MedformerConfig.register_for_auto_class()

@@ -717,18 +717,13 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in record.getMessage()
 
 
+# Containers whose modules are named one level down (a task's head, a backbone part).
+_TWO_LEVEL_MODULES = ("task_heads.", "medformer.", "private_output_adaptformers.")
+
+
 def _module_names(keys: set[str]) -> list[str]:
     """Parameter names -> the modules they belong to, e.g. `task_heads.breastmnist`, `decoder`."""
-    return sorted(
-        {
-            ".".join(
-                key.split(".")[
-                    : 2 if key.startswith(("task_heads.", "medformer.", "private_output_adaptformers.")) else 1
-                ]
-            )
-            for key in keys
-        }
-    )
+    return sorted({".".join(key.split(".")[: 2 if key.startswith(_TWO_LEVEL_MODULES) else 1]) for key in keys})
 
 
 class MedformerPreTrainedModel(PreTrainedModel):
@@ -978,14 +973,15 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         """
         self.config.add_task(name, private_output=private_output, adapter_rank=adapter_rank, **spec)
         reference = next(self.parameters())
-        new_modules = {"head": MedformerTaskHead(self.config, self.config.task_output_size(name))}
+
+        def initialised(module: nn.Module) -> nn.Module:
+            return module.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
+
+        self.task_heads[name] = initialised(MedformerTaskHead(self.config, self.config.task_output_size(name)))
         if adapter_rank:
-            new_modules["adapter"] = MedformerBodyAdapter(self.medformer.main_body, adapter_rank)
-        for module in new_modules.values():
-            module.to(device=reference.device, dtype=reference.dtype).apply(self._init_weights)
-        self.task_heads[name] = new_modules["head"]
-        if adapter_rank:
-            self.medformer.task_adapters[name] = new_modules["adapter"]
+            self.medformer.task_adapters[name] = initialised(
+                MedformerBodyAdapter(self.medformer.main_body, adapter_rank)
+            )
         if private_output:
             self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer)
 
@@ -1058,26 +1054,28 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
         single_task = isinstance(task, str) or task is None
         present = [names.index(task or names[0])] if single_task else task_ids.unique().tolist()
-        adapted = [index for index in present if names[index] in self.config.adapter_tasks]
+        task_rows = (  # each present task's rows of the batch
+            {present[0]: torch.arange(len(task_ids), device=task_ids.device)}
+            if single_task
+            else {index: (task_ids == index).nonzero().squeeze(1) for index in present}
+        )
         outputs = self.medformer(
             pixel_values,
             modality_ids=modality_ids,
             body_part_ids=body_part_ids,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            adapter_rows={names[index]: (task_ids == index).nonzero().squeeze(1) for index in adapted},
+            adapter_rows={names[i]: rows for i, rows in task_rows.items() if names[i] in self.config.adapter_tasks},
         )
         latents, context = outputs.last_hidden_state, outputs.context_embedding
 
         task_logits, task_indices, task_losses = {}, {}, {}
         loss = None
-        for index in present:
+        for index, rows in task_rows.items():
             name = names[index]
             spec = self.config.tasks[name]
-            rows = torch.arange(len(task_ids), device=task_ids.device)
             task_latents, task_context, task_labels = latents, context, labels
             if not single_task:
-                rows = (task_ids == index).nonzero().squeeze(1)
                 task_latents, task_context = latents[rows], context[rows]
                 task_labels = None if labels is None else labels[rows]
             logits = self._read_task(

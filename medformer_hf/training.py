@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
-from .metrics import load_medmnist_metric
+from .metrics import medmnist_metrics
 from .modeling_medformer import task_probabilities
 
 MODEL_SIZES = {
@@ -533,9 +533,6 @@ def evaluate_tasks(
     metrics, predictions = {}, {}
     for name, dataset in datasets.items():
         scores, labels = predict(accelerator, model, dataset, collators[name], name, batch_size)
-        result = load_medmnist_metric(CATALOGUE[name].task_type).compute(
-            predictions=scores.tolist(), references=labels.tolist()
-        )
-        metrics[name] = {"acc": result["acc"], "auc": result["auc"], "samples": len(labels)}
+        metrics[name] = {**medmnist_metrics(scores, labels, CATALOGUE[name].task_type), "samples": len(labels)}
         predictions[name] = (scores, labels)
     return metrics, predictions

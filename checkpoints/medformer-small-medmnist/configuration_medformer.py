@@ -314,15 +314,18 @@ class MedformerConfig(PretrainedConfig):
         )
         for name in positive_ints:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_positive_int(value):
                 raise ValueError(f"MedformerConfig.{name} must be a positive integer, got {value!r}.")
-        if (
-            not isinstance(self.conv_stem_blocks, int)
-            or isinstance(self.conv_stem_blocks, bool)
-            or self.conv_stem_blocks < 0
-        ):
+        if not (_is_int(self.conv_stem_blocks) and self.conv_stem_blocks >= 0):
             raise ValueError(
                 f"MedformerConfig.conv_stem_blocks must be an integer >= 0, got {self.conv_stem_blocks!r}."
+            )
+        if self.conv_stem_blocks and (self.tokenizer != "conv" or not self.conv_stem_channels):
+            raise ValueError(
+                f"MedformerConfig.conv_stem_blocks={self.conv_stem_blocks} adds blocks after the conv stem's "
+                f"intermediate convolutions, but tokenizer={self.tokenizer!r} with conv_stem_channels="
+                f'{self.conv_stem_channels} has none: use tokenizer="conv" with at least one conv_stem_channels entry, '
+                "or conv_stem_blocks=0."
             )
         for heads in ("num_attention_heads", "num_cross_attention_heads"):
             if self.hidden_size % getattr(self, heads):
@@ -451,8 +454,12 @@ class MedformerConfig(PretrainedConfig):
         return num_task_outputs(task["type"], task["num_labels"])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _is_int(value) and value > 0
 
 
 MedformerConfig.register_for_auto_class()

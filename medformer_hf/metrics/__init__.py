@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 MEDMNIST_METRIC_PATH = Path(__file__).parent / "medmnist_classification"
 
 
@@ -33,4 +35,10 @@ def load_medmnist_metric(task_type: str) -> Any:
     return _evaluate_library().load(str(MEDMNIST_METRIC_PATH), task_type, keep_in_memory=True)
 
 
-__all__ = ["MEDMNIST_METRIC_PATH", "load_medmnist_metric"]
+def medmnist_metrics(scores: np.ndarray, labels: np.ndarray, task_type: str) -> dict[str, float]:
+    """ACC and AUC of per-class scores (`task_probabilities`) against labels, as MedMNIST's evaluator defines them."""
+    result = load_medmnist_metric(task_type).compute(predictions=scores.tolist(), references=labels.tolist())
+    return {"acc": result["acc"], "auc": result["auc"]}
+
+
+__all__ = ["MEDMNIST_METRIC_PATH", "load_medmnist_metric", "medmnist_metrics"]
