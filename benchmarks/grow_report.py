@@ -11,6 +11,7 @@ ROUTES = {
     "frozen": "frozen backbone (`--train new_heads`)",
     "own_output": "frozen backbone, own Output Adaptformer (`--train new_heads_and_output`)",
     "adapters": "frozen backbone, own Output Adaptformer + Main Body adapters (`--train new_heads_and_adapters`)",
+    "adapters_input": "the same + Input Adaptformer adapters (`--train new_heads_and_adapters --adapt_input`)",
     "replay": "full fine-tune, old sets replayed",
 }
 NEW = "breastmnist"

@@ -2,8 +2,9 @@
 # Growing a trained checkpoint by a set it never saw (BENCHMARKS.md, "Growing a checkpoint"). Resumable.
 #   bash benchmarks/run_grow.sh [data_dir] [output_dir] [ssl_folder]
 # 1. reference: multi-task from the SSL pre-training on the 6 local sets without BreastMNIST (14 pool-epochs)
-# 2. BreastMNIST added five ways: frozen backbone (--train new_heads), the same plus an Output Adaptformer of its own
-#    (--train new_heads_and_output), plus Main Body adapters too (--train new_heads_and_adapters), full fine-tune with
+# 2. BreastMNIST added six ways: frozen backbone (--train new_heads), the same plus an Output Adaptformer of its own
+#    (--train new_heads_and_output), plus Main Body adapters too (--train new_heads_and_adapters), plus Input
+#    Adaptformer adapters (--adapt_input), full fine-tune with
 #    the 6 old sets replayed, and from scratch on BreastMNIST alone (same epochs as the frozen routes)
 # 3. test-split evaluation of every model on all 7 sets (old tasks before/after, the new task)
 set -euo pipefail
@@ -30,6 +31,8 @@ finetune "$OUT/own_output" --datasets "$NEW" --init_from "$OUT/reference6" --tra
   --num_train_epochs 40 --checkpointing_steps 100
 finetune "$OUT/adapters" --datasets "$NEW" --init_from "$OUT/reference6" --train new_heads_and_adapters \
   --num_train_epochs 40 --checkpointing_steps 100
+finetune "$OUT/adapters_input" --datasets "$NEW" --init_from "$OUT/reference6" --train new_heads_and_adapters \
+  --adapt_input --num_train_epochs 40 --checkpointing_steps 100
 finetune "$OUT/replay" --datasets "${OLD[@]}" "$NEW" --init_from "$OUT/reference6" --num_train_epochs 3 \
   --checkpointing_steps 100
 finetune "$OUT/scratch" --datasets "$NEW" --model_size small --num_train_epochs 40 --checkpointing_steps 100

@@ -78,6 +78,12 @@ def parse_args() -> argparse.Namespace:
         "so its tasks' weights stay bit-identical",
     )
     parser.add_argument("--adapter_rank", type=int, help="LoRA rank of --train new_heads_and_adapters (default 8)")
+    parser.add_argument(
+        "--adapt_input",
+        action="store_true",
+        help="with --train new_heads_and_adapters: adapters on the Input Adaptformer's layers too, so a new set can "
+        "change what its latents read from the image",
+    )
     args = parser.parse_args()
     if not 0.0 < args.label_fraction <= 1.0:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
@@ -89,6 +95,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
     if args.adapter_rank is not None and args.train != "new_heads_and_adapters":
         parser.error("--adapter_rank sizes the adapters of --train new_heads_and_adapters; add that, or drop it.")
+    if args.adapt_input and args.train != "new_heads_and_adapters":
+        parser.error("--adapt_input extends the adapters of --train new_heads_and_adapters; add that, or drop it.")
     args.adapter_rank = 8 if args.adapter_rank is None else args.adapter_rank
     if args.adapter_rank < 1:
         parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
@@ -119,12 +127,16 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     )
     old_tasks = list(model.config.tasks)
     new_tasks = [name for name in tasks if name not in old_tasks]
-    # Its own Output Adaptformer (a copy of the shared one) and Main Body adapters, if asked.
+    # Its own Output Adaptformer (a copy of the shared one) and Main Body (and Input Adaptformer) adapters, if asked.
     own_output = args.train in ("new_heads_and_output", "new_heads_and_adapters")
     adapters = args.train == "new_heads_and_adapters"
     for name in new_tasks:
         model.add_task(
-            name, private_output=own_output, adapter_rank=args.adapter_rank if adapters else 0, **tasks[name]
+            name,
+            private_output=own_output,
+            adapter_rank=args.adapter_rank if adapters else 0,
+            adapt_input=args.adapt_input,
+            **tasks[name],
         )
     if args.train != "all":
         if len(new_tasks) < len(tasks):

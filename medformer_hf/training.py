@@ -186,10 +186,10 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
 
 
 def layer_depth(parameter_name: str, num_hidden_layers: int) -> int:
-    """Depth of a parameter for layer-wise learning-rate decay: 0 for the Input Adaptformer, `i + 1` for Main Body
-    block `i` (and a task's adapters of that block), `num_hidden_layers + 1` for everything after the body (its
-    norm, Output Adaptformers, heads)."""
-    if "input_adaptformer." in parameter_name:
+    """Depth of a parameter for layer-wise learning-rate decay: 0 for the Input Adaptformer (and a task's adapters
+    of it), `i + 1` for Main Body block `i` (and a task's adapters of that block), `num_hidden_layers + 1` for
+    everything after the body (its norm, Output Adaptformers, heads)."""
+    if "input_adaptformer." in parameter_name or ".input_layers." in parameter_name:
         return 0
     if "main_body.layers." in parameter_name:
         return int(parameter_name.split("main_body.layers.")[1].split(".")[0]) + 1

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from medformer_hf import (
+    MedformerConfig,
     MedformerForImageClassification,
     MedformerForMultiTask,
     MedformerForPreTraining,
@@ -309,21 +310,29 @@ def _latents_and_context(model, pixels):
     return output.last_hidden_state, output.context_embedding
 
 
-def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
+@pytest.mark.parametrize("adapt_input", [False, True])
+def test_a_task_with_adapters_changes_no_other_task(tiny_config, tmp_path, adapt_input):
     model = MedformerForMultiTask(tiny_config).eval()
     pixels = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         before = {task: model(pixels, task=task).logits for task in ("pneumonia", "chest")}
-        model.add_task("derma", adapter_rank=2, type="multiclass", num_labels=7)
+        model.add_task("derma", adapter_rank=2, adapt_input=adapt_input, type="multiclass", num_labels=7)
         assert model.config.adapter_tasks == {"derma": 2}
+        assert model.config.input_adapter_tasks == (["derma"] if adapt_input else [])
+        adapter = model.medformer.task_adapters["derma"]
+        assert len(adapter.input_layers) == (tiny_config.num_input_layers if adapt_input else 0)
         plain_body = model._read_task(
             model.task_heads["derma"], model.output_adaptformer, *_latents_and_context(model, pixels)
         )
         assert torch.equal(model(pixels, task="derma").logits, plain_body)  # adapters start at zero
-        for parameter in model.medformer.task_adapters["derma"].parameters():
+        for parameter in adapter.layers.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))  # as training would move them
+        body_only = model(pixels, task="derma").logits
+        assert not torch.equal(body_only, plain_body)
+        for parameter in adapter.input_layers.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
         adapted = model(pixels, task="derma").logits
-        assert not torch.equal(adapted, plain_body)
+        assert torch.equal(adapted, body_only) != adapt_input  # the input adapters act only where asked
         for task, logits in before.items():
             assert torch.equal(model(pixels, task=task).logits, logits), task
         # A batch mixing tasks with and without adapters gives each sample what its task alone gives.
@@ -340,8 +349,10 @@ def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = MedformerForMultiTask.from_pretrained(tmp_path).eval()
     assert reloaded.config.adapter_tasks == {"derma": 2}
-    classifier = MedformerForImageClassification.from_multi_task(reloaded, "derma")  # adapters merged into the body
+    assert reloaded.config.input_adapter_tasks == model.config.input_adapter_tasks
+    classifier = MedformerForImageClassification.from_multi_task(reloaded, "derma")  # adapters merged into weights
     assert classifier.config.adapter_tasks == {} and not list(classifier.medformer.task_adapters)
+    assert classifier.config.input_adapter_tasks == []
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels, task="derma").logits, adapted)
         torch.testing.assert_close(classifier(pixels).logits, adapted, atol=1e-5, rtol=1e-4)
@@ -349,6 +360,10 @@ def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
         torch.testing.assert_close(plain(pixels).logits[:, 1], before["pneumonia"][:, 0])
     with pytest.raises(ValueError, match="adapter_rank must be a positive integer"):
         model.add_task("blood", adapter_rank=-1, type="multiclass", num_labels=8)
+    with pytest.raises(ValueError, match="give an adapter_rank"):
+        model.add_task("blood", adapt_input=True, type="multiclass", num_labels=8)
+    with pytest.raises(ValueError, match=r"input_adapter_tasks names \['chest'\], which have no rank"):
+        MedformerConfig(**{**tiny_config.to_dict(), "input_adapter_tasks": ["chest"]})
     with pytest.raises(ValueError, match=r"No adapters for tasks \['pneumonia'\]"):
         model.medformer(pixels, adapter_rows={"pneumonia": torch.arange(4)})
 
@@ -356,7 +371,7 @@ def test_a_task_with_body_adapters_changes_no_other_task(tiny_config, tmp_path):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_adapters_of_a_frozen_model_get_gradients_with_gradient_checkpointing(tiny_config, reentrant):
     model = MedformerForMultiTask(tiny_config)
-    model.add_task("derma", adapter_rank=2, type="multiclass", num_labels=7)
+    model.add_task("derma", adapter_rank=2, adapt_input=True, type="multiclass", num_labels=7)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith(("medformer.task_adapters.", "task_heads.derma."))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})

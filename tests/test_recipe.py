@@ -161,7 +161,7 @@ def test_drop_path_rises_with_depth_drops_whole_samples_in_training_and_never_in
 def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_one():
     config = MedformerConfig(**MODEL_SIZES["small"], tasks={"x": {"type": "binary", "num_labels": 2}})
     model = MedformerForMultiTask(config)
-    model.add_task("y", adapter_rank=2, type="binary", num_labels=2)
+    model.add_task("y", adapter_rank=2, adapt_input=True, type="binary", num_labels=2)
     args = argparse.Namespace(learning_rate=1e-3, weight_decay=0.05, warmup_ratio=0.0, max_steps=10)
     optimizer, _ = create_optimizer(model, args, num_processes=1, layer_decay=0.5)
     rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -171,6 +171,8 @@ def test_layer_decay_gives_the_input_the_smallest_rate_and_the_heads_the_full_on
     assert rate_of[id(named["medformer.main_body.layers.0.mlp.fc1.weight"])] == pytest.approx(1e-3 / 16)
     adapter = named["medformer.task_adapters.y.layers.0.deltas.fc1.down.weight"]
     assert rate_of[id(adapter)] == pytest.approx(1e-3 / 16)  # at its block's depth
+    input_adapter = named["medformer.task_adapters.y.input_layers.0.deltas.k_proj.up.weight"]
+    assert rate_of[id(input_adapter)] == pytest.approx(1e-3 / 32)  # at the Input Adaptformer's
     assert rate_of[id(named["medformer.input_adaptformer.latents"])] == pytest.approx(1e-3 / 32)
     assert len(rate_of) == len(named)  # every parameter trains, once
     decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}

@@ -196,6 +196,7 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
         run_script(
             *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "pneumoniamnist"),
             *("--init_from", str(finetuned), "--train", "new_heads_and_adapters", "--adapter_rank", "2"),
+            "--adapt_input",
             *("--max_steps", "2", "--checkpointing_steps", "2", "--batch_size", "8", "--report_to", "none"),
             *("--output_dir", str(adapted)),
         )
@@ -205,8 +206,11 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
     ups = [
         key for key in adapted_weights if key.startswith("medformer.task_adapters.pneumoniamnist.") and ".up." in key
     ]
-    assert ups and any(adapted_weights[key].abs().max() > 0 for key in ups)  # started at zero and trained
-    assert json.loads((adapted / "config.json").read_text())["adapter_tasks"] == {"pneumoniamnist": 2}
+    assert any(".input_layers." in key for key in ups) and any(".input_layers." not in key for key in ups)
+    assert all(adapted_weights[key].abs().max() > 0 for key in ups)  # started at zero and trained
+    adapted_config = json.loads((adapted / "config.json").read_text())
+    assert adapted_config["adapter_tasks"] == {"pneumoniamnist": 2}
+    assert adapted_config["input_adapter_tasks"] == ["pneumoniamnist"]
     refused = run_script(
         *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "breastmnist", "pneumoniamnist"),
         *("--init_from", str(finetuned), "--train", "new_heads", "--output_dir", str(tmp_path / "refused")),
@@ -301,6 +305,7 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             "--conv_stem_blocks shape a model built from scratch",
         ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
             "finetune.py",
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads", "--layer_decay", "0.7"],
