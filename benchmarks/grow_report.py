@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROUTES = {
     "frozen": "frozen backbone (`--train new_heads`)",
     "own_output": "frozen backbone, own Output Adaptformer (`--train new_heads_and_output`)",
@@ -21,21 +23,37 @@ def load(folder: Path) -> dict[str, dict[str, float]]:
     return json.loads((folder / "metrics.json").read_text())["metrics"]
 
 
+def seed_runs(out: Path, route: str) -> list[dict[str, dict[str, float]]]:
+    """The route's finished runs: seed 0 in `<route>`, others in `<route>_seed<N>` (run_grow.sh's SEEDS)."""
+    folders = [out / route, *sorted(out.glob(f"{route}_seed*"))]
+    return [load(folder) for folder in folders if (folder / "metrics.json").exists()]
+
+
+def mean_sd(values: list[float]) -> str:
+    """Mean, and ± sample standard deviation when there are several seeds."""
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
 def main(out: Path) -> None:
-    reference, scratch = load(out / "reference6"), load(out / "scratch")
+    reference = load(out / "reference6")
     lines = [
-        f"| route | {NEW} test AUC | {NEW} test ACC | old tasks: largest AUC drop | old tasks: mean AUC change |",
-        "|---|---|---|---|---|",
+        f"| route | seeds | {NEW} test AUC | {NEW} test ACC | old tasks: largest AUC drop | "
+        "old tasks: mean AUC change |",
+        "|---|---|---|---|---|---|",
     ]
-    for route, label in ROUTES.items():
-        metrics = load(out / route)
-        changes = {name: metrics[name]["auc"] - values["auc"] for name, values in reference.items()}
-        worst = min(changes, key=changes.get)
-        lines.append(
-            f"| {label} | {metrics[NEW]['auc']:.3f} | {metrics[NEW]['acc']:.3f} | {changes[worst]:+.4f} ({worst}) | "
-            f"{sum(changes.values()) / len(changes):+.4f} |"
-        )
-    lines.append(f"| {NEW} alone from scratch | {scratch[NEW]['auc']:.3f} | {scratch[NEW]['acc']:.3f} | – | – |")
+    for route, label in {**ROUTES, "scratch": f"{NEW} alone from scratch"}.items():
+        runs = seed_runs(out, route)
+        new_task = [mean_sd([run[NEW][key] for run in runs]) for key in ("auc", "acc")]
+        old_cells = ["–", "–"]
+        if route != "scratch":  # every seed's change of every old task; the worst and the mean
+            changes = {
+                (name, i): run[name]["auc"] - values["auc"]
+                for name, values in reference.items()
+                for i, run in enumerate(runs)
+            }
+            worst = min(changes, key=changes.get)
+            old_cells = [f"{changes[worst]:+.4f} ({worst[0]})", f"{np.mean(list(changes.values())):+.4f}"]
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(new_task + old_cells) + " |")
     old = ["", "| old task | reference AUC | " + " | ".join(f"{route} AUC" for route in ROUTES) + " |"]
     old.append("|---|---|" + "---|" * len(ROUTES))
     for name, values in reference.items():

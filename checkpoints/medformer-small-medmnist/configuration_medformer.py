@@ -162,6 +162,9 @@ class MedformerConfig(PretrainedConfig):
             Tasks whose samples go through the Main Body with low-rank adapters of their own (LoRA on every linear
             map of the body), `{task: rank}`: a task grown onto a trained checkpoint can then adapt the latents
             themselves while every other task still runs the body unchanged.
+        input_adapter_tasks (`list[str]`, *optional*):
+            Tasks of `adapter_tasks` whose adapters (same rank) also cover the Input Adaptformer's cross-attention
+            layers: a grown task can then change what its latents read from the image, not only how they are mixed.
         tasks (`dict[str, dict]`, *optional*):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
             multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
@@ -232,6 +235,7 @@ class MedformerConfig(PretrainedConfig):
         agreement_temperature: float = 0.1,
         private_output_tasks: list[str] | None = None,
         adapter_tasks: dict[str, int] | None = None,
+        input_adapter_tasks: list[str] | None = None,
         **kwargs,
     ):
         self.hidden_size = hidden_size
@@ -291,6 +295,13 @@ class MedformerConfig(PretrainedConfig):
         bad_ranks = {name: rank for name, rank in self.adapter_tasks.items() if not _is_positive_int(rank)}
         if bad_ranks:
             raise ValueError(f"adapter_tasks ranks must be positive integers, got {bad_ranks}.")
+        self.input_adapter_tasks = list(input_adapter_tasks or [])
+        without_rank = set(self.input_adapter_tasks) - set(self.adapter_tasks)
+        if without_rank:
+            raise ValueError(
+                f"input_adapter_tasks names {sorted(without_rank)}, which have no rank in adapter_tasks "
+                f"{self.adapter_tasks}; add them there too."
+            )
         kwargs["auto_map"] = {**AUTO_MAP, **(kwargs.get("auto_map") or {})}
         kwargs["custom_pipelines"] = {**CUSTOM_PIPELINES, **(kwargs.get("custom_pipelines") or {})}
         super().__init__(**kwargs)
@@ -434,19 +445,26 @@ class MedformerConfig(PretrainedConfig):
 
     # ------------------------------------------------------------------ helpers
 
-    def add_task(self, name: str, private_output: bool = False, adapter_rank: int = 0, **spec: Any) -> None:
+    def add_task(
+        self, name: str, private_output: bool = False, adapter_rank: int = 0, adapt_input: bool = False, **spec: Any
+    ) -> None:
         """Register one more task (validated) after the others, so existing task ids keep their meaning;
         `private_output` gives it an Output Adaptformer of its own, `adapter_rank` > 0 Main Body adapters of that
-        rank. Use `MedformerForMultiTask.add_task` to also add its weights."""
+        rank, `adapt_input` adapters on the Input Adaptformer too. Use `MedformerForMultiTask.add_task` to also add
+        its weights."""
         if name in self.tasks:
             raise ValueError(f"Task {name!r} already exists in the config; pick another name.")
         if adapter_rank != 0 and not _is_positive_int(adapter_rank):
             raise ValueError(f"adapter_rank must be a positive integer (or 0: no adapters), got {adapter_rank!r}.")
+        if adapt_input and not adapter_rank:
+            raise ValueError("adapt_input extends the task's adapters to the Input Adaptformer: give an adapter_rank.")
         self.tasks = {**self.tasks, name: self._normalize_task(name, spec)}
         if private_output:
             self.private_output_tasks = [*self.private_output_tasks, name]
         if adapter_rank:
             self.adapter_tasks = {**self.adapter_tasks, name: adapter_rank}
+        if adapt_input:
+            self.input_adapter_tasks = [*self.input_adapter_tasks, name]
 
     def task_output_size(self, name: str) -> int:
         """Number of logits the head of task `name` produces."""

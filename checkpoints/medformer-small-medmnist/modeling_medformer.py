@@ -460,7 +460,7 @@ ADAPTED_LINEARS = {
 
 
 class MedformerLayerAdapter(nn.Module):
-    """One Main Body block's low-rank updates, one per linear map (`ADAPTED_LINEARS`), shaped like the block's."""
+    """One block's low-rank updates, one per linear map (`ADAPTED_LINEARS`), shaped like the block's."""
 
     def __init__(self, layer: MedformerLayer, rank: int):
         super().__init__()
@@ -470,12 +470,16 @@ class MedformerLayerAdapter(nn.Module):
         )
 
 
-class MedformerBodyAdapter(nn.Module):
-    """A task's adapters for the whole Main Body (`config.adapter_tasks`)."""
+class MedformerTaskAdapter(nn.Module):
+    """A task's adapters: one per Main Body block (`config.adapter_tasks`) and, for `config.input_adapter_tasks`, one
+    per Input Adaptformer cross-attention layer (`input_layers`, empty otherwise)."""
 
-    def __init__(self, main_body: MedformerMainBody, rank: int):
+    def __init__(self, config: MedformerConfig, task: str, body: nn.ModuleList, input_layers: nn.ModuleList):
         super().__init__()
-        self.layers = nn.ModuleList(MedformerLayerAdapter(layer, rank) for layer in main_body.layers)
+        rank = config.adapter_tasks[task]
+        adapted_input = input_layers if task in config.input_adapter_tasks else []
+        self.layers = nn.ModuleList(MedformerLayerAdapter(layer, rank) for layer in body)
+        self.input_layers = nn.ModuleList(MedformerLayerAdapter(layer, rank) for layer in adapted_input)
 
 
 def _adapted(linear: nn.Linear, hidden_states: torch.Tensor, adapter: MedformerLayerAdapter | None, name: str):
@@ -815,10 +819,12 @@ class MedformerModel(MedformerPreTrainedModel):
         super().__init__(config)
         self.input_adaptformer = MedformerInputAdaptformer(config)
         self.main_body = MedformerMainBody(config)
-        self.task_adapters = nn.ModuleDict(
-            {name: MedformerBodyAdapter(self.main_body, rank) for name, rank in config.adapter_tasks.items()}
-        )
+        self.task_adapters = nn.ModuleDict({name: self.new_task_adapter(name) for name in config.adapter_tasks})
         self.post_init()
+
+    def new_task_adapter(self, task: str) -> MedformerTaskAdapter:
+        """Adapters shaped for `task` as `config.adapter_tasks` / `config.input_adapter_tasks` ask (untrained)."""
+        return MedformerTaskAdapter(self.config, task, self.main_body.layers, self.input_adaptformer.layers)
 
     def forward(
         self,
@@ -843,8 +849,9 @@ class MedformerModel(MedformerPreTrainedModel):
             noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
                 Makes the masking reproducible: the patches with the lowest noise are kept. Implies masking.
             adapter_rows (`dict[str, torch.LongTensor]`, *optional*):
-                `{task: row indices}`: those samples run the Main Body with that task's low-rank adapters
-                (`config.adapter_tasks`); every other sample runs it as it is. The Input Adaptformer runs once.
+                `{task: row indices}`: those samples run the Main Body (and, for `config.input_adapter_tasks`, the
+                Input Adaptformer's layers) with that task's low-rank adapters (`config.adapter_tasks`); every
+                other sample runs them as they are. The tokenizer runs once for the whole batch.
 
         Example:
 
@@ -882,17 +889,8 @@ class MedformerModel(MedformerPreTrainedModel):
         context = adaptformer.context_embeddings(pixel_values.ndim - 2, modality_ids, body_part_ids)
         latents = adaptformer.latents.expand(tokens.shape[0], -1, -1) + context[:, None]
 
-        attentions = []
-        for layer in adaptformer.layers:
-            latents, weights = layer(latents, tokens, output_attentions=output_attentions)
-            attentions.append(weights)
-        hidden_states = [latents]
-        body_latents, body_hidden_states, body_attentions = self._run_main_body(
-            latents, adapter_rows or {}, output_attentions
-        )
-        hidden_states += body_hidden_states
-        attentions += body_attentions
-        latents = self.main_body.norm(body_latents)
+        hidden_states, attentions = self._run_layers(latents, tokens, adapter_rows or {}, output_attentions)
+        latents = self.main_body.norm(hidden_states[-1])
 
         return MedformerModelOutput(
             last_hidden_state=latents,
@@ -903,12 +901,17 @@ class MedformerModel(MedformerPreTrainedModel):
             attentions=tuple(attentions) if output_attentions else None,
         )
 
-    def _run_main_body(
-        self, latents: torch.Tensor, adapter_rows: dict[str, torch.Tensor], output_attentions: bool
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
-        """The Main Body's output, each block's output and attention weights: one pass per group of rows (the rows
-        of each task in `adapter_rows` with its adapters, the rest as is), put back in batch order."""
-        groups: list[tuple[MedformerBodyAdapter | None, torch.Tensor | None]] = [(None, None)]  # None: every row
+    def _run_layers(
+        self,
+        latents: torch.Tensor,
+        tokens: torch.Tensor,
+        adapter_rows: dict[str, torch.Tensor],
+        output_attentions: bool,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The latents after the Input Adaptformer's layers and after each Main Body block, and every layer's
+        attention weights: one pass per group of rows (the rows of each task in `adapter_rows` with its adapters,
+        the rest as they are), put back in batch order."""
+        groups: list[tuple[MedformerTaskAdapter | None, torch.Tensor | None]] = [(None, None)]  # None: every row
         if adapter_rows:
             adapted = torch.zeros(latents.shape[0], dtype=torch.bool, device=latents.device)
             groups = []
@@ -921,27 +924,34 @@ class MedformerModel(MedformerPreTrainedModel):
                 groups = [(groups[0][0], None)]
         results = []
         for adapter, rows in groups:
-            hidden = latents if rows is None else latents[rows]
+            hidden, context = (latents, tokens) if rows is None else (latents[rows], tokens[rows])
             if adapter is not None and torch.is_grad_enabled() and not hidden.requires_grad:
                 # With the rest frozen, reentrant gradient checkpointing would give the adapters no gradient unless
                 # the blocks' input requires one (as PEFT's enable_input_require_grads).
                 hidden = hidden.detach().requires_grad_()
-            block_outputs, weights = [], []
-            for index, layer in enumerate(self.main_body.layers):
-                layer_adapter = None if adapter is None else adapter.layers[index]
-                hidden, layer_weights = layer(hidden, output_attentions=output_attentions, adapter=layer_adapter)
-                block_outputs.append(hidden)
+            input_layers, body = self.input_adaptformer.layers, self.main_body.layers
+            input_adapters = list(adapter.input_layers) if adapter is not None else []
+            input_adapters = input_adapters or [None] * len(input_layers)  # not every adapted task adapts the input
+            body_adapters = [None] * len(body) if adapter is None else adapter.layers
+            weights = []
+            for layer, layer_adapter in zip(input_layers, input_adapters, strict=True):
+                hidden, layer_weights = layer(hidden, context, output_attentions, adapter=layer_adapter)
                 weights.append(layer_weights)
-            results.append((rows, block_outputs, weights))
+            outputs = [hidden]
+            for layer, layer_adapter in zip(body, body_adapters, strict=True):
+                hidden, layer_weights = layer(hidden, output_attentions=output_attentions, adapter=layer_adapter)
+                outputs.append(hidden)
+                weights.append(layer_weights)
+            results.append((rows, outputs, weights))
         if results[0][0] is None:
-            return results[0][1][-1], results[0][1], results[0][2]
+            return results[0][1], results[0][2]
         merged_outputs = [latents.new_empty((latents.shape[0], *out.shape[1:])) for out in results[0][1]]
         merged_weights = [None if w is None else w.new_empty((latents.shape[0], *w.shape[1:])) for w in results[0][2]]
-        for rows, block_outputs, weights in results:
-            for target, value in zip(merged_outputs + merged_weights, block_outputs + weights, strict=True):
+        for rows, outputs, weights in results:
+            for target, value in zip(merged_outputs + merged_weights, outputs + weights, strict=True):
                 if target is not None:
                     target[rows] = value
-        return merged_outputs[-1], merged_outputs, merged_weights
+        return merged_outputs, merged_weights
 
 
 class MedformerForMultiTask(MedformerPreTrainedModel):
@@ -963,15 +973,19 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         )
         self.post_init()
 
-    def add_task(self, name: str, private_output: bool = False, adapter_rank: int = 0, **spec) -> None:
+    def add_task(
+        self, name: str, private_output: bool = False, adapter_rank: int = 0, adapt_input: bool = False, **spec
+    ) -> None:
         """Grow the model by one task (a new head and task queries); every existing weight stays as it is.
 
         `spec` takes the keys of a `config.tasks` entry: `type`, `num_labels` or `labels`/`id2label`, `modality`,
         `body_part`. `private_output` also gives the task an Output Adaptformer of its own, starting as a copy of
-        the shared one; `adapter_rank` > 0 gives it low-rank adapters on the Main Body, starting at zero. Either way
-        training them changes no other task.
+        the shared one; `adapter_rank` > 0 gives it low-rank adapters on the Main Body, starting at zero, and
+        `adapt_input` on the Input Adaptformer's layers too. Either way training them changes no other task.
         """
-        self.config.add_task(name, private_output=private_output, adapter_rank=adapter_rank, **spec)
+        self.config.add_task(
+            name, private_output=private_output, adapter_rank=adapter_rank, adapt_input=adapt_input, **spec
+        )
         reference = next(self.parameters())
 
         def initialised(module: nn.Module) -> nn.Module:
@@ -979,9 +993,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
 
         self.task_heads[name] = initialised(MedformerTaskHead(self.config, self.config.task_output_size(name)))
         if adapter_rank:
-            self.medformer.task_adapters[name] = initialised(
-                MedformerBodyAdapter(self.medformer.main_body, adapter_rank)
-            )
+            self.medformer.task_adapters[name] = initialised(self.medformer.new_task_adapter(name))
         if private_output:
             self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer)
 
@@ -1144,6 +1156,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
             )
         config = MedformerConfig.from_dict(multi_task.config.to_dict())
         config.tasks, config.private_output_tasks, config.adapter_tasks = {task: spec}, [], {}
+        config.input_adapter_tasks = []
         config.id2label = {int(index): name for index, name in spec["id2label"].items()}
         config.label2id = {name: index for index, name in config.id2label.items()}
         config.problem_type = problem_types[spec["type"]]
@@ -1161,13 +1174,14 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
             elif not key.startswith(("task_heads.", "private_output_adaptformers.", "medformer.task_adapters.")):
                 if not (own_reader and key.startswith("output_adaptformer.")):
                     state[key] = value
-        if task in multi_task.config.adapter_tasks:  # the task's adapters merged into the body it runs: W + up @ down
+        if task in multi_task.config.adapter_tasks:  # the task's adapters merged into the layers it runs: W + up @ down
             adapter = multi_task.medformer.task_adapters[task]
-            for index, layer in enumerate(adapter.layers):
-                for name, path in ADAPTED_LINEARS.items():
-                    delta = layer.deltas[name]
-                    key = f"medformer.main_body.layers.{index}.{path}.weight"
-                    state[key] = state[key] + (delta.up.weight @ delta.down.weight).detach()
+            for stage, adapters in (("main_body", adapter.layers), ("input_adaptformer", adapter.input_layers)):
+                for index, layer in enumerate(adapters):
+                    for name, path in ADAPTED_LINEARS.items():
+                        delta = layer.deltas[name]
+                        key = f"medformer.{stage}.layers.{index}.{path}.weight"
+                        state[key] = state[key] + (delta.up.weight @ delta.down.weight).detach()
         if spec["type"] == "binary":  # [0, z]: softmax gives the same class-1 probability as sigmoid(z)
             for name in ("classifier.projection.weight", "classifier.projection.bias"):
                 state[name] = torch.cat([torch.zeros_like(state[name]), state[name]])
