@@ -24,9 +24,11 @@ declare -A VARIANTS=(
   [drop_path_0.1]="--drop_path_rate 0.1"
   [layer_decay_0.75]="--layer_decay 0.75"
   [stem_blocks_1]="--conv_stem_blocks 1"
+  [stem_blocks_2]="--conv_stem_blocks 2"
+  [stem_blocks_3]="--conv_stem_blocks 3"
 )
 # Architecture variants need a model built from scratch; layer-wise decay needs a pre-trained INIT.
-SCRATCH_ONLY="linear_tokenizer vit_init_0.02 latents_16 latents_32 latents_64 stem_blocks_1"
+SCRATCH_ONLY="linear_tokenizer vit_init_0.02 latents_16 latents_32 latents_64 stem_blocks_1 stem_blocks_2 stem_blocks_3"
 INIT_ONLY="layer_decay_0.75"
 if [ -n "${INIT:-}" ]; then
   ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 $INIT_ONLY"
