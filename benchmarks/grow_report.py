@@ -41,11 +41,16 @@ def main(out: Path) -> None:
         "old tasks: mean AUC change |",
         "|---|---|---|---|---|---|",
     ]
-    for route, label in {**ROUTES, "scratch": f"{NEW} alone from scratch"}.items():
+    routes = {**ROUTES, "scratch": f"{NEW} alone from scratch"}
+    # Runs of a route with `--label_smoothing 0.1` added live in `<route>_ls` (and `<route>_ls_seed<N>`).
+    routes |= {f"{route}_ls": f"{label}, label smoothing 0.1" for route, label in routes.items()}
+    for route, label in routes.items():
         runs = seed_runs(out, route)
+        if not runs:
+            continue
         new_task = [mean_sd([run[NEW][key] for run in runs]) for key in ("auc", "acc")]
         old_cells = ["–", "–"]
-        if route != "scratch":  # every seed's change of every old task; the worst and the mean
+        if not route.startswith("scratch"):  # every seed's change of every old task; the worst and the mean
             changes = {
                 (name, i): run[name]["auc"] - values["auc"]
                 for name, values in reference.items()
