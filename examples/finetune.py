@@ -293,7 +293,11 @@ def main() -> None:
             f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
             f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
             f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"
-            f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}seed {args.seed}; "
+            f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}"
+            f"{f'label smoothing {args.label_smoothing}, ' if args.label_smoothing else ''}"
+            f"{f'stochastic depth {args.drop_path_rate}, ' if args.drop_path_rate else ''}"
+            f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
+            f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
             f"the checkpoint with the best mean validation AUC "
             f"({state.best_metric:.4f}) was kept."
         )

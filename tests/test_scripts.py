@@ -211,6 +211,7 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
     adapted_config = json.loads((adapted / "config.json").read_text())
     assert adapted_config["adapter_tasks"] == {"pneumoniamnist": 2}
     assert adapted_config["input_adapter_tasks"] == ["pneumoniamnist"]
+    assert "--train new_heads_and_adapters, seed 0" in (adapted / "README.md").read_text()  # the card says how
     refused = run_script(
         *(tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--datasets", "breastmnist", "pneumoniamnist"),
         *("--init_from", str(finetuned), "--train", "new_heads", "--output_dir", str(tmp_path / "refused")),
