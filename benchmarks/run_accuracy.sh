@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy table of BENCHMARKS.md, one command (resumable: re-running continues every stage where it stopped).
-#   [SSL_EPOCHS=3] [FINETUNE_EPOCHS=28] [ALPHA=0] [FINETUNE_FLAGS="..."] bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
+#   [SSL_EPOCHS=3] [FINETUNE_EPOCHS=56] [ALPHA=0] [FINETUNE_FLAGS="..."] bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
+# The defaults are the released checkpoint's recipe (56 pool-epochs, label smoothing 0.1, stochastic depth 0.1).
 # 1. SSL pre-training on the train images of every set in data_dir (2D and 3D together, labels unused)
 # 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds); the SSL run is
 #    the released checkpoint (checkpoints/medformer-small-medmnist)
@@ -10,9 +11,9 @@ set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/accuracy}
 SSL_EPOCHS=${SSL_EPOCHS:-3}
-FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-28}
+FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-56}
 ALPHA=${ALPHA:-0}
-FINETUNE_FLAGS=${FINETUNE_FLAGS:-}  # extra finetune.py flags for every fine-tuning run, e.g. "--label_smoothing 0.1"
+FINETUNE_FLAGS=${FINETUNE_FLAGS-"--label_smoothing 0.1 --drop_path_rate 0.1"}  # for every fine-tuning run ("" for none)
 COMMON=(--data_dir "$DATA" --batch_size 64 --seed 0 --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
