@@ -858,7 +858,7 @@ class MedformerModel(MedformerPreTrainedModel):
         ```python
         >>> model = MedformerModel(MedformerConfig())
         >>> model(torch.randn(2, 1, 28, 28, 28)).last_hidden_state.shape
-        torch.Size([2, 64, 256])
+        torch.Size([2, 16, 256])
         ```
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions

@@ -89,9 +89,10 @@ class MedformerConfig(PretrainedConfig):
     Args:
         hidden_size (`int`, *optional*, defaults to 256):
             Width of patch tokens, latents and task queries.
-        num_latents (`int`, *optional*, defaults to 64):
+        num_latents (`int`, *optional*, defaults to 16):
             Number of learned latents the Input Adaptformer reads every image into. After it, compute no longer
-            depends on the image size.
+            depends on the image size. 16 trained as well as 48 or 64 in 3-seed single-task runs (BENCHMARKS.md) and
+            keeps a 28x28 image (49 patch tokens) cheaper than a ViT over its patches.
         num_hidden_layers (`int`, *optional*, defaults to 6):
             Self-attention layers of the Main Body.
         num_attention_heads (`int`, *optional*, defaults to 8):
@@ -199,7 +200,7 @@ class MedformerConfig(PretrainedConfig):
     def __init__(
         self,
         hidden_size: int = 256,
-        num_latents: int = 64,
+        num_latents: int = 16,
         num_hidden_layers: int = 6,
         num_attention_heads: int = 8,
         num_cross_attention_heads: int = 4,
