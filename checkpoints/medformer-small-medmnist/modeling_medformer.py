@@ -922,6 +922,7 @@ class MedformerModel(MedformerPreTrainedModel):
                 groups.append((None, (~adapted).nonzero().squeeze(1)))
             if len(groups) == 1:
                 groups = [(groups[0][0], None)]
+        input_layers, body = self.input_adaptformer.layers, self.main_body.layers
         results = []
         for adapter, rows in groups:
             hidden, context = (latents, tokens) if rows is None else (latents[rows], tokens[rows])
@@ -929,10 +930,9 @@ class MedformerModel(MedformerPreTrainedModel):
                 # With the rest frozen, reentrant gradient checkpointing would give the adapters no gradient unless
                 # the blocks' input requires one (as PEFT's enable_input_require_grads).
                 hidden = hidden.detach().requires_grad_()
-            input_layers, body = self.input_adaptformer.layers, self.main_body.layers
-            input_adapters = list(adapter.input_layers) if adapter is not None else []
-            input_adapters = input_adapters or [None] * len(input_layers)  # not every adapted task adapts the input
-            body_adapters = [None] * len(body) if adapter is None else adapter.layers
+            # Each layer's adapter, None where there is none (no adapter, or one without `input_layers`).
+            input_adapters = (adapter is not None and adapter.input_layers) or [None] * len(input_layers)
+            body_adapters = adapter.layers if adapter is not None else [None] * len(body)
             weights = []
             for layer, layer_adapter in zip(input_layers, input_adapters, strict=True):
                 hidden, layer_weights = layer(hidden, context, output_attentions, adapter=layer_adapter)
