@@ -13,6 +13,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImageProcessor
+from medformer_hf.configuration_medformer import SSL_TASKS
 from medformer_hf.data import MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.hub import push_or_exit, write_model_card
 from medformer_hf.training import (
@@ -39,9 +40,36 @@ def parse_args() -> argparse.Namespace:
     )
     add_common_arguments(parser, default_output_dir="outputs/pretrain")
     add_model_arguments(parser)
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    pretext = parser.add_argument_group("pretext tasks (MedformerConfig)")
+    pretext.add_argument("--mask_ratio", type=float, default=0.75)
+    pretext.add_argument(
+        "--ssl_tasks", nargs="+", choices=list(SSL_TASKS), default=MedformerConfig().ssl_tasks, help="pretext tasks"
+    )
+    pretext.add_argument(
+        "--ssl_loss_weights",
+        nargs="+",
+        default=[],
+        metavar="TASK=WEIGHT",
+        help="weight of a pretext loss in the total, e.g. slice_consistency=0.2 (default: MedformerConfig's)",
+    )
+    pretext.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch normalised pixels")
+    pretext.add_argument(
+        "--augment",
+        action="store_true",
+        help="augment every image (each set's catalogue policy); view agreement then compares two augmentations",
+    )
     args = parser.parse_args()
     check_common_arguments(parser, args)
+    weights = {}
+    for item in args.ssl_loss_weights:
+        task, _, weight = item.partition("=")
+        if task not in args.ssl_tasks:
+            parser.error(f"--ssl_loss_weights {item!r}: {task!r} is not among --ssl_tasks {args.ssl_tasks}.")
+        try:
+            weights[task] = float(weight)
+        except ValueError:
+            parser.error(f"--ssl_loss_weights {item!r}: write TASK=WEIGHT with a number, e.g. {task}=0.1.")
+    args.ssl_loss_weights = weights
     return args
 
 
@@ -53,9 +81,17 @@ def main() -> None:
         dataset = build_multitask_dataset(
             args.datasets, split="train", with_labels=False, size=args.size, data_dir=args.data_dir
         )
-    config = MedformerConfig(**model_config_kwargs(args), mask_ratio=args.mask_ratio)
+    config = MedformerConfig(
+        **model_config_kwargs(args),
+        mask_ratio=args.mask_ratio,
+        ssl_tasks=args.ssl_tasks,
+        ssl_loss_weights=args.ssl_loss_weights,
+        norm_pix_loss=args.norm_pix_loss,
+    )
     processor = MedformerImageProcessor.from_model_config(config, training_size=args.size)
-    collator = MedformerCollator(dataset, processor)
+    views = 2 if args.augment and "view_agreement" in args.ssl_tasks else 1
+    collator = MedformerCollator(dataset, processor, augment=args.augment, views=views)
+    preview_collator = MedformerCollator(dataset, processor)
     loader = multitask_dataloader(
         dataset, collator, args.batch_size, args.sampling_alpha, args.seed, num_workers=args.num_workers
     )
@@ -73,20 +109,27 @@ def main() -> None:
     checkpoints.resume(args.resume_from_checkpoint)
 
     def compute_loss(model, batch):
-        output = model(batch["pixel_values"], modality_ids=batch["modality_ids"], body_part_ids=batch["body_part_ids"])
-        scalars = {"train/reconstruction_loss": output.reconstruction_loss.item()}
-        if output.agreement_loss is not None:
-            scalars["train/agreement_loss"] = output.agreement_loss.item()
+        output = model(
+            batch["pixel_values"],
+            modality_ids=batch["modality_ids"],
+            body_part_ids=batch["body_part_ids"],
+            view_pixel_values=batch.get("view_pixel_values"),
+        )
+        losses = ("reconstruction_loss", "agreement_loss", "slice_consistency_loss")
+        scalars = {f"train/{name}": output[name].item() for name in losses if output.get(name) is not None}
         return output.loss, scalars
 
     start = dict(zip(dataset.names, dataset.offsets, strict=False))
-    previews = {name: collator(dataset.__getitems__(list(range(start[name], start[name] + 8)))) for name in start}
+    previews = {
+        name: preview_collator(dataset.__getitems__(list(range(start[name], start[name] + 8)))) for name in start
+    }
 
     def save_previews(step: int) -> None:
         if accelerator.is_main_process:
             for name, batch in previews.items():
                 path = Path(args.output_dir) / "reconstructions" / f"step_{step:08d}_{name}.png"
-                save_reconstruction_grid(evaluated, batch["pixel_values"].to(accelerator.device), path)
+                pixels = batch["pixel_values"].to(accelerator.device)
+                save_reconstruction_grid(evaluated, pixels, path, title=f"{name}, step {step}")
 
     train(
         accelerator, model, loader, optimizer, scheduler, state, checkpoints, args, compute_loss, save_previews, ema=ema
@@ -102,7 +145,8 @@ def main() -> None:
     if accelerator.is_main_process:
         export_model_folder(args.output_dir, write)
         training = (
-            f"Self-supervised pre-training (masked reconstruction + view agreement) on the train splits of "
+            f"Self-supervised pre-training ({' + '.join(task.replace('_', ' ') for task in args.ssl_tasks)}"
+            f"{', augmented views' if args.augment else ''}) on the train splits of "
             f"{', '.join(args.datasets)} at {args.size} px: {args.max_steps} steps of {args.batch_size} x "
             f"{accelerator.num_processes} images, learning rate {args.learning_rate}, seed {args.seed}."
         )

@@ -70,7 +70,7 @@ CUSTOM_PIPELINES = {
 TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
 TOKENIZERS = ("conv", "linear")
 WEIGHT_INITS = ("fan_in", "fixed")
-SSL_TASKS = ("masked_reconstruction", "view_agreement")
+SSL_TASKS = ("masked_reconstruction", "view_agreement", "slice_consistency")
 
 
 def num_task_outputs(task_type: str, num_labels: int) -> int:
@@ -176,13 +176,15 @@ class MedformerConfig(PretrainedConfig):
             Reconstruct per-patch normalised pixels (MAE). Off by default: on sparse volumes (VesselMNIST3D) most
             patches are near-constant and their normalised targets are amplified noise.
         ssl_tasks (`list[str]`, *optional*, defaults to `["masked_reconstruction", "view_agreement"]`):
-            Pretext tasks of `MedformerForPreTraining`.
+            Pretext tasks of `MedformerForPreTraining`: `masked_reconstruction` (always on: the others build on its
+            masked views), `view_agreement` (two views of each image identify each other) and `slice_consistency`
+            (a 3D volume and one of its own 2D slices identify each other: what only a 2D+3D model can learn).
         ssl_loss_weights (`dict[str, float]`, *optional*):
-            Weight of each pretext loss in the total; defaults to 1.0 for reconstruction and 0.1 for agreement.
+            Weight of each pretext loss in the total; defaults to 1.0 for reconstruction and 0.1 for the others.
         projection_dim (`int`, *optional*, defaults to 128):
-            Output width of the view-agreement projector.
+            Output width of the projector shared by the two agreement pretexts.
         agreement_temperature (`float`, *optional*, defaults to 0.1):
-            Temperature of the InfoNCE view-agreement loss.
+            Temperature of their InfoNCE losses.
 
     Example:
 
@@ -271,8 +273,8 @@ class MedformerConfig(PretrainedConfig):
         self.body_part_names = list(body_part_names) if body_part_names is not None else list(DEFAULT_BODY_PART_NAMES)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else list(SSL_TASKS)
-        weights = {"masked_reconstruction": 1.0, "view_agreement": 0.1}
+        self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else ["masked_reconstruction", "view_agreement"]
+        weights = {"masked_reconstruction": 1.0, "view_agreement": 0.1, "slice_consistency": 0.1}
         weights.update(ssl_loss_weights or {})
         self.ssl_loss_weights = weights
         self.projection_dim = projection_dim
@@ -392,8 +394,11 @@ class MedformerConfig(PretrainedConfig):
             raise ValueError(
                 f"MedformerConfig.ssl_tasks must be a non-empty subset of {list(SSL_TASKS)}, got {self.ssl_tasks!r}."
             )
-        if "masked_reconstruction" not in self.ssl_tasks and "view_agreement" in self.ssl_tasks:
-            raise ValueError("MedformerConfig.ssl_tasks: 'view_agreement' needs 'masked_reconstruction' (its views).")
+        if "masked_reconstruction" not in self.ssl_tasks:
+            raise ValueError(
+                f"MedformerConfig.ssl_tasks must include 'masked_reconstruction' (the other pretexts use its masked "
+                f"views), got {self.ssl_tasks!r}."
+            )
         unknown_weights = set(self.ssl_loss_weights) - set(SSL_TASKS)
         if unknown_weights:
             raise ValueError(f"MedformerConfig.ssl_loss_weights has unknown pretext tasks {sorted(unknown_weights)}.")

@@ -23,36 +23,56 @@ def _to_display(image: torch.Tensor, low: float, high: float) -> np.ndarray:
 
 @torch.no_grad()
 def save_reconstruction_grid(
-    model: MedformerForPreTraining, pixel_values: torch.Tensor, path: str | os.PathLike, seed: int = 0, scale: int = 4
+    model: MedformerForPreTraining,
+    pixel_values: torch.Tensor,
+    path: str | os.PathLike,
+    seed: int = 0,
+    scale: int = 4,
+    title: str = "",
 ) -> Path:
-    """Rows: input, masked input, reconstruction, for up to 8 images (volumes: middle slice). Returns the PNG path."""
+    """Labelled rows for up to 8 images (volumes: middle slice): the input, what the encoder saw, the decoder's
+    prediction of every patch, and the reconstruction (visible patches pasted back, masked ones predicted), as MAE
+    shows it. With `norm_pix_loss` the model predicts each patch's normalised pattern only, so its prediction is
+    shown at the true patch mean and contrast (the row label says so). Returns the PNG path."""
     pixel_values = pixel_values[:8]
     batch, dims = pixel_values.shape[0], pixel_values.ndim - 2
     patch_size = patch_size_for(model.config, dims)
     num_patches = patchify(pixel_values, patch_size).shape[1]
-    views = 2 if model.projector is not None else 1
+    views = 2 if "view_agreement" in model.config.ssl_tasks else 1
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.rand(batch * views, num_patches, generator=generator).to(pixel_values.device)
     was_training = model.training
     model.eval()
-    output = model(pixel_values, noise=noise)
+    with torch.random.fork_rng(devices=[]):  # a preview must not shift the training run's random stream
+        output = model(pixel_values, noise=noise)
     model.train(was_training)
-    reconstruction = model.reconstruct(output.logits, pixel_values).float().cpu()
-    visible = 1 - output.mask.float()[..., None]
-    masked = unpatchify(patchify(pixel_values, patch_size) * visible, tuple(pixel_values.shape), patch_size).cpu()
+    shape = tuple(pixel_values.shape)
+    prediction = model.reconstruct(output.logits, pixel_values).float().cpu()
+    patches, visible = patchify(pixel_values.float().cpu(), patch_size), 1 - output.mask.float().cpu()[..., None]
+    masked = unpatchify(patches * visible, shape, patch_size)
+    pasted = unpatchify(patches * visible + patchify(prediction, patch_size) * (1 - visible), shape, patch_size)
     pixel_values = pixel_values.float().cpu()
-    rows = []
-    for images in (pixel_values, masked, reconstruction):
-        tiles = []
+    predicted_label = "prediction (true patch mean/std)" if model.config.norm_pix_loss else "prediction"
+    rows = {"input": pixel_values, "visible patches": masked, predicted_label: prediction, "reconstruction": pasted}
+    tiles = []
+    for images in rows.values():
+        row = []
         for index in range(batch):
             low, high = pixel_values[index].min().item(), pixel_values[index].max().item()
-            tiles.append(_to_display(images[index], low, high))
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0))
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+            row.append(_to_display(images[index], low, high))
+        tiles.append(np.concatenate(row, axis=1))
+    grid = Image.fromarray(np.concatenate(tiles, axis=0))
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).convert("RGB")
+    margin, header, row_height = 200, 20, grid.height // len(rows)
+    canvas = Image.new("RGB", (grid.width + margin, grid.height + header), "white")
+    canvas.paste(grid, (margin, header))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    for index, label in enumerate(rows):
+        draw.text((4, header + index * row_height + row_height // 2 - 6), label, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    canvas.save(path)
     return path
 
 

@@ -38,6 +38,7 @@ def test_task_defaults_are_filled():
         ({"input_channels_2d": [1, 1]}, "input_channels_2d"),
         ({"modality_names": ["ct", "unknown"]}, "modality_names"),
         ({"ssl_tasks": ["jigsaw"]}, "ssl_tasks"),
+        ({"ssl_tasks": ["view_agreement"]}, "must include 'masked_reconstruction'"),
         ({"tasks": {"a.b": {"type": "binary", "num_labels": 2}}}, "without '.'"),
         ({"tasks": {"x": {"type": "segmentation", "num_labels": 2}}}, "segmentation"),
         ({"tasks": {"x": {"type": "binary", "num_labels": 3}}}, "num_labels=2"),

@@ -1,31 +1,121 @@
-"""Masked reconstruction learns on real MedMNIST images, 2D and 3D (tiny model, a few dozen CPU steps)."""
+"""Every pretext task learns on real MedMNIST images, 2D and 3D (tiny model, a few dozen CPU steps), and the
+2D/3D slice-consistency pretext computes what it says on a case checked by hand."""
+
+import math
 
 import pytest
 import torch
 
 from medformer_hf import MedformerForPreTraining
+from medformer_hf.data import AugmentationPolicy, augment
+from medformer_hf.modeling_medformer import info_nce, random_slices
 
 from .conftest import load_npz_images, make_tiny_config
 
+ALL_PRETEXTS = ["masked_reconstruction", "view_agreement", "slice_consistency"]
 
-@pytest.mark.parametrize(("name", "steps"), [("pneumoniamnist", 40), ("vesselmnist3d", 30)])
-def test_reconstruction_loss_drops_on_real_data(name, steps):
+
+@pytest.mark.parametrize(("name", "steps"), [("pneumoniamnist", 40), ("organmnist3d", 40)])
+def test_every_pretext_loss_drops_on_real_data(name, steps):
     torch.manual_seed(0)
     images = load_npz_images(name, 512)
-    model = MedformerForPreTraining(make_tiny_config(hidden_size=64, num_latents=16)).train()
+    images = (images - images.mean()) / images.std()  # as the image processor normalises (the scale matters)
+    config = make_tiny_config(hidden_size=64, num_latents=16, ssl_tasks=ALL_PRETEXTS)
+    model = MedformerForPreTraining(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
-    losses = []
+    losses = {"reconstruction_loss": [], "agreement_loss": [], "slice_consistency_loss": []}
     for _ in range(steps):
         batch = images[torch.randint(0, len(images), (32,), generator=generator)]
-        output = model(batch)
+        output = model(batch, view_pixel_values=augment(batch, AugmentationPolicy()))
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(output.reconstruction_loss.item())
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.75 * first, f"{name}: reconstruction loss {first:.4f} -> {last:.4f}"
-    assert output.agreement_loss is not None and torch.isfinite(output.agreement_loss)
+        for key, values in losses.items():
+            if output.get(key) is not None:
+                values.append(output[key].item())
+    expected = ["reconstruction_loss", "agreement_loss"] + (["slice_consistency_loss"] if "3d" in name else [])
+    assert [key for key, values in losses.items() if values] == expected  # slices only exist for volumes
+    # Reconstruction falls by a quarter; each contrastive loss falls by a tenth and below log(32), the chance level
+    # (and what collapsed, image-independent embeddings give).
+    for key in expected:
+        first, last = sum(losses[key][:5]) / 5, sum(losses[key][-5:]) / 5
+        bound = 0.75 * first if key == "reconstruction_loss" else min(0.9 * first, math.log(32) - 0.05)
+        assert last < bound, f"{name}: {key} {first:.4f} -> {last:.4f}"
+
+
+def test_info_nce_by_hand():
+    # Two images whose embeddings match their partner's exactly and are orthogonal to the other's: each row's
+    # softmax over similarities (1/T on the diagonal, 0 off it) gives the right partner exp(1/T) / (exp(1/T) + 1).
+    first = torch.tensor([[3.0, 0.0], [0.0, 0.5]])  # lengths do not matter: embeddings are normalised
+    temperature = 0.5
+    expected = math.log(1 + math.exp(-1 / temperature))
+    torch.testing.assert_close(info_nce(first, first.clone(), temperature), torch.tensor(expected))
+    # Swapped partners: the right one scores 0, the wrong one 1/T.
+    swapped = info_nce(first, first.flip(0), temperature)
+    torch.testing.assert_close(swapped, torch.tensor(math.log(1 + math.exp(1 / temperature))))
+
+
+def test_random_slices_by_hand():
+    # voxel value = 100 * depth + 10 * height + width, so a slice's values say where it was cut.
+    d, h, w = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    volumes = (100 * d + 10 * h + w).expand(5, 1, 8, 8, 8)
+    seen_axes = set()
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        axis = int(torch.randint(0, 3, (), generator=generator))
+        indices = torch.randint(2, 6, (5,), generator=generator)  # middle half of 8: 2..5
+        slices = random_slices(volumes, torch.Generator().manual_seed(seed))
+        assert slices.shape == (5, 1, 8, 8)
+        for sample, index in enumerate(indices.tolist()):
+            expected = [volumes[sample][:, index], volumes[sample][:, :, index], volumes[sample][:, :, :, index]][axis]
+            assert torch.equal(slices[sample], expected)
+            assert 2 <= index <= 5
+        seen_axes.add(axis)
+    assert seen_axes == {0, 1, 2}
+
+
+def test_slice_consistency_pairs_each_volume_with_its_own_slice():
+    torch.manual_seed(0)
+    config = make_tiny_config(ssl_tasks=["masked_reconstruction", "slice_consistency"], num_latents=4)
+    model = MedformerForPreTraining(config).eval()
+    volumes = load_npz_images("organmnist3d", 6)
+    noise = torch.rand(6, 7**3)
+    torch.manual_seed(3)
+    output = model(volumes, noise=noise)
+    torch.manual_seed(3)  # the forward's only random draw is the slicing (the mask comes from `noise`)
+    slices = random_slices(volumes)
+    volume_latents = model.medformer(volumes, noise=noise).pooler_output
+    slice_latents = model.medformer(slices).pooler_output
+    expected = info_nce(model.projector(volume_latents), model.projector(slice_latents), config.agreement_temperature)
+    torch.testing.assert_close(output.slice_consistency_loss, expected)
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.1 * expected)
+    assert output.agreement_loss is None
+    # 2D batches have no slices: the pretext is silent there, not an error.
+    assert model(load_npz_images("breastmnist", 4)).slice_consistency_loss is None
+
+
+def test_view_pixel_values_are_the_second_view():
+    torch.manual_seed(0)
+    model = MedformerForPreTraining(make_tiny_config()).eval()
+    pixels = load_npz_images("breastmnist", 4)
+    noise = torch.rand(8, 49)
+    same = model(pixels, noise=noise)
+    torch.testing.assert_close(model(pixels, noise=noise, view_pixel_values=pixels.clone()).loss, same.loss)
+    other = model(pixels, noise=noise, view_pixel_values=pixels.flip(-1))
+    assert not torch.allclose(other.agreement_loss, same.agreement_loss)
+    torch.testing.assert_close(other.logits, same.logits)  # the first view is untouched
+    with pytest.raises(ValueError, match="shaped like pixel_values"):
+        model(pixels, view_pixel_values=pixels[:2])
+    single = MedformerForPreTraining(make_tiny_config(ssl_tasks=["masked_reconstruction"]))
+    with pytest.raises(ValueError, match="needs 'view_agreement'"):
+        single(pixels, view_pixel_values=pixels)
+
+
+def test_slice_consistency_needs_a_2d_path_for_the_channels():
+    config = make_tiny_config(ssl_tasks=ALL_PRETEXTS, input_channels_2d=[3])
+    with pytest.raises(ValueError, match="input_channels_2d"):
+        MedformerForPreTraining(config)(torch.randn(2, 1, 8, 8, 8))
 
 
 def test_reconstruct_restores_image_shape_and_scale():

@@ -199,7 +199,9 @@ class MedformerCollator:
     """A `MultiTaskDataset` batch -> `pixel_values`, `modality_ids`, `body_part_ids`, `task_ids`, `labels`.
 
     `task_names` is the model's task order (`list(config.tasks)`); it defaults to the dataset's own order. With
-    `augment=True` (training) each batch gets its set's label-safe augmentation (`MedMNISTInfo.augmentation`).
+    `augment=True` (training) each batch gets its set's label-safe augmentation (`MedMNISTInfo.augmentation`); with
+    `views=2` as well, `view_pixel_values` holds a second, independent augmentation of the same images (the second
+    view of `MedformerForPreTraining`'s view agreement).
     """
 
     def __init__(
@@ -208,10 +210,16 @@ class MedformerCollator:
         processor: MedformerImageProcessor,
         task_names: list[str] | None = None,
         augment: bool = False,
+        views: int = 1,
     ):
+        if views not in (1, 2):
+            raise ValueError(f"MedformerCollator views must be 1 or 2, got {views!r}.")
+        if views == 2 and not augment:
+            raise ValueError("MedformerCollator views=2 draws two augmentations of each image: pass augment=True.")
         self.infos = dataset.infos
         self.processor = processor
         self.augment = augment
+        self.views = views
         names = task_names or dataset.names
         missing = [name for name in dataset.names if name not in names]
         if missing:
@@ -225,6 +233,8 @@ class MedformerCollator:
             pixels, spatial_dims=info.spatial_dims, modality=info.modality, body_part=info.body_part
         )
         inputs = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
+        if self.views == 2:
+            inputs["view_pixel_values"] = augment(inputs["pixel_values"], info.augmentation)
         if self.augment:
             inputs["pixel_values"] = augment(inputs["pixel_values"], info.augmentation)
         inputs["task_ids"] = torch.full((len(pixels),), self.task_ids[batch["task_index"]], dtype=torch.long)
