@@ -2,9 +2,11 @@
 # The label-efficiency table and plot of BENCHMARKS.md, one command (re-running skips finished runs).
 #   bash benchmarks/run_label_efficiency.sh <ssl checkpoint> [data_dir] [output_dir] [datasets...]
 # For each seed (0, 1, 2), dataset (default: every set in data_dir) and label fraction (1%, 10%, 100%): fine-tune from
-# the SSL checkpoint and from scratch with the same budget, select on validation, evaluate on test; then write the
-# table and a PNG plot. The 100% from-scratch runs are also the single-task from-scratch baselines of the accuracy table.
-# Env: STEPS (fine-tuning steps per run, default 150), JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
+# the SSL checkpoint and from scratch with the same budget and the package's recipe (lr 1e-3 with warm-up, label-safe
+# augmentation, EMA, label smoothing 0.1), select on validation, evaluate on test; then write the tables and a PNG
+# plot. The 100% from-scratch runs are also single-task from-scratch baselines.
+# Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
+# JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
@@ -14,7 +16,8 @@ if [ $# -gt 0 ]; then DATASETS=("$@"); else
   mapfile -t DATASETS < <(python -c 'import sys; from medformer_hf.data import local_datasets
 print(*local_datasets(sys.argv[1]), sep="\n")' "$DATA")
 fi
-STEPS=${STEPS:-150}
+EPOCHS=${EPOCHS:-30}
+MIN_STEPS=${MIN_STEPS:-100}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
@@ -34,9 +37,14 @@ worker() {  # runs number worker, worker + JOBS, ... so parallel workers never s
     [ -f "$run/metrics.json" ] && continue
     init_args=(--model_size small)
     [ "$init" = ssl ] && init_args=(--init_from "$SSL")
+    # EPOCHS passes over the labelled images (stratified_subset keeps ~fraction of them), at least MIN_STEPS steps.
+    steps=$(python -c 'import math, sys; from medformer_hf.data import CATALOGUE
+name, fraction, epochs, floor = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+labelled = max(1, round(CATALOGUE[name].split_sizes["train"] * fraction))
+print(max(floor, math.ceil(epochs * math.ceil(labelled / 64))))' "$name" "$fraction" "$EPOCHS" "$MIN_STEPS")
     python examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" \
-      --label_fraction "$fraction" --seed "$seed" --max_steps "$STEPS" --checkpointing_steps 50 \
-      --learning_rate 5e-4 --report_to none --output_dir "$run"
+      --label_fraction "$fraction" --seed "$seed" --max_steps "$steps" --checkpointing_steps 25 \
+      --label_smoothing 0.1 --report_to none --resume_from_checkpoint latest --output_dir "$run"
     python examples/evaluate.py --model "$run" --data_dir "$DATA"
   done
 }

@@ -261,7 +261,10 @@ def test_two_processes_pretrain_and_evaluate_like_one(pretrained, workdir):
 
 
 def test_killed_run_resumes_to_the_same_weights(workdir):
-    arguments = [*SMALL_RUN, "--max_steps", "24", "--checkpointing_steps", "4", "--checkpoints_total_limit", "10"]
+    # Every pretext and augmented views: all their random draws (masks, augmentations, slices) must resume exactly.
+    pretexts = ["--ssl_tasks", "masked_reconstruction", "view_agreement", "slice_consistency", "--augment"]
+    arguments = [*SMALL_RUN, *pretexts, "--max_steps", "24", "--checkpointing_steps", "4", "--checkpoints_total_limit"]
+    arguments.append("10")
     straight = workdir / "straight"
     checked(run_script(workdir, "pretrain.py", *arguments, "--output_dir", str(straight)))
 
@@ -298,6 +301,12 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ("finetune.py", ["--data_dir", "/nonexistent/medmnist"], "--data_dir /nonexistent/medmnist does not exist"),
         ("pretrain.py", ["--datasets", "dermamnist"], "dermamnist.npz is not in"),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (
+            "pretrain.py",
+            ["--data_dir", str(DATA_DIR), "--ssl_loss_weights", "slice_consistency=0.2"],
+            "'slice_consistency' is not among --ssl_tasks",
+        ),
+        ("pretrain.py", ["--data_dir", str(DATA_DIR), "--ssl_loss_weights", "view_agreement=x"], "with a number"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
         (
