@@ -62,8 +62,9 @@ def table(out: Path) -> str:
 
 
 def ablation_table(out: Path) -> str:
-    """One row per variant of run_recipe_ablation.sh: test ACC/AUC per set, mean ± sample sd over the seeds run
-    (`<out>/<variant>/<set>/seed<n>/metrics.json`; older single-seed runs: `<out>/<variant>/<set>/metrics.json`)."""
+    """One row per variant of run_recipe_ablation.sh (or arm of run_pretext_ablation.sh): test ACC/AUC per set, mean
+    ± sample sd over the seeds run (`<out>/<variant>/<set>/seed<n>/metrics.json`; older single-seed runs:
+    `<out>/<variant>/<set>/metrics.json`)."""
     variants = sorted(
         (path for path in out.iterdir() if path.is_dir()), key=lambda path: (path.name != "default", path.name)
     )

@@ -21,6 +21,14 @@ MIN_STEPS=${MIN_STEPS:-100}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
+# The folder records its budget and SSL checkpoint, so a re-run never mixes runs of two settings in one table.
+SETTINGS="ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
+if [ -f "$OUT/settings" ] && [ "$(cat "$OUT/settings")" != "$SETTINGS" ]; then
+  echo "$OUT holds runs with $(cat "$OUT/settings"), not $SETTINGS: use another output folder." >&2
+  exit 2
+fi
+mkdir -p "$OUT" && echo "$SETTINGS" > "$OUT/settings"
+
 runs=()  # seed outermost, so a run cut short still covers every set
 for seed in 0 1 2; do
   for name in "${DATASETS[@]}"; do
@@ -37,12 +45,15 @@ worker() {  # runs number worker, worker + JOBS, ... so parallel workers never s
     [ -f "$run/metrics.json" ] && continue
     init_args=(--model_size small)
     [ "$init" = ssl ] && init_args=(--init_from "$SSL")
-    # EPOCHS passes over the labelled images (stratified_subset keeps ~fraction of them), at least MIN_STEPS steps.
-    steps=$(python -c 'import math, sys; from medformer_hf.data import CATALOGUE
-name, fraction, epochs, floor = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-labelled = max(1, round(CATALOGUE[name].split_sizes["train"] * fraction))
-print(max(floor, math.ceil(epochs * math.ceil(labelled / 64))))' "$name" "$fraction" "$EPOCHS" "$MIN_STEPS")
-    python examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" \
+    # EPOCHS passes over the labelled images (the subset finetune.py keeps: stratified_subset), counted as
+    # --num_train_epochs counts them, but at least MIN_STEPS steps.
+    steps=$(python -c 'import math, sys
+from medformer_hf.data import build_multitask_dataset
+name, fraction, seed, epochs, floor, batch, data = sys.argv[1:]
+labelled = len(build_multitask_dataset([name], "train", float(fraction), int(seed), data_dir=data, download=False))
+print(max(int(floor), math.ceil(float(epochs) * labelled / int(batch))))' \
+      "$name" "$fraction" "$seed" "$EPOCHS" "$MIN_STEPS" 64 "$DATA")
+    python examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" --batch_size 64 \
       --label_fraction "$fraction" --seed "$seed" --max_steps "$steps" --checkpointing_steps 25 \
       --label_smoothing 0.1 --report_to none --resume_from_checkpoint latest --output_dir "$run"
     python examples/evaluate.py --model "$run" --data_dir "$DATA"

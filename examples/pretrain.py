@@ -55,11 +55,14 @@ def parse_args() -> argparse.Namespace:
     pretext.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch normalised pixels")
     pretext.add_argument(
         "--augment",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="augment every image (each set's catalogue policy); view agreement then compares two augmentations",
     )
     args = parser.parse_args()
     check_common_arguments(parser, args)
+    if "masked_reconstruction" not in args.ssl_tasks:
+        parser.error("--ssl_tasks must include masked_reconstruction (the other pretexts use its masked views).")
     weights = {}
     for item in args.ssl_loss_weights:
         task, _, weight = item.partition("=")

@@ -274,7 +274,11 @@ class MedformerConfig(PretrainedConfig):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else ["masked_reconstruction", "view_agreement"]
-        weights = {"masked_reconstruction": 1.0, "view_agreement": 0.1, "slice_consistency": 0.1}
+        # Only the active pretexts' weights are written, so a config without slice consistency still loads where
+        # an older medformer_hf (which does not know that pretext) reads it.
+        weights = {
+            task: 1.0 if task == "masked_reconstruction" else 0.1 for task in self.ssl_tasks if task in SSL_TASKS
+        }
         weights.update(ssl_loss_weights or {})
         self.ssl_loss_weights = weights
         self.projection_dim = projection_dim
@@ -399,6 +403,14 @@ class MedformerConfig(PretrainedConfig):
                 f"MedformerConfig.ssl_tasks must include 'masked_reconstruction' (the other pretexts use its masked "
                 f"views), got {self.ssl_tasks!r}."
             )
+        if "slice_consistency" in self.ssl_tasks:
+            missing = [count for count in self.input_channels_3d if count not in self.input_channels_2d]
+            if missing:
+                raise ValueError(
+                    f"MedformerConfig.ssl_tasks: slice_consistency reads {missing}-channel slices of volumes "
+                    f"through the 2D path, but input_channels_2d is {self.input_channels_2d}; add them there or drop "
+                    f"the pretext."
+                )
         unknown_weights = set(self.ssl_loss_weights) - set(SSL_TASKS)
         if unknown_weights:
             raise ValueError(f"MedformerConfig.ssl_loss_weights has unknown pretext tasks {sorted(unknown_weights)}.")

@@ -1287,6 +1287,11 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             )
         self.post_init()
 
+    @property
+    def num_views(self) -> int:
+        """Views of each image in a forward pass: 2 with view agreement, else 1."""
+        return 2 if "view_agreement" in self.config.ssl_tasks else 1
+
     def reconstruction_target(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-patch target and the mean/std used to normalise it (identity when `norm_pix_loss` is off)."""
         patches = patchify(pixel_values, patch_size_for(self.config, pixel_values.ndim - 2))
@@ -1315,15 +1320,24 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         r"""
         Args:
             noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
-                Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
+                Reproducible masks (lowest noise kept); `views` is `self.num_views`. Slice consistency still draws its
+                slices from the global torch RNG.
             view_pixel_values (`torch.FloatTensor` shaped like `pixel_values`, *optional*):
                 The second view of each image for view agreement (e.g. another augmentation of it, as
                 `MedformerCollator(..., views=2)` gives); default: the same pixels, masked differently.
         """
-        num_views = 2 if "view_agreement" in self.config.ssl_tasks else 1
+        num_views = self.num_views
+        dtype = self.medformer.input_adaptformer.latents.dtype
         pixel_values, modality_ids, body_part_ids = check_inputs(
-            self.config, pixel_values, modality_ids, body_part_ids, self.medformer.input_adaptformer.latents.dtype
+            self.config, pixel_values, modality_ids, body_part_ids, dtype
         )
+        batch_size = pixel_values.shape[0]
+        contrastive = sorted({"view_agreement", "slice_consistency"} & set(self.config.ssl_tasks))
+        if contrastive and batch_size < 2:
+            raise ValueError(
+                f"{contrastive} tell the images of a batch apart, so they need at least 2 images per batch, got 1: "
+                f"raise the batch size or set config.ssl_tasks=['masked_reconstruction']."
+            )
         if view_pixel_values is not None:
             if num_views == 1:
                 raise ValueError("view_pixel_values needs 'view_agreement' in config.ssl_tasks.")
@@ -1332,10 +1346,10 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
                     f"view_pixel_values must be shaped like pixel_values {tuple(pixel_values.shape)}, got "
                     f"{tuple(view_pixel_values.shape)}."
                 )
-        batch_size = pixel_values.shape[0]
+            view_pixel_values = check_inputs(self.config, view_pixel_values, None, None, dtype)[0]
         views = pixel_values
         if num_views > 1:  # rows: image 0 view 1, image 0 view 2, image 1 view 1, ...
-            second = pixel_values if view_pixel_values is None else view_pixel_values.to(pixel_values.dtype)
+            second = pixel_values if view_pixel_values is None else view_pixel_values
             views = torch.stack([pixel_values, second], dim=1).flatten(0, 1)
         outputs = self.medformer(
             views,
@@ -1354,22 +1368,26 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         loss = weights["masked_reconstruction"] * reconstruction_loss
 
         agreement_loss = slice_consistency_loss = None
-        if num_views > 1:
-            embeddings = self.projector(outputs.pooler_output).unflatten(0, (batch_size, 2))
-            agreement_loss = info_nce(embeddings[:, 0], embeddings[:, 1], self.config.agreement_temperature)
-            loss = loss + weights["view_agreement"] * agreement_loss
-        if "slice_consistency" in self.config.ssl_tasks and pixel_values.ndim == 5:
-            if pixel_values.shape[1] not in self.config.input_channels_2d:
-                raise ValueError(
-                    f"slice_consistency reads {pixel_values.shape[1]}-channel slices through the 2D path, but "
-                    f"config.input_channels_2d is {self.config.input_channels_2d}; add it there or drop the pretext."
+        if self.projector is not None:
+            pooled = outputs.pooler_output
+            with_slices = "slice_consistency" in self.config.ssl_tasks and pixel_values.ndim == 5
+            if with_slices:
+                slices = self.medformer(
+                    random_slices(pixel_values), modality_ids=modality_ids, body_part_ids=body_part_ids
                 )
-            slices = self.medformer(random_slices(pixel_values), modality_ids=modality_ids, body_part_ids=body_part_ids)
-            volumes = outputs.pooler_output[::num_views]
-            slice_consistency_loss = info_nce(
-                self.projector(volumes), self.projector(slices.pooler_output), self.config.agreement_temperature
-            )
-            loss = loss + weights["slice_consistency"] * slice_consistency_loss
+                pooled = torch.cat([pooled, slices.pooler_output])
+            # One projector call: its BatchNorm sees 2D and 3D rows together, so it cannot normalise away the
+            # difference between the two paths that slice consistency asks the encoder to remove.
+            embeddings = self.projector(pooled)
+            views_embeddings = embeddings[: batch_size * num_views].unflatten(0, (batch_size, num_views))
+            temperature = self.config.agreement_temperature
+            if num_views > 1:
+                agreement_loss = info_nce(views_embeddings[:, 0], views_embeddings[:, 1], temperature)
+                loss = loss + weights["view_agreement"] * agreement_loss
+            if with_slices:
+                slice_embeddings = embeddings[batch_size * num_views :]
+                slice_consistency_loss = info_nce(views_embeddings[:, 0], slice_embeddings, temperature)
+                loss = loss + weights["slice_consistency"] * slice_consistency_loss
 
         return MedformerForPreTrainingOutput(
             loss=loss,

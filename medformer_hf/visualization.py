@@ -38,9 +38,8 @@ def save_reconstruction_grid(
     batch, dims = pixel_values.shape[0], pixel_values.ndim - 2
     patch_size = patch_size_for(model.config, dims)
     num_patches = patchify(pixel_values, patch_size).shape[1]
-    views = 2 if "view_agreement" in model.config.ssl_tasks else 1
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.rand(batch * views, num_patches, generator=generator).to(pixel_values.device)
+    noise = torch.rand(batch * model.num_views, num_patches, generator=generator).to(pixel_values.device)
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):  # a preview must not shift the training run's random stream

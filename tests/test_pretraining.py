@@ -56,41 +56,53 @@ def test_info_nce_by_hand():
     torch.testing.assert_close(swapped, torch.tensor(math.log(1 + math.exp(1 / temperature))))
 
 
+def cut_of(plane: torch.Tensor) -> tuple[int, int]:
+    """(axis, index) of a slice of the volume `100 * depth + 10 * height + width`, read off its values: the steps
+    along the slice's two axes say which axis was held fixed, its first value where."""
+    down, across, corner = int(plane[1, 0] - plane[0, 0]), int(plane[0, 1] - plane[0, 0]), int(plane[0, 0])
+    axis = {(10, 1): 0, (100, 1): 1, (100, 10): 2}[(down, across)]
+    return axis, corner // (100, 10, 1)[axis]
+
+
 def test_random_slices_by_hand():
-    # voxel value = 100 * depth + 10 * height + width, so a slice's values say where it was cut.
     d, h, w = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), torch.arange(8.0), indexing="ij")
     volumes = (100 * d + 10 * h + w).expand(5, 1, 8, 8, 8)
-    seen_axes = set()
+    seen = set()
     for seed in range(20):
-        generator = torch.Generator().manual_seed(seed)
-        axis = int(torch.randint(0, 3, (), generator=generator))
-        indices = torch.randint(2, 6, (5,), generator=generator)  # middle half of 8: 2..5
         slices = random_slices(volumes, torch.Generator().manual_seed(seed))
         assert slices.shape == (5, 1, 8, 8)
-        for sample, index in enumerate(indices.tolist()):
-            expected = [volumes[sample][:, index], volumes[sample][:, :, index], volumes[sample][:, :, :, index]][axis]
-            assert torch.equal(slices[sample], expected)
-            assert 2 <= index <= 5
-        seen_axes.add(axis)
-    assert seen_axes == {0, 1, 2}
+        cuts = [cut_of(plane[0]) for plane in slices]
+        assert len({axis for axis, _ in cuts}) == 1  # one axis for the batch
+        for sample, (axis, index) in enumerate(cuts):
+            assert 2 <= index <= 5, "a slice outside the middle half of the volume"
+            assert torch.equal(slices[sample], volumes[sample].select(1 + axis, index))
+            seen.add((axis, index))
+    assert {axis for axis, _ in seen} == {0, 1, 2} and len(seen) == 12  # every axis, every middle index
 
 
-def test_slice_consistency_pairs_each_volume_with_its_own_slice():
+@pytest.mark.parametrize("tasks", [["masked_reconstruction", "slice_consistency"], ALL_PRETEXTS])
+def test_slice_consistency_pairs_each_volume_with_its_own_slice(tasks):
     torch.manual_seed(0)
-    config = make_tiny_config(ssl_tasks=["masked_reconstruction", "slice_consistency"], num_latents=4)
-    model = MedformerForPreTraining(config).eval()
+    model = MedformerForPreTraining(make_tiny_config(ssl_tasks=tasks, num_latents=4)).train()
     volumes = load_npz_images("organmnist3d", 6)
-    noise = torch.rand(6, 7**3)
+    views = model.num_views
+    noise = torch.rand(6 * views, 7**3)
     torch.manual_seed(3)
     output = model(volumes, noise=noise)
-    torch.manual_seed(3)  # the forward's only random draw is the slicing (the mask comes from `noise`)
+    torch.manual_seed(3)  # the forward's only random draw is the slicing (the masks come from `noise`)
     slices = random_slices(volumes)
-    volume_latents = model.medformer(volumes, noise=noise).pooler_output
+    stacked = volumes.repeat_interleave(views, dim=0)
+    volume_latents = model.medformer(stacked, noise=noise).pooler_output
     slice_latents = model.medformer(slices).pooler_output
-    expected = info_nce(model.projector(volume_latents), model.projector(slice_latents), config.agreement_temperature)
+    # By hand: project views and slices together, pair view 1 of each volume with its slice.
+    embeddings = model.projector(torch.cat([volume_latents, slice_latents]))
+    expected = info_nce(embeddings[: 6 * views : views], embeddings[6 * views :], model.config.agreement_temperature)
     torch.testing.assert_close(output.slice_consistency_loss, expected)
-    torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.1 * expected)
-    assert output.agreement_loss is None
+    agreement = 0.0
+    if views == 2:
+        agreement = info_nce(embeddings[0:12:2], embeddings[1:12:2], model.config.agreement_temperature)
+        torch.testing.assert_close(output.agreement_loss, agreement)
+    torch.testing.assert_close(output.loss, output.reconstruction_loss + 0.1 * expected + 0.1 * agreement)
     # 2D batches have no slices: the pretext is silent there, not an error.
     assert model(load_npz_images("breastmnist", 4)).slice_consistency_loss is None
 
@@ -113,9 +125,16 @@ def test_view_pixel_values_are_the_second_view():
 
 
 def test_slice_consistency_needs_a_2d_path_for_the_channels():
-    config = make_tiny_config(ssl_tasks=ALL_PRETEXTS, input_channels_2d=[3])
-    with pytest.raises(ValueError, match="input_channels_2d"):
-        MedformerForPreTraining(config)(torch.randn(2, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"\[1\]-channel slices .* input_channels_2d is \[3\]"):
+        make_tiny_config(ssl_tasks=ALL_PRETEXTS, input_channels_2d=[3])
+
+
+def test_contrastive_pretexts_refuse_a_single_image():
+    model = MedformerForPreTraining(make_tiny_config(ssl_tasks=ALL_PRETEXTS)).train()
+    with pytest.raises(ValueError, match="at least 2 images per batch"):
+        model(torch.randn(1, 1, 8, 8, 8))
+    reconstruction_only = MedformerForPreTraining(make_tiny_config(ssl_tasks=["masked_reconstruction"]))
+    assert torch.isfinite(reconstruction_only(torch.randn(1, 1, 8, 8, 8)).loss)
 
 
 def test_reconstruct_restores_image_shape_and_scale():
