@@ -21,8 +21,9 @@ declare -A ARM_FLAGS=(
   [augmented_views]="--ssl_tasks masked_reconstruction view_agreement --augment"
   [slices]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment"
   [slices_norm_pix]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment --norm_pix_loss"
+  [slices_decoder_2]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment --num_decoder_layers 2"
 )
-ALL="scratch reconstruction two_masks augmented_views slices slices_norm_pix"
+ALL="scratch reconstruction two_masks augmented_views slices slices_norm_pix slices_decoder_2"
 for arm in ${ARMS:-$ALL}; do
   [ -n "${ARM_FLAGS[$arm]+set}" ] || { echo "unknown arm $arm; choose from: $ALL" >&2; exit 2; }
 done

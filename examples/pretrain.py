@@ -54,6 +54,11 @@ def parse_args() -> argparse.Namespace:
     )
     pretext.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch normalised pixels")
     pretext.add_argument(
+        "--num_decoder_layers",
+        type=int,
+        help="cross-attention blocks of the pixel decoder (default: num_output_layers, 1)",
+    )
+    pretext.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -90,6 +95,7 @@ def main() -> None:
         ssl_tasks=args.ssl_tasks,
         ssl_loss_weights=args.ssl_loss_weights,
         norm_pix_loss=args.norm_pix_loss,
+        num_decoder_layers=args.num_decoder_layers,
     )
     processor = MedformerImageProcessor.from_model_config(config, training_size=args.size)
     views = 2 if args.augment and "view_agreement" in args.ssl_tasks else 1

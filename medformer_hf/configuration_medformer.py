@@ -103,6 +103,9 @@ class MedformerConfig(PretrainedConfig):
             Cross-attention blocks in which the latents read the patch tokens.
         num_output_layers (`int`, *optional*, defaults to 1):
             Cross-attention blocks in which task queries read the body latents.
+        num_decoder_layers (`int`, *optional*):
+            Cross-attention blocks of the pre-training pixel decoder (default: `num_output_layers`). From the second
+            block on, each position's query depends on the image, so it can ask for that image's detail.
         num_task_queries (`int`, *optional*, defaults to 4):
             Learned queries owned by each task; their outputs are averaged before the task's linear head.
         mlp_ratio (`float`, *optional*, defaults to 4.0):
@@ -208,6 +211,7 @@ class MedformerConfig(PretrainedConfig):
         num_cross_attention_heads: int = 4,
         num_input_layers: int = 1,
         num_output_layers: int = 1,
+        num_decoder_layers: int | None = None,
         num_task_queries: int = 4,
         mlp_ratio: float = 4.0,
         hidden_act: str = "gelu",
@@ -248,6 +252,7 @@ class MedformerConfig(PretrainedConfig):
         self.num_cross_attention_heads = num_cross_attention_heads
         self.num_input_layers = num_input_layers
         self.num_output_layers = num_output_layers
+        self.num_decoder_layers = num_output_layers if num_decoder_layers is None else num_decoder_layers
         self.num_task_queries = num_task_queries
         self.mlp_ratio = mlp_ratio
         self.hidden_act = hidden_act
@@ -324,6 +329,7 @@ class MedformerConfig(PretrainedConfig):
             "num_cross_attention_heads",
             "num_input_layers",
             "num_output_layers",
+            "num_decoder_layers",
             "num_task_queries",
             "patch_size_2d",
             "patch_size_3d",

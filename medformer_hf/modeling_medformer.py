@@ -671,10 +671,10 @@ class MedformerMainBody(nn.Module):
 class MedformerOutputAdaptformer(nn.Module):
     """Queries (a task's latents, or pixel positions) read the body latents (Perceiver IO decoding)."""
 
-    def __init__(self, config: MedformerConfig):
+    def __init__(self, config: MedformerConfig, num_layers: int | None = None):
         super().__init__()
         self.layers = nn.ModuleList(
-            MedformerLayer(config, cross_attention=True) for _ in range(config.num_output_layers)
+            MedformerLayer(config, cross_attention=True) for _ in range(num_layers or config.num_output_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -700,7 +700,7 @@ class MedformerPixelDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.position_projection = nn.Linear(3 * (2 * config.num_position_bands + 1), config.hidden_size)
-        self.output_adaptformer = MedformerOutputAdaptformer(config)
+        self.output_adaptformer = MedformerOutputAdaptformer(config, config.num_decoder_layers)
         heads = {}
         for dims, channel_counts in ((2, config.input_channels_2d), (3, config.input_channels_3d)):
             for channels in channel_counts:

@@ -144,3 +144,14 @@ def test_reconstruct_restores_image_shape_and_scale():
     # Decoding the exact target gives the image back: the normalisation is undone per patch.
     torch.testing.assert_close(model.reconstruct(target, pixels), pixels, atol=1e-5, rtol=1e-5)
     assert model.reconstruct(model(pixels).logits, pixels).shape == pixels.shape
+
+
+def test_decoder_depth_is_its_own_config_field(tmp_path):
+    default = MedformerForPreTraining(make_tiny_config(num_output_layers=2))
+    assert len(default.decoder.output_adaptformer.layers) == 2  # follows the task read-out unless set
+    model = MedformerForPreTraining(make_tiny_config(num_decoder_layers=3))
+    assert len(model.decoder.output_adaptformer.layers) == 3
+    model.save_pretrained(tmp_path)
+    assert len(MedformerForPreTraining.from_pretrained(tmp_path).decoder.output_adaptformer.layers) == 3
+    with pytest.raises(ValueError, match="num_decoder_layers"):
+        make_tiny_config(num_decoder_layers=0)
