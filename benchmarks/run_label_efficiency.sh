@@ -6,7 +6,8 @@
 # augmentation, EMA, label smoothing 0.1), select on validation, evaluate on test; then write the tables and a PNG
 # plot. The 100% from-scratch runs are also single-task from-scratch baselines.
 # Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
-# JOBS (runs in parallel, default 1; each gets nproc/JOBS threads).
+# JOBS (runs in parallel, default 1; each gets nproc/JOBS threads), INITS (default "ssl scratch"; "scratch" alone
+# runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs).
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
@@ -33,7 +34,7 @@ runs=()  # seed outermost, so a run cut short still covers every set
 for seed in 0 1 2; do
   for name in "${DATASETS[@]}"; do
     for fraction in 0.01 0.1 1.0; do
-      for init in ssl scratch; do runs+=("$name $fraction $seed $init"); done
+      for init in ${INITS:-ssl scratch}; do runs+=("$name $fraction $seed $init"); done
     done
   done
 done
