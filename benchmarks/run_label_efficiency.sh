@@ -22,13 +22,8 @@ MIN_STEPS=${MIN_STEPS:-100}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
-# The folder records its budget and SSL checkpoint, so a re-run never mixes runs of two settings in one table.
-SETTINGS="ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
-if [ -f "$OUT/settings" ] && [ "$(cat "$OUT/settings")" != "$SETTINGS" ]; then
-  echo "$OUT holds runs with $(cat "$OUT/settings"), not $SETTINGS: use another output folder." >&2
-  exit 2
-fi
-mkdir -p "$OUT" && echo "$SETTINGS" > "$OUT/settings"
+source "$(dirname "$0")/settings.sh"
+require_settings "$OUT" settings "ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
 
 runs=()  # seed outermost, so a run cut short still covers every set
 for seed in 0 1 2; do

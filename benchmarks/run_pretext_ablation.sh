@@ -27,13 +27,8 @@ ALL="scratch reconstruction two_masks augmented_views slices slices_norm_pix sli
 for arm in ${ARMS:-$ALL}; do
   [ -n "${ARM_FLAGS[$arm]+set}" ] || { echo "unknown arm $arm; choose from: $ALL" >&2; exit 2; }
 done
-# The folder records its budgets, so a re-run never mixes runs of two settings in one table.
-SETTINGS="ssl_epochs=$SSL_EPOCHS fraction=$FRACTION steps=$STEPS sets=$SETS"
-if [ -f "$OUT/settings" ] && [ "$(cat "$OUT/settings")" != "$SETTINGS" ]; then
-  echo "$OUT holds runs with $(cat "$OUT/settings"), not $SETTINGS: use another output folder." >&2
-  exit 2
-fi
-mkdir -p "$OUT" && echo "$SETTINGS" > "$OUT/settings"
+source "$(dirname "$0")/settings.sh"
+require_settings "$OUT" settings "ssl_epochs=$SSL_EPOCHS fraction=$FRACTION steps=$STEPS sets=$SETS"
 for arm in ${ARMS:-$ALL}; do
   init=(--model_size small)
   if [ "$arm" != scratch ]; then

@@ -46,12 +46,8 @@ for variant in ${VARIANT_LIST:-$ALL}; do
   fi
 done
 # The folder records what the runs started from, so a scratch and a pre-trained ablation never share results.
-STARTED_FROM="${INIT:-scratch}"
-if [ -f "$OUT/started_from" ] && [ "$(cat "$OUT/started_from")" != "$STARTED_FROM" ]; then
-  echo "$OUT holds runs started from $(cat "$OUT/started_from"), not $STARTED_FROM: use another output folder." >&2
-  exit 2
-fi
-mkdir -p "$OUT" && echo "$STARTED_FROM" > "$OUT/started_from"
+source "$(dirname "$0")/settings.sh"
+require_settings "$OUT" started_from "${INIT:-scratch}"
 for seed in ${SEEDS:-0}; do
   for variant in ${VARIANT_LIST:-$ALL}; do
     for entry in $SETS; do
