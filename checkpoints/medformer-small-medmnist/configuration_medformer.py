@@ -70,7 +70,7 @@ CUSTOM_PIPELINES = {
 TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
 TOKENIZERS = ("conv", "linear")
 WEIGHT_INITS = ("fan_in", "fixed")
-SSL_TASKS = ("masked_reconstruction", "view_agreement")
+SSL_TASKS = ("masked_reconstruction", "view_agreement", "slice_consistency")
 
 
 def num_task_outputs(task_type: str, num_labels: int) -> int:
@@ -103,6 +103,9 @@ class MedformerConfig(PretrainedConfig):
             Cross-attention blocks in which the latents read the patch tokens.
         num_output_layers (`int`, *optional*, defaults to 1):
             Cross-attention blocks in which task queries read the body latents.
+        num_decoder_layers (`int`, *optional*):
+            Cross-attention blocks of the pre-training pixel decoder (default: `num_output_layers`). From the second
+            block on, each position's query depends on the image, so it can ask for that image's detail.
         num_task_queries (`int`, *optional*, defaults to 4):
             Learned queries owned by each task; their outputs are averaged before the task's linear head.
         mlp_ratio (`float`, *optional*, defaults to 4.0):
@@ -176,13 +179,15 @@ class MedformerConfig(PretrainedConfig):
             Reconstruct per-patch normalised pixels (MAE). Off by default: on sparse volumes (VesselMNIST3D) most
             patches are near-constant and their normalised targets are amplified noise.
         ssl_tasks (`list[str]`, *optional*, defaults to `["masked_reconstruction", "view_agreement"]`):
-            Pretext tasks of `MedformerForPreTraining`.
+            Pretext tasks of `MedformerForPreTraining`: `masked_reconstruction` (always on: the others build on its
+            masked views), `view_agreement` (two views of each image identify each other) and `slice_consistency`
+            (a 3D volume and one of its own 2D slices identify each other: what only a 2D+3D model can learn).
         ssl_loss_weights (`dict[str, float]`, *optional*):
-            Weight of each pretext loss in the total; defaults to 1.0 for reconstruction and 0.1 for agreement.
+            Weight of each pretext loss in the total; defaults to 1.0 for reconstruction and 0.1 for the others.
         projection_dim (`int`, *optional*, defaults to 128):
-            Output width of the view-agreement projector.
+            Output width of the projector shared by the two agreement pretexts.
         agreement_temperature (`float`, *optional*, defaults to 0.1):
-            Temperature of the InfoNCE view-agreement loss.
+            Temperature of their InfoNCE losses.
 
     Example:
 
@@ -206,6 +211,7 @@ class MedformerConfig(PretrainedConfig):
         num_cross_attention_heads: int = 4,
         num_input_layers: int = 1,
         num_output_layers: int = 1,
+        num_decoder_layers: int | None = None,
         num_task_queries: int = 4,
         mlp_ratio: float = 4.0,
         hidden_act: str = "gelu",
@@ -246,6 +252,7 @@ class MedformerConfig(PretrainedConfig):
         self.num_cross_attention_heads = num_cross_attention_heads
         self.num_input_layers = num_input_layers
         self.num_output_layers = num_output_layers
+        self.num_decoder_layers = num_output_layers if num_decoder_layers is None else num_decoder_layers
         self.num_task_queries = num_task_queries
         self.mlp_ratio = mlp_ratio
         self.hidden_act = hidden_act
@@ -271,8 +278,12 @@ class MedformerConfig(PretrainedConfig):
         self.body_part_names = list(body_part_names) if body_part_names is not None else list(DEFAULT_BODY_PART_NAMES)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else list(SSL_TASKS)
-        weights = {"masked_reconstruction": 1.0, "view_agreement": 0.1}
+        self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else ["masked_reconstruction", "view_agreement"]
+        # Only the active pretexts' weights are written, so a config without slice consistency still loads where
+        # an older medformer_hf (which does not know that pretext) reads it.
+        weights = {
+            task: 1.0 if task == "masked_reconstruction" else 0.1 for task in self.ssl_tasks if task in SSL_TASKS
+        }
         weights.update(ssl_loss_weights or {})
         self.ssl_loss_weights = weights
         self.projection_dim = projection_dim
@@ -318,6 +329,7 @@ class MedformerConfig(PretrainedConfig):
             "num_cross_attention_heads",
             "num_input_layers",
             "num_output_layers",
+            "num_decoder_layers",
             "num_task_queries",
             "patch_size_2d",
             "patch_size_3d",
@@ -392,8 +404,19 @@ class MedformerConfig(PretrainedConfig):
             raise ValueError(
                 f"MedformerConfig.ssl_tasks must be a non-empty subset of {list(SSL_TASKS)}, got {self.ssl_tasks!r}."
             )
-        if "masked_reconstruction" not in self.ssl_tasks and "view_agreement" in self.ssl_tasks:
-            raise ValueError("MedformerConfig.ssl_tasks: 'view_agreement' needs 'masked_reconstruction' (its views).")
+        if "masked_reconstruction" not in self.ssl_tasks:
+            raise ValueError(
+                f"MedformerConfig.ssl_tasks must include 'masked_reconstruction' (the other pretexts use its masked "
+                f"views), got {self.ssl_tasks!r}."
+            )
+        if "slice_consistency" in self.ssl_tasks:
+            missing = [count for count in self.input_channels_3d if count not in self.input_channels_2d]
+            if missing:
+                raise ValueError(
+                    f"MedformerConfig.ssl_tasks: slice_consistency reads {missing}-channel slices of volumes "
+                    f"through the 2D path, but input_channels_2d is {self.input_channels_2d}; add them there or drop "
+                    f"the pretext."
+                )
         unknown_weights = set(self.ssl_loss_weights) - set(SSL_TASKS)
         if unknown_weights:
             raise ValueError(f"MedformerConfig.ssl_loss_weights has unknown pretext tasks {sorted(unknown_weights)}.")

@@ -106,7 +106,9 @@ class MedformerForPreTrainingOutput(ModelOutput):
         reconstruction_loss (`torch.FloatTensor` of shape `()`):
             Mean squared error on the masked patches (normalised per patch when `config.norm_pix_loss`).
         agreement_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            InfoNCE loss between the two masked views of each image.
+            InfoNCE loss between the two masked views of each image (`"view_agreement"`).
+        slice_consistency_loss (`torch.FloatTensor` of shape `()`, *optional*):
+            InfoNCE loss between each 3D volume and one of its own 2D slices (`"slice_consistency"`, 3D batches).
         logits (`torch.FloatTensor` of shape `(batch_size, num_patches, channels * patch_size**spatial_dims)`):
             Predicted patches of the first view, in the target's space (see `MedformerForPreTraining.reconstruct`).
         mask (`torch.FloatTensor` of shape `(batch_size, num_patches)`):
@@ -118,6 +120,7 @@ class MedformerForPreTrainingOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
     agreement_loss: torch.FloatTensor | None = None
+    slice_consistency_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     mask: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -195,6 +198,25 @@ def random_masking(
     mask = torch.ones(batch_size, num_patches, device=device)
     mask.scatter_(1, keep_indices, 0.0)
     return keep_indices, mask
+
+
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `first` must pick row i of `second` among the batch, and vice versa."""
+    first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
+    similarity = first @ second.T / temperature
+    targets = torch.arange(first.shape[0], device=first.device)
+    return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+
+
+def random_slices(volumes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One 2D slice of each `(B, C, D, H, W)` volume: along one axis drawn for the batch, at an index drawn per volume
+    from the middle half of that axis (the outer slices of MedMNIST volumes are mostly background). `(B, C, *plane)`."""
+    axis = int(torch.randint(0, 3, (), generator=generator))
+    length = volumes.shape[2 + axis]
+    low = length // 4
+    indices = torch.randint(low, max(length - low, low + 1), (volumes.shape[0],), generator=generator)
+    moved = volumes.movedim(2 + axis, 2)
+    return moved[torch.arange(volumes.shape[0], device=volumes.device), :, indices.to(volumes.device)]
 
 
 def fill_unspecified(ids: torch.Tensor | None, defaults: torch.Tensor) -> torch.Tensor:
@@ -649,10 +671,10 @@ class MedformerMainBody(nn.Module):
 class MedformerOutputAdaptformer(nn.Module):
     """Queries (a task's latents, or pixel positions) read the body latents (Perceiver IO decoding)."""
 
-    def __init__(self, config: MedformerConfig):
+    def __init__(self, config: MedformerConfig, num_layers: int | None = None):
         super().__init__()
         self.layers = nn.ModuleList(
-            MedformerLayer(config, cross_attention=True) for _ in range(config.num_output_layers)
+            MedformerLayer(config, cross_attention=True) for _ in range(num_layers or config.num_output_layers)
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -678,7 +700,7 @@ class MedformerPixelDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.position_projection = nn.Linear(3 * (2 * config.num_position_bands + 1), config.hidden_size)
-        self.output_adaptformer = MedformerOutputAdaptformer(config)
+        self.output_adaptformer = MedformerOutputAdaptformer(config, config.num_decoder_layers)
         heads = {}
         for dims, channel_counts in ((2, config.input_channels_2d), (3, config.input_channels_3d)):
             for channels in channel_counts:
@@ -1241,9 +1263,12 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
 
     - masked reconstruction: a random `config.mask_ratio` of patch tokens is dropped before the Input Adaptformer;
       position queries decode every patch's pixels through an Output Adaptformer; MSE on the dropped patches.
-    - view agreement: two differently masked views of each image go through the model together; their projected
-      pooled latents must identify each other among the batch (InfoNCE), which asks the latents to carry what an
-      image is, not only its pixels. The second view also adds reconstruction signal, so no compute is wasted.
+    - view agreement: two differently masked views of each image (differently augmented too, when the caller passes
+      `view_pixel_values`) go through the model together; their projected pooled latents must identify each other
+      among the batch (InfoNCE), which asks the latents to carry what an image is, not only its pixels. The second
+      view also adds reconstruction signal, so no compute is wasted.
+    - slice consistency (3D batches): one 2D slice of each volume goes through the 2D path, and its projected latents
+      must identify their own volume among the batch: the 2D and 3D paths learn one space.
     """
 
     def __init__(self, config: MedformerConfig):
@@ -1251,13 +1276,21 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         self.medformer = MedformerModel(config)
         self.decoder = MedformerPixelDecoder(config)
         self.projector = None
-        if "view_agreement" in config.ssl_tasks:
+        if {"view_agreement", "slice_consistency"} & set(config.ssl_tasks):
+            # BatchNorm, as in SimCLR's projector: the pooled latents of a masked sparse volume differ little
+            # between images at first, and without it both agreement losses collapse to chance (measured).
             self.projector = nn.Sequential(
                 nn.Linear(config.hidden_size, config.hidden_size),
+                nn.BatchNorm1d(config.hidden_size),
                 nn.GELU(),
                 nn.Linear(config.hidden_size, config.projection_dim),
             )
         self.post_init()
+
+    @property
+    def num_views(self) -> int:
+        """Views of each image in a forward pass: 2 with view agreement, else 1."""
+        return 2 if "view_agreement" in self.config.ssl_tasks else 1
 
     def reconstruction_target(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-patch target and the mean/std used to normalise it (identity when `norm_pix_loss` is off)."""
@@ -1280,21 +1313,46 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         modality_ids: torch.LongTensor | None = None,
         body_part_ids: torch.LongTensor | None = None,
         noise: torch.Tensor | None = None,
+        view_pixel_values: torch.Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
     ) -> MedformerForPreTrainingOutput:
         r"""
         Args:
             noise (`torch.FloatTensor` of shape `(views * B, num_patches)`, *optional*):
-                Reproducible masks (lowest noise kept); `views` is 2 with view agreement, else 1.
+                Reproducible masks (lowest noise kept); `views` is `self.num_views`. Slice consistency still draws its
+                slices from the global torch RNG.
+            view_pixel_values (`torch.FloatTensor` shaped like `pixel_values`, *optional*):
+                The second view of each image for view agreement (e.g. another augmentation of it, as
+                `MedformerCollator(..., views=2)` gives); default: the same pixels, masked differently.
         """
-        num_views = 2 if self.projector is not None else 1
+        num_views = self.num_views
+        dtype = self.medformer.input_adaptformer.latents.dtype
         pixel_values, modality_ids, body_part_ids = check_inputs(
-            self.config, pixel_values, modality_ids, body_part_ids, self.medformer.input_adaptformer.latents.dtype
+            self.config, pixel_values, modality_ids, body_part_ids, dtype
         )
         batch_size = pixel_values.shape[0]
+        contrastive = sorted({"view_agreement", "slice_consistency"} & set(self.config.ssl_tasks))
+        if contrastive and batch_size < 2:
+            raise ValueError(
+                f"{contrastive} tell the images of a batch apart, so they need at least 2 images per batch, got 1: "
+                f"raise the batch size or set config.ssl_tasks=['masked_reconstruction']."
+            )
+        if view_pixel_values is not None:
+            if num_views == 1:
+                raise ValueError("view_pixel_values needs 'view_agreement' in config.ssl_tasks.")
+            if view_pixel_values.shape != pixel_values.shape:
+                raise ValueError(
+                    f"view_pixel_values must be shaped like pixel_values {tuple(pixel_values.shape)}, got "
+                    f"{tuple(view_pixel_values.shape)}."
+                )
+            view_pixel_values = check_inputs(self.config, view_pixel_values, None, None, dtype)[0]
+        views = pixel_values
+        if num_views > 1:  # rows: image 0 view 1, image 0 view 2, image 1 view 1, ...
+            second = pixel_values if view_pixel_values is None else view_pixel_values
+            views = torch.stack([pixel_values, second], dim=1).flatten(0, 1)
         outputs = self.medformer(
-            pixel_values.repeat_interleave(num_views, dim=0) if num_views > 1 else pixel_values,
+            views,
             modality_ids=modality_ids.repeat_interleave(num_views),
             body_part_ids=body_part_ids.repeat_interleave(num_views),
             mask_ratio=self.config.mask_ratio,
@@ -1302,26 +1360,40 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        image_shape = (batch_size * num_views, *pixel_values.shape[1:])
-        predicted = self.decoder(outputs.last_hidden_state, outputs.context_embedding, image_shape)
-        target, _, _ = self.reconstruction_target(pixel_values)
-        target = target.repeat_interleave(num_views, dim=0) if num_views > 1 else target
+        predicted = self.decoder(outputs.last_hidden_state, outputs.context_embedding, tuple(views.shape))
+        target, _, _ = self.reconstruction_target(views)
         per_patch = ((predicted - target) ** 2).mean(dim=-1)
         reconstruction_loss = (per_patch * outputs.mask).sum() / outputs.mask.sum()
-        loss = self.config.ssl_loss_weights["masked_reconstruction"] * reconstruction_loss
+        weights = self.config.ssl_loss_weights
+        loss = weights["masked_reconstruction"] * reconstruction_loss
 
-        agreement_loss = None
+        agreement_loss = slice_consistency_loss = None
         if self.projector is not None:
-            embeddings = F.normalize(self.projector(outputs.pooler_output), dim=-1).unflatten(0, (batch_size, 2))
-            similarity = embeddings[:, 0] @ embeddings[:, 1].T / self.config.agreement_temperature
-            targets = torch.arange(batch_size, device=similarity.device)
-            agreement_loss = (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
-            loss = loss + self.config.ssl_loss_weights["view_agreement"] * agreement_loss
+            pooled = outputs.pooler_output
+            with_slices = "slice_consistency" in self.config.ssl_tasks and pixel_values.ndim == 5
+            if with_slices:
+                slices = self.medformer(
+                    random_slices(pixel_values), modality_ids=modality_ids, body_part_ids=body_part_ids
+                )
+                pooled = torch.cat([pooled, slices.pooler_output])
+            # One projector call: its BatchNorm sees 2D and 3D rows together, so it cannot normalise away the
+            # difference between the two paths that slice consistency asks the encoder to remove.
+            embeddings = self.projector(pooled)
+            views_embeddings = embeddings[: batch_size * num_views].unflatten(0, (batch_size, num_views))
+            temperature = self.config.agreement_temperature
+            if num_views > 1:
+                agreement_loss = info_nce(views_embeddings[:, 0], views_embeddings[:, 1], temperature)
+                loss = loss + weights["view_agreement"] * agreement_loss
+            if with_slices:
+                slice_embeddings = embeddings[batch_size * num_views :]
+                slice_consistency_loss = info_nce(views_embeddings[:, 0], slice_embeddings, temperature)
+                loss = loss + weights["slice_consistency"] * slice_consistency_loss
 
         return MedformerForPreTrainingOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss,
             agreement_loss=agreement_loss,
+            slice_consistency_loss=slice_consistency_loss,
             logits=predicted[::num_views],
             mask=outputs.mask[::num_views],
             hidden_states=outputs.hidden_states,
