@@ -98,14 +98,15 @@ def main() -> None:
         num_decoder_layers=args.num_decoder_layers,
     )
     processor = MedformerImageProcessor.from_model_config(config, training_size=args.size)
-    views = 2 if args.augment and "view_agreement" in args.ssl_tasks else 1
+    model = MedformerForPreTraining(config)
+    # With augmentation, the collator draws view agreement's second view as another augmentation of each image.
+    views = model.num_views if args.augment else 1
     collator = MedformerCollator(dataset, processor, augment=args.augment, views=views)
     preview_collator = MedformerCollator(dataset, processor)
     loader = multitask_dataloader(
         dataset, collator, args.batch_size, args.sampling_alpha, args.seed, num_workers=args.num_workers
     )
     resolve_budget(accelerator, args, loader)
-    model = MedformerForPreTraining(config)
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     state = TrainState()

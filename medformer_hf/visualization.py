@@ -47,10 +47,10 @@ def save_reconstruction_grid(
     model.train(was_training)
     shape = tuple(pixel_values.shape)
     prediction = model.reconstruct(output.logits, pixel_values).float().cpu()
-    patches, visible = patchify(pixel_values.float().cpu(), patch_size), 1 - output.mask.float().cpu()[..., None]
+    pixel_values = pixel_values.float().cpu()
+    patches, visible = patchify(pixel_values, patch_size), 1 - output.mask.float().cpu()[..., None]
     masked = unpatchify(patches * visible, shape, patch_size)
     pasted = unpatchify(patches * visible + patchify(prediction, patch_size) * (1 - visible), shape, patch_size)
-    pixel_values = pixel_values.float().cpu()
     predicted_label = "prediction (true patch mean/std)" if model.config.norm_pix_loss else "prediction"
     rows = {"input": pixel_values, "visible patches": masked, predicted_label: prediction, "reconstruction": pasted}
     tiles = []

@@ -1332,8 +1332,8 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             self.config, pixel_values, modality_ids, body_part_ids, dtype
         )
         batch_size = pixel_values.shape[0]
-        contrastive = sorted({"view_agreement", "slice_consistency"} & set(self.config.ssl_tasks))
-        if contrastive and batch_size < 2:
+        if self.projector is not None and batch_size < 2:  # the projector exists for the contrastive pretexts
+            contrastive = sorted(set(self.config.ssl_tasks) - {"masked_reconstruction"})
             raise ValueError(
                 f"{contrastive} tell the images of a batch apart, so they need at least 2 images per batch, got 1: "
                 f"raise the batch size or set config.ssl_tasks=['masked_reconstruction']."
