@@ -22,8 +22,13 @@ declare -A ARM_FLAGS=(
   [slices]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment"
   [slices_norm_pix]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment --norm_pix_loss"
   [slices_decoder_2]="--ssl_tasks masked_reconstruction view_agreement slice_consistency --augment --num_decoder_layers 2"
+  [two_masks_ratio_0.5]="--ssl_tasks masked_reconstruction view_agreement --mask_ratio 0.5"
+  [two_masks_ratio_0.9]="--ssl_tasks masked_reconstruction view_agreement --mask_ratio 0.9"
+  [two_masks_unit_2]="--ssl_tasks masked_reconstruction view_agreement --mask_unit 2"
 )
-ALL="scratch reconstruction two_masks augmented_views slices slices_norm_pix slices_decoder_2"
+ALL="scratch reconstruction two_masks augmented_views slices slices_norm_pix slices_decoder_2 two_masks_ratio_0.5
+two_masks_ratio_0.9
+two_masks_unit_2"
 for arm in ${ARMS:-$ALL}; do
   [ -n "${ARM_FLAGS[$arm]+set}" ] || { echo "unknown arm $arm; choose from: $ALL" >&2; exit 2; }
 done

@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     pretext = parser.add_argument_group("pretext tasks (MedformerConfig)")
     pretext.add_argument("--mask_ratio", type=float, default=0.75)
     pretext.add_argument(
+        "--mask_unit", type=int, default=1, help="mask blocks of this many patches per axis (1: single patches)"
+    )
+    pretext.add_argument(
         "--ssl_tasks", nargs="+", choices=list(SSL_TASKS), default=MedformerConfig().ssl_tasks, help="pretext tasks"
     )
     pretext.add_argument(
@@ -92,6 +95,7 @@ def main() -> None:
     config = MedformerConfig(
         **model_config_kwargs(args),
         mask_ratio=args.mask_ratio,
+        mask_unit=args.mask_unit,
         ssl_tasks=args.ssl_tasks,
         ssl_loss_weights=args.ssl_loss_weights,
         norm_pix_loss=args.norm_pix_loss,

@@ -175,6 +175,10 @@ class MedformerConfig(PretrainedConfig):
             which keeps the order the tasks were given in; `add_task` appends, so a checkpoint's ids never change.
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
+        mask_unit (`int`, *optional*, defaults to 1):
+            Side, in patches, of the square (2D) or cubic (3D) blocks that masking keeps or drops together: 1 masks
+            single patches (ViTMAE); 2 masks 2x2(x2) blocks, so a dropped patch's neighbours are mostly dropped too
+            and it cannot be filled in from them.
         norm_pix_loss (`bool`, *optional*, defaults to `False`):
             Reconstruct per-patch normalised pixels (MAE). Off by default: on sparse volumes (VesselMNIST3D) most
             patches are near-constant and their normalised targets are amplified noise.
@@ -235,6 +239,7 @@ class MedformerConfig(PretrainedConfig):
         body_part_names: list[str] | None = None,
         tasks: dict[str, dict[str, Any]] | None = None,
         mask_ratio: float = 0.75,
+        mask_unit: int = 1,
         norm_pix_loss: bool = False,
         ssl_tasks: list[str] | None = None,
         ssl_loss_weights: dict[str, float] | None = None,
@@ -277,6 +282,7 @@ class MedformerConfig(PretrainedConfig):
         self.modality_names = list(modality_names) if modality_names is not None else list(DEFAULT_MODALITY_NAMES)
         self.body_part_names = list(body_part_names) if body_part_names is not None else list(DEFAULT_BODY_PART_NAMES)
         self.mask_ratio = mask_ratio
+        self.mask_unit = mask_unit
         self.norm_pix_loss = norm_pix_loss
         self.ssl_tasks = list(ssl_tasks) if ssl_tasks is not None else ["masked_reconstruction", "view_agreement"]
         # Only the active pretexts' weights are written, so a config without slice consistency still loads where
@@ -335,6 +341,7 @@ class MedformerConfig(PretrainedConfig):
             "patch_size_3d",
             "num_position_bands",
             "projection_dim",
+            "mask_unit",
         )
         for name in positive_ints:
             value = getattr(self, name)

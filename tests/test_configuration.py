@@ -33,6 +33,7 @@ def test_task_defaults_are_filled():
         ({"hidden_size": 30}, "hidden_size"),
         ({"num_latents": 0}, "num_latents"),
         ({"mask_ratio": 1.0}, "mask_ratio"),
+        ({"mask_unit": 0}, "mask_unit"),
         ({"hidden_dropout_prob": -0.1}, "hidden_dropout_prob"),
         ({"patch_size_3d": 2.5}, "patch_size_3d"),
         ({"input_channels_2d": [1, 1]}, "input_channels_2d"),

@@ -78,6 +78,24 @@ def test_masking_keeps_the_lowest_noise_patches(tiny_config):
     assert torch.equal(output.mask[0] == 0, noise[0] <= noise[0].sort().values[kept - 1])
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 32, 32), (3, 1, 28, 28), (3, 1, 28, 28, 28)])
+def test_mask_unit_keeps_or_drops_whole_blocks(shape):
+    torch.manual_seed(0)
+    model = MedformerModel(make_tiny_config(mask_unit=2)).eval()
+    mask = model(torch.randn(shape), mask_ratio=0.75).mask
+    grid = tuple(size // 4 for size in shape[2:])
+    num_patches = math.prod(grid)
+    assert mask.sum(1).tolist() == [num_patches - int(num_patches * 0.25)] * shape[0]
+    # Every 2x2(x2) block (edge blocks of a 7-patch axis are smaller) is kept or dropped whole, but for at most one
+    # block per image, which the patch count splits.
+    block_of_patch = torch.stack(torch.meshgrid(*[torch.arange(n) // 2 for n in grid], indexing="ij")).flatten(1)
+    block_ids = sum(coordinate * 4**axis for axis, coordinate in enumerate(block_of_patch))
+    for row in mask:
+        split = [block for block in block_ids.unique() if row[block_ids == block].unique().numel() > 1]
+        assert len(split) <= 1, split
+    assert not torch.equal(mask[0], mask[1])
+
+
 # ------------------------------------------------------------------------------------------ losses against references
 
 

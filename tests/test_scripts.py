@@ -261,12 +261,15 @@ def test_two_processes_pretrain_and_evaluate_like_one(pretrained, workdir):
 
 
 def test_killed_run_resumes_to_the_same_weights(workdir):
-    # Every pretext and augmented views: all their random draws (masks, augmentations, slices) must resume exactly.
+    # Every pretext, augmented views and block masks: all their random draws (masks, augmentations, slices) must
+    # resume exactly.
     pretexts = ["--ssl_tasks", "masked_reconstruction", "view_agreement", "slice_consistency", "--augment"]
+    pretexts += ["--mask_unit", "2"]
     arguments = [*SMALL_RUN, *pretexts, "--max_steps", "24", "--checkpointing_steps", "4", "--checkpoints_total_limit"]
     arguments.append("10")
     straight = workdir / "straight"
     checked(run_script(workdir, "pretrain.py", *arguments, "--output_dir", str(straight)))
+    assert json.loads((straight / "config.json").read_text())["mask_unit"] == 2
 
     resumed = workdir / "resumed"
     command = [sys.executable, str(EXAMPLES / "pretrain.py"), *arguments, "--output_dir", str(resumed)]

@@ -182,15 +182,38 @@ def pixel_mask(mask: torch.Tensor, image_shape: tuple[int, ...], patch_size: int
     return unpatchify(patches, (image_shape[0], 1, *image_shape[2:]), patch_size)
 
 
-def random_masking(
-    batch_size: int, num_patches: int, mask_ratio: float, noise: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the patches to keep (lowest noise first, as in ViTMAE). Returns `(keep_indices, mask)`; mask 1 = dropped.
+def block_noise(batch_size: int, grid: tuple[int, ...], unit: int, device: torch.device) -> torch.Tensor:
+    """Masking noise `(B, num_patches)` that orders whole blocks of `unit` patches per axis: every patch of a block
+    sorts before every patch of a later block, so blocks are kept or dropped together (at most one block is split,
+    at random within it). Blocks at the far edges of a grid that `unit` does not divide are smaller."""
+    coarse = tuple(math.ceil(size / unit) for size in grid)
+    ranks = torch.rand(batch_size, math.prod(coarse), device=device).argsort(dim=1).argsort(dim=1).float()
+    ranks = ranks.view(batch_size, *coarse)
+    for axis, size in enumerate(grid, start=1):
+        ranks = ranks.repeat_interleave(unit, dim=axis).narrow(axis, 0, size)
+    return ranks.flatten(1) + torch.rand(batch_size, math.prod(grid), device=device)  # integer rank + tie-break
 
-    Pass `noise` of shape `(batch_size, num_patches)` for a reproducible mask.
+
+def random_masking(
+    batch_size: int,
+    grid: tuple[int, ...],
+    mask_ratio: float,
+    noise: torch.Tensor | None,
+    device: torch.device,
+    unit: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the patches of a `grid` to keep (lowest noise first, as in ViTMAE). Returns `(keep_indices, mask)`;
+    mask 1 = dropped. `unit` > 1 masks blocks of `unit` patches per axis (`block_noise`).
+
+    Pass `noise` of shape `(batch_size, num_patches)` for a reproducible mask (it then decides alone).
     """
+    num_patches = math.prod(grid)
     if noise is None:
-        noise = torch.rand(batch_size, num_patches, device=device)
+        noise = (
+            torch.rand(batch_size, num_patches, device=device)
+            if unit == 1
+            else block_noise(batch_size, grid, unit, device)
+        )
     elif noise.shape != (batch_size, num_patches):
         raise ValueError(f"noise must have shape {(batch_size, num_patches)}, got {tuple(noise.shape)}.")
     num_keep = max(1, int(num_patches * (1 - mask_ratio)))
@@ -867,7 +890,8 @@ class MedformerModel(MedformerPreTrainedModel):
                 Indices into `config.modality_names` / `config.body_part_names`; not given (None, or -1 per sample):
                 0 ("unknown"). The task models fill them from the task's registered metadata instead.
             mask_ratio (`float`, *optional*):
-                Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training).
+                Drop this fraction of patch tokens at random before the Input Adaptformer (pre-training), in blocks
+                of `config.mask_unit` patches per axis.
             noise (`torch.FloatTensor` of shape `(B, num_patches)`, *optional*):
                 Makes the masking reproducible: the patches with the lowest noise are kept. Implies masking.
             adapter_rows (`dict[str, torch.LongTensor]`, *optional*):
@@ -898,9 +922,13 @@ class MedformerModel(MedformerPreTrainedModel):
         mask = None
         if mask_ratio is not None or noise is not None:
             patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
-            num_patches = math.prod(size // patch_size for size in pixel_values.shape[2:])
             keep_indices, mask = random_masking(
-                pixel_values.shape[0], num_patches, mask_ratio or self.config.mask_ratio, noise, pixel_values.device
+                pixel_values.shape[0],
+                tuple(size // patch_size for size in pixel_values.shape[2:]),
+                mask_ratio or self.config.mask_ratio,
+                noise,
+                pixel_values.device,
+                self.config.mask_unit,
             )
             # Blank the masked patches before tokenizing: a conv stem's receptive field crosses patch borders, so
             # visible tokens would otherwise see masked pixels and reconstruction would be a copy task.
