@@ -205,6 +205,9 @@ def main() -> None:
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes, args.layer_decay)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # From here each process draws its own masks, augmentations and dropout (seed + process index): one seed for all
+    # would give every process's i-th image the same ones. The sampler keeps its shared generator.
+    set_seed(args.seed, device_specific=True)
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
     checkpoints = CheckpointManager(

@@ -113,6 +113,9 @@ def main() -> None:
     resolve_budget(accelerator, args, loader)
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # From here each process draws its own masks, augmentations and dropout (seed + process index): one seed for all
+    # would give every process's i-th image the same ones. The sampler keeps its shared generator.
+    set_seed(args.seed, device_specific=True)
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
     # What is previewed and saved: the EMA of the weights when it is on.

@@ -267,5 +267,6 @@ def multitask_dataloader(
         persistent_workers=num_workers > 0,
         # Its own generator: starting an iterator would otherwise draw from the global torch RNG, and a resumed run
         # (which starts one right after restoring that RNG) would then mask differently from an uninterrupted one.
-        generator=torch.Generator().manual_seed(seed),
+        # Seeded per process, so that workers of different processes augment differently.
+        generator=torch.Generator().manual_seed(seed + sampler.rank),
     )
