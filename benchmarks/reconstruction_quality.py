@@ -9,6 +9,10 @@ normalised with `norm_pix_loss`), the masks drawn from a fixed seed. Baselines: 
 train images' mean at that position (what a decoder that ignores the latents converges to); "mean image + brightness"
 shifts it by the image's own visible-patch offset from that mean. Skill = 1 - error / mean-image error: above the
 brightness baseline's skill, the model reconstructs content of the image itself.
+
+Also, for any Medformer folder (pre-trained or fine-tuned: then only these columns), how much the encoder's final
+latents of unmasked validation images depend on the image: the share of their variance across images (1 - the share
+a per-latent constant explains) and across the latents of one image.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from medformer_hf import MedformerForPreTraining, MedformerImageProcessor
+from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImageProcessor, MedformerModel
 from medformer_hf.data import MedformerCollator, build_multitask_dataset, local_datasets
 from medformer_hf.visualization import save_reconstruction_grid
 
@@ -53,6 +57,18 @@ def errors(model: MedformerForPreTraining, batch: dict, train_pixels: torch.Tens
     }
 
 
+@torch.no_grad()
+def latent_variance_shares(encoder: MedformerModel, batch: dict) -> tuple[float, float]:
+    """Shares of the final latents' second moment that vary across images and across the latents of one image."""
+    latents = encoder(
+        batch["pixel_values"], modality_ids=batch["modality_ids"], body_part_ids=batch["body_part_ids"]
+    ).last_hidden_state
+    total = latents.pow(2).mean()
+    across_images = (latents - latents.mean(dim=0, keepdim=True)).pow(2).mean() / total
+    across_latents = (latents - latents.mean(dim=1, keepdim=True)).pow(2).mean() / total
+    return across_images.item(), across_latents.item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a MedformerForPreTraining folder (pretrain.py's output)")
@@ -60,20 +76,32 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="validation images per set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pictures", help="also write <name>.png grids of 8 validation images here")
+    parser.add_argument(
+        "--initial", action="store_true", help="measure freshly initialised weights of --model's config (seed --seed)"
+    )
     args = parser.parse_args()
-    model = MedformerForPreTraining.from_pretrained(args.model).eval()
+    config = MedformerConfig.from_pretrained(args.model)
+    pretrained = "MedformerForPreTraining" in (config.architectures or [])
+    model_class = MedformerForPreTraining if pretrained else MedformerModel
+    torch.manual_seed(args.seed)
+    model = (model_class(config) if args.initial else model_class.from_pretrained(args.model)).eval()
+    encoder = model.medformer if pretrained else model
     processor = MedformerImageProcessor.from_pretrained(args.model)
-    print("| set | model MSE | mean image MSE | mean image + brightness MSE | model skill | brightness skill |")
-    print("|---|---|---|---|---|---|")
+    columns = ["model MSE", "mean image MSE", "mean image + brightness MSE", "model skill", "brightness skill"]
+    columns = [*(columns if pretrained else []), "latent variance across images", "across latents"]
+    print(f"| set | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}")
     for name in local_datasets(args.data_dir):
-        train = batch_of(name, "train", args.images, processor, args.data_dir)["pixel_values"]
-        result = errors(model, batch_of(name, "validation", args.images, processor, args.data_dir), train, args.seed)
-        baseline = result["mean image"]
-        print(
-            f"| {name} | {result['model']:.4f} | {baseline:.4f} | {result['mean image + brightness']:.4f} | "
-            f"{1 - result['model'] / baseline:+.3f} | {1 - result['mean image + brightness'] / baseline:+.3f} |"
-        )
-        if args.pictures:
+        validation = batch_of(name, "validation", args.images, processor, args.data_dir)
+        cells = []
+        if pretrained:
+            train = batch_of(name, "train", args.images, processor, args.data_dir)["pixel_values"]
+            result = errors(model, validation, train, args.seed)
+            baseline, brightness = result["mean image"], result["mean image + brightness"]
+            cells = [f"{result['model']:.4f}", f"{baseline:.4f}", f"{brightness:.4f}"]
+            cells += [f"{1 - result['model'] / baseline:+.3f}", f"{1 - brightness / baseline:+.3f}"]
+        cells += [f"{share:.3f}" for share in latent_variance_shares(encoder, validation)]
+        print(f"| {name} | {' | '.join(cells)} |")
+        if args.pictures and pretrained:
             pixels = batch_of(name, "validation", 8, processor, args.data_dir)["pixel_values"]
             save_reconstruction_grid(model, pixels, Path(args.pictures) / f"{name}.png", title=f"{name}, validation")
 
