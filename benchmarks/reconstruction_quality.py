@@ -102,8 +102,8 @@ def main() -> None:
         cells += [f"{share:.3f}" for share in latent_variance_shares(encoder, validation)]
         print(f"| {name} | {' | '.join(cells)} |")
         if args.pictures and pretrained:
-            pixels = batch_of(name, "validation", 8, processor, args.data_dir)["pixel_values"]
-            save_reconstruction_grid(model, pixels, Path(args.pictures) / f"{name}.png", title=f"{name}, validation")
+            path = Path(args.pictures) / f"{name}.png"  # the grid shows the first 8 of the measured images
+            save_reconstruction_grid(model, validation["pixel_values"], path, title=f"{name}, validation")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def random_masking(
     Pass `noise` of shape `(batch_size, num_patches)` for a reproducible mask (it then decides alone).
     """
     num_patches = math.prod(grid)
-    if noise is None:
+    if noise is None:  # unit 1: ViTMAE's one draw per patch (block_noise: same mask distribution, other draws)
         noise = (
             torch.rand(batch_size, num_patches, device=device)
             if unit == 1
