@@ -4,7 +4,9 @@
 
 Writes metrics.json, metrics.md (next to MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir
 (default: the model folder), and the metrics into the folder's model card (README.md, with a `model-index`).
-Every test sample is counted exactly once, also across processes.
+Every test sample is counted exactly once, also across processes. `--test_time_flips` averages each task's
+probabilities over the flips its catalogue entry declares label-safe; those metrics go to
+<model>/test_time_flips/ by default, so the model card keeps the single-view numbers a plain forward pass gives.
 """
 
 import argparse
@@ -31,7 +33,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", choices=["test", "validation"], default="test")
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--output_dir", help="default: the model folder")
+    parser.add_argument(
+        "--test_time_flips",
+        action="store_true",
+        help="average over every combination of the task's label-safe flips (catalogue), e.g. 8 views of a nodule",
+    )
+    parser.add_argument("--output_dir", help="default: the model folder (<model>/test_time_flips with that flag)")
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
@@ -52,7 +59,12 @@ def parse_args() -> argparse.Namespace:
             if missing
             else f"none of the model's tasks {list(tasks)} has a MedMNIST file in {args.data_dir}; pass --datasets."
         )
-    args.output_dir = Path(args.output_dir or args.model)
+    args.output_dir = Path(args.output_dir or Path(args.model, "test_time_flips" if args.test_time_flips else ""))
+    if args.test_time_flips and args.output_dir.resolve() == Path(args.model).resolve():
+        parser.error(
+            "--test_time_flips would overwrite the model folder's single-view metrics and model card; "
+            "leave --output_dir out (then <model>/test_time_flips) or pass another folder."
+        )
     return args
 
 
@@ -72,13 +84,17 @@ def main() -> None:
             for name in args.datasets
         }
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in datasets.items()}
-    metrics, predictions = evaluate_tasks(accelerator, model, datasets, collators, args.batch_size)
+    metrics, predictions = evaluate_tasks(
+        accelerator, model, datasets, collators, args.batch_size, test_time_flips=args.test_time_flips
+    )
 
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / "metrics.json").write_text(json.dumps({"split": args.split, "metrics": metrics}, indent=2))
+        record = {"split": args.split, "test_time_flips": args.test_time_flips, "metrics": metrics}
+        (args.output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
         table = metrics_table(metrics, args.split)
-        (args.output_dir / "metrics.md").write_text(f"{args.split} split of {args.model}\n\n{table}\n")
+        views = ", mean over the label-safe flips" if args.test_time_flips else ""
+        (args.output_dir / "metrics.md").write_text(f"{args.split} split of {args.model}{views}\n\n{table}\n")
         for name, (scores, labels) in predictions.items():
             if CATALOGUE[name].task_type != "multilabel":
                 path = args.output_dir / "confusion_matrices" / f"{name}_{args.split}.png"

@@ -498,24 +498,38 @@ def predict(
     collator: MedformerCollator,
     task: str,
     batch_size: int,
+    test_time_flips: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class scores and labels of every sample of a one-task dataset, each counted once across processes."""
+    """Per-class scores and labels of every sample of a one-task dataset, each counted once across processes.
+
+    With `test_time_flips` the scores are the mean probabilities over every combination of the flips the catalogue
+    declares label-safe for the task (up to 8 views of a 3D volume; sets without safe flips get one view).
+    """
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
     task_type = CATALOGUE[task].task_type
+    flips = CATALOGUE[task].augmentation.flip_combinations() if test_time_flips else [()]
     scores, labels = [], []
     was_training = model.training
     model.eval()
     # On a terminal only (disable=None): in a log file the nested bar's cursor codes would garble the lines around it.
     bar = None if accelerator.is_main_process else True
     for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=bar):
-        logits = model(
-            batch["pixel_values"],
-            task=task,
-            modality_ids=batch["modality_ids"],
-            body_part_ids=batch["body_part_ids"],
-        ).logits
-        gathered = accelerator.gather_for_metrics((task_probabilities(logits.float(), task_type), batch["labels"]))
+        probabilities = torch.stack(
+            [
+                task_probabilities(
+                    model(
+                        batch["pixel_values"].flip([axis + 2 for axis in axes]),
+                        task=task,
+                        modality_ids=batch["modality_ids"],
+                        body_part_ids=batch["body_part_ids"],
+                    ).logits.float(),
+                    task_type,
+                )
+                for axes in flips
+            ]
+        ).mean(0)
+        gathered = accelerator.gather_for_metrics((probabilities, batch["labels"]))
         scores.append(gathered[0].cpu().numpy())
         labels.append(gathered[1].cpu().numpy())
     model.train(was_training)
@@ -528,11 +542,12 @@ def evaluate_tasks(
     datasets: dict[str, MultiTaskDataset],
     collators: dict[str, MedformerCollator],
     batch_size: int,
+    test_time_flips: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """MedMNIST ACC/AUC per dataset (with the shipped `evaluate` metric) and the raw (scores, labels)."""
     metrics, predictions = {}, {}
     for name, dataset in datasets.items():
-        scores, labels = predict(accelerator, model, dataset, collators[name], name, batch_size)
+        scores, labels = predict(accelerator, model, dataset, collators[name], name, batch_size, test_time_flips)
         metrics[name] = {**medmnist_metrics(scores, labels, CATALOGUE[name].task_type), "samples": len(labels)}
         predictions[name] = (scores, labels)
     return metrics, predictions

@@ -1,29 +1,26 @@
 """The training recipe: label-safe augmentation from the catalogue, EMA weights, and defaults that learn."""
 
 import argparse
-import itertools
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask, task_loss
-from medformer_hf.data import CATALOGUE, AugmentationPolicy, augment
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, task_loss
+from medformer_hf.data import CATALOGUE, AugmentationPolicy, MedformerCollator, augment, build_multitask_dataset
 from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
 from medformer_hf.modeling_medformer import MedformerDropPath
-from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer
+from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer, predict
 
-from .conftest import load_npz_images
+from .conftest import DATA_DIR, load_npz_images
 
 
 def _allowed_results(image: torch.Tensor, policy: AugmentationPolicy) -> list[torch.Tensor]:
     """Every image the catalogue's transforms can make: any subset of the allowed flips, then any allowed turn."""
     results = []
-    for subset in itertools.chain.from_iterable(
-        itertools.combinations(policy.flip_axes, k) for k in range(len(policy.flip_axes) + 1)
-    ):
-        flipped = image.flip([axis + 2 for axis in subset]) if subset else image
+    for subset in policy.flip_combinations():
+        flipped = image.flip([axis + 2 for axis in subset])
         for turns in range(4) if policy.rotate_90 else [0]:
             results.append(flipped.rot90(turns, dims=(-2, -1)))
     return results
@@ -53,6 +50,54 @@ def test_left_right_labels_are_never_mirrored():
         image = torch.randn(4, 1, *(6,) * CATALOGUE[name].spatial_dims)
         geometric = AugmentationPolicy(**{**vars(CATALOGUE[name].augmentation), "intensity_jitter": 0, "max_shift": 0})
         assert torch.equal(augment(image, geometric), image)
+
+
+def test_flip_combinations_are_every_subset_of_the_safe_axes_identity_first():
+    assert CATALOGUE["fracturemnist3d"].augmentation.flip_combinations() == [
+        (),
+        (0,),
+        (1,),
+        (2,),
+        (0, 1),
+        (0, 2),
+        (1, 2),
+        (0, 1, 2),
+    ]
+    assert CATALOGUE["breastmnist"].augmentation.flip_combinations() == [(), (1,)]
+    assert CATALOGUE["organmnist3d"].augmentation.flip_combinations() == [()]
+
+
+class _Mirrored(torch.nn.Module):
+    """The wrapped model, shown every input mirrored along one spatial axis."""
+
+    def __init__(self, model: torch.nn.Module, axis: int):
+        super().__init__()
+        self.model, self.axis = model, axis
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        return self.model(pixel_values.flip(self.axis + 2), **kwargs)
+
+
+def test_test_time_flips_average_exactly_the_label_safe_views(tmp_path):
+    torch.manual_seed(0)
+    names = ["breastmnist", "retinamnist"]
+    config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={name: CATALOGUE[name].task_spec() for name in names})
+    model = MedformerForMultiTask(config).eval()
+    processor = MedformerImageProcessor.from_model_config(config)
+    accelerator = Accelerator(cpu=True)
+
+    def scores(model: torch.nn.Module, name: str, test_time_flips: bool) -> np.ndarray:
+        data = build_multitask_dataset([name], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
+        collator = MedformerCollator(data, processor, names)
+        return predict(accelerator, model, data, collator, name, 64, test_time_flips)[0]
+
+    plain, averaged = scores(model, "breastmnist", False), scores(model, "breastmnist", True)
+    mirrored = scores(_Mirrored(model, axis=1), "breastmnist", False)
+    assert np.abs(plain - mirrored).max() > 1e-3  # an untrained model is not mirror-invariant
+    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)  # BreastMNIST: left/right flips only
+    np.testing.assert_allclose(scores(_Mirrored(model, axis=1), "breastmnist", True), averaged, atol=1e-6)
+    # Fundus grades are not mirror-safe: one view, the plain scores.
+    np.testing.assert_array_equal(scores(model, "retinamnist", True), scores(model, "retinamnist", False))
 
 
 def test_shift_and_jitter_keep_shape_and_change_pixels():

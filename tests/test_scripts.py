@@ -20,6 +20,7 @@ from .conftest import DATA_DIR, REPO_ROOT
 from .test_remote_code import run_without_the_package
 
 EXAMPLES = REPO_ROOT / "examples"
+RELEASED = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
 DATASETS = ["breastmnist", "vesselmnist3d"]
 SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
 
@@ -134,6 +135,15 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == {
         name: {"acc": round(values["acc"], 4), "auc": round(values["auc"], 4)} for name, values in metrics.items()
     }
+    # Test-time flips go next to the model, leaving its single-view metrics and card as they were.
+    card = (finetuned / "README.md").read_text()
+    checked(
+        run_script(workdir, "evaluate.py", "--model", str(finetuned), "--data_dir", str(DATA_DIR), "--test_time_flips")
+    )
+    flipped = json.loads((finetuned / "test_time_flips" / "metrics.json").read_text())
+    assert flipped["test_time_flips"] and flipped["metrics"]["breastmnist"]["samples"] == 156
+    assert flipped["metrics"] != metrics and json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
+    assert (finetuned / "README.md").read_text() == card
     # The exported folder loads where medformer_hf cannot be imported.
     pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
     loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
@@ -311,6 +321,11 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--ssl_loss_weights", "view_agreement=x"], "with a number"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
+        (
+            "evaluate.py",
+            ["--model", str(RELEASED), "--data_dir", str(DATA_DIR), "--test_time_flips", "--output_dir", str(RELEASED)],
+            "--test_time_flips would overwrite the model folder's single-view metrics",
+        ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
         (
             "finetune.py",

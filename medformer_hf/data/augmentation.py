@@ -7,6 +7,7 @@ they keep the label (never for left/right organ labels, never for ordinal fundus
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,11 @@ class AugmentationPolicy:
     rotate_90: bool = False
     max_shift: int = 2
     intensity_jitter: float = 0.1
+
+    def flip_combinations(self) -> list[tuple[int, ...]]:
+        """Every set of the allowed flip axes, the identity `()` first: the views of test-time flip averaging."""
+        axes = self.flip_axes
+        return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
 
 
 def augment(pixel_values: torch.Tensor, policy: AugmentationPolicy) -> torch.Tensor:
