@@ -101,8 +101,20 @@ def main() -> None:
                 save_confusion_matrix(
                     labels, scores.argmax(1), list(CATALOGUE[name].labels), path, f"{name} {args.split}"
                 )
+        recorded = Path(args.model, "metrics.json")
         if args.output_dir == Path(args.model):
             write_model_card(args.model, metrics=metrics, datasets=args.datasets, tasks=task_names, split=args.split)
+        elif args.output_dir == Path(args.model, "test_time_flips") and recorded.is_file():
+            single_view = json.loads(recorded.read_text())  # the card keeps these and adds the flip-averaged table
+            if single_view["split"] == args.split:
+                single_view_metrics = single_view["metrics"]
+                write_model_card(
+                    args.model,
+                    metrics=single_view_metrics,
+                    datasets=list(single_view_metrics),
+                    tasks=task_names,
+                    split=args.split,
+                )
         print(table)
         print(f"metrics, table and confusion matrices in {args.output_dir.resolve()}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def write_model_card(
     )
     evaluation = (
         f"Metrics with the MedMNIST evaluator's definitions ({split} split):\n\n{metrics_table(metrics, split)}"
+        + _test_time_flips_section(Path(folder), split)
         if metrics
         else "Not evaluated yet: run `examples/evaluate.py --model <this folder>` to fill this section."
         if tasks
@@ -94,6 +96,19 @@ def write_model_card(
     card.save(partial)
     os.replace(partial, Path(folder) / "README.md")  # a kill mid-write keeps the previous card
     return card
+
+
+def _test_time_flips_section(folder: Path, split: str) -> str:
+    """The table `evaluate.py --test_time_flips` recorded in `folder/test_time_flips`, if it is of the same split."""
+    path = folder / "test_time_flips" / "metrics.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if record.get("split") != split:
+        return ""
+    return (
+        "\n\nThe same, with each set's probabilities averaged over the flips that keep its label "
+        "(`examples/evaluate.py --test_time_flips`; the metadata above holds the single-view figures):\n\n"
+        + metrics_table(record["metrics"], split)
+    )
 
 
 def _previous_section(card_path: Path, heading: str) -> str:
