@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import find_local
-from medformer_hf.hub import metrics_table, write_model_card
+from medformer_hf.hub import TEST_TIME_FLIPS_FOLDER, metrics_table, write_model_card
 from medformer_hf.training import evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
 
@@ -59,13 +59,27 @@ def parse_args() -> argparse.Namespace:
             if missing
             else f"none of the model's tasks {list(tasks)} has a MedMNIST file in {args.data_dir}; pass --datasets."
         )
-    args.output_dir = Path(args.output_dir or Path(args.model, "test_time_flips" if args.test_time_flips else ""))
-    if args.test_time_flips and args.output_dir.resolve() == Path(args.model).resolve():
+    flips_folder = Path(args.model, TEST_TIME_FLIPS_FOLDER).resolve()
+    args.output_dir = Path(args.output_dir or (flips_folder if args.test_time_flips else args.model)).resolve()
+    if args.test_time_flips and args.output_dir == Path(args.model).resolve():
         parser.error(
             "--test_time_flips would overwrite the model folder's single-view metrics and model card; "
-            "leave --output_dir out (then <model>/test_time_flips) or pass another folder."
+            f"leave --output_dir out (then <model>/{TEST_TIME_FLIPS_FOLDER}) or pass another folder."
         )
+    if not args.test_time_flips and args.output_dir == flips_folder:
+        parser.error(f"<model>/{TEST_TIME_FLIPS_FOLDER} holds flip-averaged metrics; add --test_time_flips.")
     return args
+
+
+def update_card_with_flips(model: str, split: str, task_names: list[str]) -> None:
+    """Re-write the card from the folder's single-view metrics; it then adds the flip-averaged table beside them."""
+    recorded = Path(model, "metrics.json")
+    single_view = json.loads(recorded.read_text()) if recorded.is_file() else {}
+    if single_view.get("split") != split:
+        print(f"model card not updated: {recorded} holds no {split} metrics (run evaluate.py without the flips first)")
+        return
+    metrics = single_view["metrics"]
+    write_model_card(model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=split)
 
 
 def main() -> None:
@@ -98,25 +112,15 @@ def main() -> None:
         for name, (scores, labels) in predictions.items():
             if CATALOGUE[name].task_type != "multilabel":
                 path = args.output_dir / "confusion_matrices" / f"{name}_{args.split}.png"
-                save_confusion_matrix(
-                    labels, scores.argmax(1), list(CATALOGUE[name].labels), path, f"{name} {args.split}"
-                )
-        recorded = Path(args.model, "metrics.json")
-        if args.output_dir == Path(args.model):
+                title = f"{name} {args.split}{' (flips)' if args.test_time_flips else ''}"
+                save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
+        model_folder = Path(args.model).resolve()
+        if args.output_dir == model_folder:
             write_model_card(args.model, metrics=metrics, datasets=args.datasets, tasks=task_names, split=args.split)
-        elif args.output_dir == Path(args.model, "test_time_flips") and recorded.is_file():
-            single_view = json.loads(recorded.read_text())  # the card keeps these and adds the flip-averaged table
-            if single_view["split"] == args.split:
-                single_view_metrics = single_view["metrics"]
-                write_model_card(
-                    args.model,
-                    metrics=single_view_metrics,
-                    datasets=list(single_view_metrics),
-                    tasks=task_names,
-                    split=args.split,
-                )
+        elif args.output_dir == model_folder / TEST_TIME_FLIPS_FOLDER:
+            update_card_with_flips(args.model, args.split, task_names)
         print(table)
-        print(f"metrics, table and confusion matrices in {args.output_dir.resolve()}")
+        print(f"metrics, table and confusion matrices in {args.output_dir}")
 
 
 if __name__ == "__main__":

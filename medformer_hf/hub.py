@@ -14,7 +14,18 @@ from .data.catalogue import BEST_PUBLISHED_28, RESNET18_BASELINES
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 # Training leftovers that never go to the Hub.
-UPLOAD_IGNORE = ["checkpoints/*", "runs/*", "*.tmp", ".*", "**/.*", "reconstructions/*", "confusion_matrices/*"]
+UPLOAD_IGNORE = [
+    "checkpoints/*",
+    "runs/*",
+    "*.tmp",
+    ".*",
+    "**/.*",
+    "reconstructions/*",
+    "confusion_matrices/*",
+    "**/confusion_matrices/*",
+]
+# Where `evaluate.py --test_time_flips` records its metrics, beside the model's single-view ones.
+TEST_TIME_FLIPS_FOLDER = "test_time_flips"
 
 
 class HubError(RuntimeError):
@@ -99,10 +110,10 @@ def write_model_card(
 
 
 def _test_time_flips_section(folder: Path, split: str) -> str:
-    """The table `evaluate.py --test_time_flips` recorded in `folder/test_time_flips`, if it is of the same split."""
-    path = folder / "test_time_flips" / "metrics.json"
+    """The table `evaluate.py --test_time_flips` recorded beside the model, if it is flip-averaged and of `split`."""
+    path = folder / TEST_TIME_FLIPS_FOLDER / "metrics.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
-    if record.get("split") != split:
+    if record.get("split") != split or not record.get("test_time_flips"):
         return ""
     return (
         "\n\nThe same, with each set's probabilities averaged over the flips that keep its label "

@@ -24,6 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
+from .hub import TEST_TIME_FLIPS_FOLDER
 from .metrics import medmnist_metrics
 from .modeling_medformer import task_probabilities
 
@@ -398,7 +399,7 @@ def exported_state_dict(
 
 
 # Files of a model folder that describe the weights they were written with (the card, evaluate.py's test metrics).
-DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md")
+DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md", TEST_TIME_FLIPS_FOLDER)
 
 
 def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -416,8 +417,13 @@ def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]
     write(partial)
     (folder / "config.json").unlink(missing_ok=True)
     for name in DESCRIBES_OLD_WEIGHTS:  # an earlier card or test metrics must not sit beside new weights
-        if not (partial / name).exists():
-            (folder / name).unlink(missing_ok=True)
+        old = folder / name
+        if (partial / name).exists():
+            continue
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
     for entry in sorted(partial.iterdir(), key=lambda entry: entry.name == "config.json"):  # config.json last
         target = folder / entry.name
         if target.is_dir():
@@ -515,20 +521,15 @@ def predict(
     # On a terminal only (disable=None): in a log file the nested bar's cursor codes would garble the lines around it.
     bar = None if accelerator.is_main_process else True
     for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=bar):
-        probabilities = torch.stack(
-            [
-                task_probabilities(
-                    model(
-                        batch["pixel_values"].flip([axis + 2 for axis in axes]),
-                        task=task,
-                        modality_ids=batch["modality_ids"],
-                        body_part_ids=batch["body_part_ids"],
-                    ).logits.float(),
-                    task_type,
-                )
-                for axes in flips
-            ]
-        ).mean(0)
+        probabilities = 0
+        for axes in flips:  # probabilities, not logits, are averaged: each view is one calibrated guess
+            logits = model(
+                batch["pixel_values"].flip([axis + 2 for axis in axes]),
+                task=task,
+                modality_ids=batch["modality_ids"],
+                body_part_ids=batch["body_part_ids"],
+            ).logits
+            probabilities = probabilities + task_probabilities(logits.float(), task_type) / len(flips)
         gathered = accelerator.gather_for_metrics((probabilities, batch["labels"]))
         scores.append(gathered[0].cpu().numpy())
         labels.append(gathered[1].cpu().numpy())

@@ -67,35 +67,41 @@ def test_flip_combinations_are_every_subset_of_the_safe_axes_identity_first():
     assert CATALOGUE["organmnist3d"].augmentation.flip_combinations() == [()]
 
 
-class _Mirrored(torch.nn.Module):
-    """The wrapped model, shown every input mirrored along one spatial axis."""
+class _Viewed(torch.nn.Module):
+    """The wrapped model shown each input flipped along `axes` (spatial), its logits scaled (far from 0, so that
+    averaging logits instead of probabilities would show)."""
 
-    def __init__(self, model: torch.nn.Module, axis: int):
+    def __init__(self, model: torch.nn.Module, axes: tuple[int, ...] = (), logit_scale: float = 5.0):
         super().__init__()
-        self.model, self.axis = model, axis
+        self.model, self.axes, self.logit_scale = model, axes, logit_scale
 
     def forward(self, pixel_values: torch.Tensor, **kwargs):
-        return self.model(pixel_values.flip(self.axis + 2), **kwargs)
+        output = self.model(pixel_values.flip([axis + 2 for axis in self.axes]), **kwargs)
+        output.logits = output.logits * self.logit_scale
+        return output
 
 
-def test_test_time_flips_average_exactly_the_label_safe_views(tmp_path):
+@pytest.mark.parametrize("name", ["breastmnist", "nodulemnist3d"])
+def test_test_time_flips_average_the_probabilities_of_exactly_the_label_safe_views(name, tmp_path):
     torch.manual_seed(0)
-    names = ["breastmnist", "retinamnist"]
-    config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={name: CATALOGUE[name].task_spec() for name in names})
+    names = [name, "retinamnist"]
+    config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={task: CATALOGUE[task].task_spec() for task in names})
     model = MedformerForMultiTask(config).eval()
     processor = MedformerImageProcessor.from_model_config(config)
     accelerator = Accelerator(cpu=True)
 
-    def scores(model: torch.nn.Module, name: str, test_time_flips: bool) -> np.ndarray:
-        data = build_multitask_dataset([name], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
+    def scores(model: torch.nn.Module, task: str, test_time_flips: bool) -> np.ndarray:
+        data = build_multitask_dataset([task], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
         collator = MedformerCollator(data, processor, names)
-        return predict(accelerator, model, data, collator, name, 64, test_time_flips)[0]
+        return predict(accelerator, model, data, collator, task, 64, test_time_flips)[0]
 
-    plain, averaged = scores(model, "breastmnist", False), scores(model, "breastmnist", True)
-    mirrored = scores(_Mirrored(model, axis=1), "breastmnist", False)
-    assert np.abs(plain - mirrored).max() > 1e-3  # an untrained model is not mirror-invariant
-    np.testing.assert_allclose(averaged, (plain + mirrored) / 2, atol=1e-6)  # BreastMNIST: left/right flips only
-    np.testing.assert_allclose(scores(_Mirrored(model, axis=1), "breastmnist", True), averaged, atol=1e-6)
+    combinations = CATALOGUE[name].augmentation.flip_combinations()  # BreastMNIST 2 views, NoduleMNIST3D 8
+    views = [scores(_Viewed(model, axes), name, False) for axes in combinations]
+    averaged = scores(_Viewed(model), name, True)
+    assert np.abs(views[0] - views[-1]).max() > 1e-3  # an untrained model is not flip-invariant
+    np.testing.assert_allclose(averaged, np.mean(views, axis=0), atol=1e-6)
+    # The views are closed under each safe flip: a flipped input gives the same average.
+    np.testing.assert_allclose(scores(_Viewed(model, combinations[-1]), name, True), averaged, atol=1e-6)
     # Fundus grades are not mirror-safe: one view, the plain scores.
     np.testing.assert_array_equal(scores(model, "retinamnist", True), scores(model, "retinamnist", False))
 

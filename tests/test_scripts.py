@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from .conftest import DATA_DIR, REPO_ROOT
 from .test_remote_code import run_without_the_package
 
 EXAMPLES = REPO_ROOT / "examples"
-RELEASED = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
 DATASETS = ["breastmnist", "vesselmnist3d"]
 SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
 
@@ -322,11 +322,6 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--ssl_loss_weights", "view_agreement=x"], "with a number"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
-        (
-            "evaluate.py",
-            ["--model", str(RELEASED), "--data_dir", str(DATA_DIR), "--test_time_flips", "--output_dir", str(RELEASED)],
-            "--test_time_flips would overwrite the model folder's single-view metrics",
-        ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
         (
             "finetune.py",
@@ -351,6 +346,23 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, argument
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
     assert time.time() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--test_time_flips", "--output_dir", "{model}"], "--test_time_flips would overwrite the model folder's"),
+        (["--output_dir", "{model}/test_time_flips"], "holds flip-averaged metrics; add --test_time_flips"),
+    ],
+)
+def test_single_view_and_flip_averaged_metrics_never_overwrite_each_other(tmp_path, flags, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
+    arguments = [flag.format(model=model) for flag in flags]
+    result = run_script(tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR), *arguments)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert sorted(path.name for path in model.iterdir()) == ["config.json"]
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py"])
