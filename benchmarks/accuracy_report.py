@@ -19,7 +19,11 @@ import numpy as np
 
 from medformer_hf.data import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES, TaskBatchSampler, local_datasets
 
-RUNS = {"SSL + multi-task": "multitask_ssl", "multi-task, scratch": "multitask_scratch"}
+RUNS = {
+    "SSL + multi-task": "multitask_ssl",
+    "SSL + multi-task, test-time flips": "multitask_ssl/test_time_flips",
+    "multi-task, scratch": "multitask_scratch",
+}
 
 
 def single_task_steps(data_dir: Path, epochs: float, alpha: float, batch_size: int = 64) -> dict[str, int]:

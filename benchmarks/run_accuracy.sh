@@ -6,7 +6,8 @@
 # 2. multi-task fine-tuning from it, and the same from scratch with the same budget (what SSL adds); the SSL run is
 #    the released checkpoint (checkpoints/medformer-small-medmnist)
 # 3. single-task from scratch on each set, with the batches that set gets in the multi-task run (what sharing adds)
-# 4. test-split evaluation of every model (checkpoints chosen on validation only), then the table (accuracy.md)
+# 4. test-split evaluation of every model (checkpoints chosen on validation only; the SSL run also with test-time
+#    flips), then the table (accuracy.md)
 set -euo pipefail
 DATA=${1:-../shared/data/medmnist}
 OUT=${2:-outputs/accuracy}
@@ -28,6 +29,8 @@ for init in ssl scratch; do
     --sampling_alpha "$ALPHA" --checkpointing_steps 250 --output_dir "$run" $FINETUNE_FLAGS
   "${LAUNCH[@]}" examples/evaluate.py --model "$run" --data_dir "$DATA"
 done
+[ -f "$OUT/multitask_ssl/test_time_flips/metrics.json" ] ||  # the released run also averaged over label-safe flips
+  "${LAUNCH[@]}" examples/evaluate.py --model "$OUT/multitask_ssl" --data_dir "$DATA" --test_time_flips
 while read -r name steps <&3; do  # fd 3: the runs below must not eat the list on stdin
   run="$OUT/single_task/$name"
   [ -f "$run/metrics.json" ] && continue
