@@ -2,11 +2,13 @@
 
     accelerate launch examples/evaluate.py --model outputs/finetune --data_dir ../shared/data/medmnist
 
-Writes metrics.json, metrics.md (next to MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir
-(default: the model folder), and the metrics into the folder's model card (README.md, with a `model-index`).
-Every test sample is counted exactly once, also across processes. `--test_time_flips` averages each task's
-probabilities over the flips its catalogue entry declares label-safe; those metrics go to
-<model>/test_time_flips/ by default, so the model card keeps the single-view numbers a plain forward pass gives.
+Writes metrics.json, metrics.md (next to MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir,
+by default into the model folder, each evaluation to its own place so none overwrites another: the test split into the
+folder itself and its model card (README.md, with a `model-index`), `--split validation` into <model>/validation/,
+`--test_time_flips` (each task's probabilities averaged over the flips its catalogue entry declares label-safe) into
+<model>/test_time_flips/, and the card keeps the single-view numbers a plain forward pass gives. Evaluating some of
+the model's sets (--datasets) there updates theirs and keeps the others'. Every sample is counted exactly once, also
+across processes.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from accelerate import Accelerator
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import find_local
-from medformer_hf.hub import TEST_TIME_FLIPS_FOLDER, metrics_table, write_model_card
+from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
 from medformer_hf.training import evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
 
@@ -30,7 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="folder written by finetune.py (or any multi-task checkpoint)")
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
     parser.add_argument("--datasets", nargs="+", help="default: every task of the model")
-    parser.add_argument("--split", choices=["test", "validation"], default="test")
+    parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
@@ -38,7 +40,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="average over every combination of the task's label-safe flips (catalogue), e.g. 8 views of a nodule",
     )
-    parser.add_argument("--output_dir", help="default: the model folder (<model>/test_time_flips with that flag)")
+    parser.add_argument(
+        "--output_dir",
+        help="default: the model folder for the test split, <model>/validation for that split, both under "
+        "<model>/test_time_flips with that flag",
+    )
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
@@ -59,15 +65,17 @@ def parse_args() -> argparse.Namespace:
             if missing
             else f"none of the model's tasks {list(tasks)} has a MedMNIST file in {args.data_dir}; pass --datasets."
         )
-    flips_folder = Path(args.model, TEST_TIME_FLIPS_FOLDER).resolve()
-    args.output_dir = Path(args.output_dir or (flips_folder if args.test_time_flips else args.model)).resolve()
-    if args.test_time_flips and args.output_dir == Path(args.model).resolve():
-        parser.error(
-            "--test_time_flips would overwrite the model folder's single-view metrics and model card; "
-            f"leave --output_dir out (then <model>/{TEST_TIME_FLIPS_FOLDER}) or pass another folder."
-        )
-    if not args.test_time_flips and args.output_dir == flips_folder:
-        parser.error(f"<model>/{TEST_TIME_FLIPS_FOLDER} holds flip-averaged metrics; add --test_time_flips.")
+    model_folder = Path(args.model).resolve()
+    default = evaluation_folder(model_folder, args.split, args.test_time_flips)
+    args.output_dir = Path(args.output_dir).resolve() if args.output_dir else default
+    for split in EVALUATION_SPLITS:  # the model's own records of other evaluations are not overwritten
+        for flips in (False, True):
+            if args.output_dir == evaluation_folder(model_folder, split, flips) != default:
+                parser.error(
+                    f"--output_dir {args.output_dir} holds the model's {split}-split metrics"
+                    f"{', averaged over flips' if flips else ''}; leave --output_dir out (then {default}) or pass "
+                    "another folder."
+                )
     return args
 
 
@@ -80,6 +88,13 @@ def update_card_with_flips(model: str, split: str, task_names: list[str]) -> Non
         return
     metrics = single_view["metrics"]
     write_model_card(model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=split)
+
+
+def recorded_metrics(folder: Path, task_names: list[str]) -> dict[str, dict[str, float]]:
+    """The per-set metrics an earlier evaluation recorded in one of the model's own folders, for sets it still has."""
+    path = folder / "metrics.json"
+    recorded = json.loads(path.read_text())["metrics"] if path.is_file() else {}
+    return {name: values for name, values in recorded.items() if name in task_names}
 
 
 def main() -> None:
@@ -104,6 +119,9 @@ def main() -> None:
 
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
+        model_folder = Path(args.model).resolve()
+        if args.output_dir == evaluation_folder(model_folder, args.split, args.test_time_flips):
+            metrics = {**recorded_metrics(args.output_dir, task_names), **metrics}  # keep the sets not evaluated now
         record = {"split": args.split, "test_time_flips": args.test_time_flips, "metrics": metrics}
         (args.output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
         table = metrics_table(metrics, args.split)
@@ -114,10 +132,9 @@ def main() -> None:
                 path = args.output_dir / "confusion_matrices" / f"{name}_{args.split}.png"
                 title = f"{name} {args.split}{' (flips)' if args.test_time_flips else ''}"
                 save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
-        model_folder = Path(args.model).resolve()
-        if args.output_dir == model_folder:
-            write_model_card(args.model, metrics=metrics, datasets=args.datasets, tasks=task_names, split=args.split)
-        elif args.output_dir == model_folder / TEST_TIME_FLIPS_FOLDER:
+        if args.output_dir == evaluation_folder(model_folder, "test", test_time_flips=False):
+            write_model_card(args.model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=args.split)
+        elif args.output_dir == evaluation_folder(model_folder, "test", test_time_flips=True):
             update_card_with_flips(args.model, args.split, task_names)
         print(table)
         print(f"metrics, table and confusion matrices in {args.output_dir}")

@@ -70,12 +70,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--train",
-        choices=["all", "new_heads", "new_heads_and_output", "new_heads_and_adapters"],
+        choices=["all", "output_and_heads", "new_heads", "new_heads_and_output", "new_heads_and_adapters"],
         default="all",
-        help="what trains: everything; only the heads of --datasets sets the --init_from checkpoint lacks; those "
-        "heads plus an Output Adaptformer of their own (a copy of the shared one); or also low-rank adapters on the "
-        "Main Body used only for their samples (--adapter_rank). All but 'all' freeze everything the checkpoint had, "
-        "so its tasks' weights stay bit-identical",
+        help="what trains: everything; the Output Adaptformer and the task heads on a frozen encoder (Input "
+        "Adaptformer + Main Body of --init_from: attentive probing of a pre-training, for few labels); only the heads "
+        "of --datasets sets the --init_from checkpoint lacks; those heads plus an Output Adaptformer of their own (a "
+        "copy of the shared one); or also low-rank adapters on the Main Body used only for their samples "
+        "(--adapter_rank). The new_heads* choices freeze everything the checkpoint had, so its tasks' weights stay "
+        "bit-identical",
     )
     parser.add_argument("--adapter_rank", type=int, help="LoRA rank of --train new_heads_and_adapters (default 8)")
     parser.add_argument(
@@ -100,8 +102,8 @@ def parse_args() -> argparse.Namespace:
     args.adapter_rank = 8 if args.adapter_rank is None else args.adapter_rank
     if args.adapter_rank < 1:
         parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
-    if args.layer_decay < 1.0 and args.train in ("new_heads", "new_heads_and_output"):
-        parser.error(f"--layer_decay changes nothing with --train {args.train} (only the new heads train); drop it.")
+    if args.layer_decay < 1.0 and args.train in ("output_and_heads", "new_heads", "new_heads_and_output"):
+        parser.error(f"--layer_decay changes nothing with --train {args.train} (the encoder is frozen); drop it.")
     if args.init_from is not None:
         given = [f"--{name}" for name in MODEL_FLAGS if getattr(args, name) != parser.get_default(name)]
         if given:
@@ -110,7 +112,7 @@ def parse_args() -> argparse.Namespace:
                 "own architecture: drop them."
             )
     if args.train != "all" and args.init_from is None:
-        parser.error(f"--train {args.train} grows a trained checkpoint: pass --init_from <folder>.")
+        parser.error(f"--train {args.train} freezes a trained checkpoint's encoder: pass --init_from <folder>.")
     check_common_arguments(parser, args)
     return args
 
@@ -138,7 +140,15 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
             adapt_input=args.adapt_input,
             **tasks[name],
         )
-    if args.train != "all":
+    if args.train == "output_and_heads":
+        frozen_missing = [key for key in loading["missing_keys"] if key.startswith("medformer.")]
+        if frozen_missing:
+            raise SystemExit(
+                f"--train output_and_heads would freeze weights {args.init_from} lacks: {frozen_missing[:3]}"
+            )
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = not name.startswith("medformer.")
+    elif args.train != "all":
         if len(new_tasks) < len(tasks):
             raise SystemExit(
                 f"--train {args.train} freezes the heads {args.init_from} has, so "

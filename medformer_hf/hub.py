@@ -26,6 +26,16 @@ UPLOAD_IGNORE = [
 ]
 # Where `evaluate.py --test_time_flips` records its metrics, beside the model's single-view ones.
 TEST_TIME_FLIPS_FOLDER = "test_time_flips"
+# Splits `evaluate.py` evaluates; the test split's single-view metrics are the model folder's own (and its card's).
+EVALUATION_SPLITS = ("test", "validation")
+
+
+def evaluation_folder(model_folder: str | os.PathLike, split: str, test_time_flips: bool) -> Path:
+    """Where `evaluate.py` records a split's metrics inside a model folder, so no evaluation overwrites another's:
+    the test split in the folder itself (they fill the model card), flip-averaged ones in `test_time_flips/`, and
+    another split in a subfolder named after it (`validation/`, `test_time_flips/validation/`)."""
+    folder = Path(model_folder) / TEST_TIME_FLIPS_FOLDER if test_time_flips else Path(model_folder)
+    return folder if split == "test" else folder / split
 
 
 class HubError(RuntimeError):

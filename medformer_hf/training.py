@@ -24,7 +24,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
-from .hub import TEST_TIME_FLIPS_FOLDER
+from .hub import EVALUATION_SPLITS, TEST_TIME_FLIPS_FOLDER
 from .metrics import medmnist_metrics
 from .modeling_medformer import task_probabilities
 
@@ -398,8 +398,10 @@ def exported_state_dict(
     return None if ema is not None else accelerator.get_state_dict(model)
 
 
-# Files of a model folder that describe the weights they were written with (the card, evaluate.py's test metrics).
-DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md", TEST_TIME_FLIPS_FOLDER)
+# Files of a model folder that describe the weights they were written with (the card, evaluate.py's metrics).
+DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md", TEST_TIME_FLIPS_FOLDER) + tuple(
+    split for split in EVALUATION_SPLITS if split != "test"
+)
 
 
 def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:

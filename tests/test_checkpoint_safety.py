@@ -121,11 +121,12 @@ def test_an_export_killed_while_writing_keeps_the_previous_model(tmp_path):
 def test_new_weights_never_sit_beside_the_test_metrics_of_old_ones(tmp_path):
     _export(tmp_path, "first")
     (tmp_path / "metrics.json").write_text("test metrics of the first weights")
-    (tmp_path / "test_time_flips").mkdir()
-    (tmp_path / "test_time_flips" / "metrics.json").write_text("flip-averaged metrics of the first weights")
+    for folder in ("test_time_flips", "validation"):  # evaluate.py's other records (flip-averaged, other splits)
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "metrics.json").write_text(f"{folder} metrics of the first weights")
     export_model_folder(tmp_path, lambda partial: (partial / "config.json").write_text("second"))
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "README.md").exists()
-    assert not (tmp_path / "test_time_flips").exists()
+    assert not (tmp_path / "test_time_flips").exists() and not (tmp_path / "validation").exists()
 
 
 def test_an_export_killed_while_moving_files_leaves_no_loadable_model(tmp_path, monkeypatch):

@@ -145,6 +145,25 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert flipped["metrics"] != metrics and json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
     assert "`examples/evaluate.py --test_time_flips`" in (finetuned / "README.md").read_text()
+    # The validation split goes to <model>/validation/; re-evaluating one set on test updates it and keeps the other.
+    for split in ("validation", "test"):
+        checked(
+            run_script(
+                workdir,
+                "evaluate.py",
+                "--model",
+                str(finetuned),
+                "--data_dir",
+                str(DATA_DIR),
+                "--split",
+                split,
+                "--datasets",
+                "breastmnist",
+            )
+        )
+    assert set(json.loads((finetuned / "validation" / "metrics.json").read_text())["metrics"]) == {"breastmnist"}
+    assert json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
+    assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
     # The exported folder loads where medformer_hf cannot be imported.
     pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
     loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
@@ -351,11 +370,13 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, argument
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--test_time_flips", "--output_dir", "{model}"], "--test_time_flips would overwrite the model folder's"),
-        (["--output_dir", "{model}/test_time_flips"], "holds flip-averaged metrics; add --test_time_flips"),
+        (["--test_time_flips", "--output_dir", "{model}"], "holds the model's test-split metrics; leave"),
+        (["--output_dir", "{model}/test_time_flips"], "holds the model's test-split metrics, averaged over flips"),
+        (["--split", "validation", "--output_dir", "{model}"], "holds the model's test-split metrics; leave"),
+        (["--output_dir", "{model}/validation"], "holds the model's validation-split metrics; leave"),
     ],
 )
-def test_single_view_and_flip_averaged_metrics_never_overwrite_each_other(tmp_path, flags, message):
+def test_evaluations_never_overwrite_each_other(tmp_path, flags, message):
     model = tmp_path / "model"
     model.mkdir()
     shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
