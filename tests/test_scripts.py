@@ -170,6 +170,26 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert loaded["class"] == "MedformerModel" and loaded["output"].shape[0] == 2
 
 
+def test_attentive_probing_trains_the_output_and_heads_on_the_frozen_pre_trained_encoder(pretrained, tmp_path):
+    """`--train output_and_heads` from an SSL checkpoint (which has no Output Adaptformer): the encoder stays the
+    pre-training's, bit for bit, while the Output Adaptformer and the heads train."""
+    probed = tmp_path / "probed"
+    checked(
+        run_script(
+            *(tmp_path, "finetune.py", *SMALL_RUN, "--init_from", str(pretrained), "--train", "output_and_heads"),
+            *("--max_steps", "2", "--checkpointing_steps", "1", "--ema_decay", "0", "--output_dir", str(probed)),
+        )
+    )
+    pre_trained = load_file(pretrained / "model.safetensors")
+    first, second = (load_file(probed / "checkpoints" / f"step_{step:08d}" / "model.safetensors") for step in (1, 2))
+    encoder = [key for key in second if key.startswith("medformer.")]
+    assert encoder and all(torch.equal(second[key], pre_trained[key]) for key in encoder)
+    trained = [key for key in second if key.startswith(("output_adaptformer.", "task_heads."))]
+    assert trained and all(key not in encoder for key in trained)
+    assert any(not torch.equal(first[key], second[key]) for key in trained if key.startswith("output_adaptformer."))
+    assert any(not torch.equal(first[key], second[key]) for key in trained if key.startswith("task_heads."))
+
+
 def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(workdir, tmp_path):
     """`--train new_heads` on a set the checkpoint lacks: old tasks bit-identical, ids appended, a before/after report;
     then evaluate.py on a folder of files without the new set evaluates what it finds and says what it skipped."""
