@@ -147,20 +147,17 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert "`examples/evaluate.py --test_time_flips`" in (finetuned / "README.md").read_text()
     # The validation split goes to <model>/validation/; re-evaluating one set on test updates it and keeps the other.
     for split in ("validation", "test"):
-        checked(
-            run_script(
-                workdir,
-                "evaluate.py",
-                "--model",
-                str(finetuned),
-                "--data_dir",
-                str(DATA_DIR),
-                "--split",
-                split,
-                "--datasets",
-                "breastmnist",
-            )
+        arguments = (
+            "--model",
+            str(finetuned),
+            "--data_dir",
+            str(DATA_DIR),
+            "--split",
+            split,
+            "--datasets",
+            "breastmnist",
         )
+        checked(run_script(workdir, "evaluate.py", *arguments))
     assert set(json.loads((finetuned / "validation" / "metrics.json").read_text())["metrics"]) == {"breastmnist"}
     assert json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
