@@ -464,6 +464,11 @@ def to_unit_range(
     pixels = pixels.to(torch.float32)
     if source_dtype.kind == "f" and not torch.isfinite(pixels).all():
         raise ValueError("Image contains NaN or inf values; clean it (e.g. np.nan_to_num) before processing.")
+    if window is not None and source_dtype in (np.dtype("uint8"), np.dtype("bool")):
+        raise ValueError(
+            f"window= maps Hounsfield units, but this is a {source_dtype} image: display values, windowed already "
+            "(as MedMNIST's are). Drop window= here, or pass the original CT values (e.g. from load_dicom)."
+        )
     if window is not None:
         level, width = CT_WINDOWS[window] if isinstance(window, str) else window
         low, high = level - width / 2, level + width / 2

@@ -326,6 +326,45 @@ def check_inputs(
     )
 
 
+def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_names: list[str]) -> torch.Tensor:
+    """Check the batch is the kind of image each task was trained on (`spatial_dims` / `num_channels` of its
+    `config.tasks` entry, where recorded) and raise an error naming the mismatch otherwise. A grayscale image given
+    as three identical channels (what RGB loaders, such as transformers' pipelines, make of one) is passed on as the
+    one channel it is: nothing is lost."""
+    if pixel_values.ndim not in (4, 5):
+        return pixel_values  # check_inputs names the problem
+    dims = pixel_values.ndim - 2
+    for name in task_names:
+        spec = config.tasks[name]
+        if spec.get("spatial_dims") is None:
+            continue
+        if spec["spatial_dims"] != dims:
+            hint = (
+                "a stack of 2D images? Pass them as a list to the image processor (or spatial_dims=2)"
+                if dims == 3
+                else "pass the whole volume (the image processor: spatial_dims=3)"
+            )
+            raise ValueError(
+                f"Task {name!r} was trained on {spec['spatial_dims']}D images, got a {dims}D batch of shape "
+                f"{tuple(pixel_values.shape)}: {hint}."
+            )
+        channels = pixel_values.shape[1]
+        if channels == 3 and spec["num_channels"] == 1 and (pixel_values == pixel_values[:, :1]).all():
+            pixel_values = pixel_values[:, :1]
+        elif channels != spec["num_channels"]:
+            kind = {1: "grayscale (1-channel)", 3: "RGB (3-channel)"}.get(spec["num_channels"])
+            raise ValueError(
+                f"Task {name!r} was trained on {kind or spec['num_channels']} images, got a {channels}-channel batch"
+                + (
+                    " whose channels differ: convert the image to grayscale (PIL: .convert('L'))"
+                    if channels == 3
+                    else ""
+                )
+                + "."
+            )
+    return pixel_values
+
+
 def require_label_rows(labels: Any, batch_size: int) -> None:
     """Labels must be a tensor with one row per image."""
     if not isinstance(labels, torch.Tensor):
@@ -404,12 +443,18 @@ def task_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
-def task_probabilities(logits: torch.Tensor, task_type: str) -> torch.Tensor:
+def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | None = None) -> torch.Tensor:
     """Per-class scores of a task's raw logits, as MedMNIST's evaluator reads them.
 
     multiclass: softmax; binary: `[1 - p, p]`; ordinal: class probabilities from the cumulative logits;
-    multilabel: per-label sigmoid; regression: the logits themselves.
+    multilabel: per-label sigmoid; regression: the logits themselves. `num_labels` (the task's), when given, is
+    checked against the logits' width, so a binary task read as multiclass fails instead of scoring 1.0 everywhere.
     """
+    if num_labels is not None and logits.shape[-1] != num_task_outputs(task_type, num_labels):
+        raise ValueError(
+            f"A {task_type} task of {num_labels} labels has {num_task_outputs(task_type, num_labels)} logits, got "
+            f"{logits.shape[-1]}: pass the task's own type (config.tasks[name]['type'])."
+        )
     if task_type == "multiclass":
         return logits.softmax(-1)
     if task_type == "binary":
@@ -1121,6 +1166,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             if single_task
             else {index: (task_ids == index).nonzero().squeeze(1) for index in present}
         )
+        pixel_values = match_task_images(self.config, pixel_values, [names[index] for index in present])
         outputs = self.medformer(
             pixel_values,
             modality_ids=modality_ids,
@@ -1258,6 +1304,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         if len(self.config.tasks) == 1:
             task_ids = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
             modality_ids, body_part_ids = self._task_metadata(task_ids, modality_ids, body_part_ids)
+            pixel_values = match_task_images(self.config, pixel_values, list(self.config.tasks))
         outputs = self.medformer(
             pixel_values,
             modality_ids=modality_ids,

@@ -294,3 +294,83 @@ def test_loading_and_saving_say_one_line_at_most(multi_task, tmp_path):
     assert lines[0].startswith("MedformerForPreTraining")
     assert "initialised anew (train before use): decoder, projector" in lines[0]
     assert (tmp_path / "saved" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------ 6. the images a task was trained on
+
+
+@pytest.fixture(scope="module")
+def recorded_kinds():
+    """A tiny model whose tasks record the images they take, as every catalogued task does."""
+    torch.manual_seed(0)
+    tasks = {
+        "pneumonia": {"type": "binary", "num_labels": 2, "spatial_dims": 2, "num_channels": 1},
+        "retina": {"type": "ordinal", "num_labels": 5, "spatial_dims": 2, "num_channels": 3},
+        "organ": {"type": "multiclass", "num_labels": 11, "spatial_dims": 3, "num_channels": 1},
+    }
+    return MedformerForMultiTask(make_tiny_config(tasks=tasks)).eval()
+
+
+@pytest.mark.parametrize(
+    ("task", "pixels", "message"),
+    [
+        ("pneumonia", torch.rand(2, 1, 16, 28, 28), r"a stack of 2D images\? Pass them as a list"),
+        ("organ", torch.rand(2, 1, 28, 28), "pass the whole volume"),
+        (
+            "pneumonia",
+            torch.rand(2, 3, 28, 28),
+            r"3-channel batch whose channels differ: convert the image to grayscale",
+        ),
+        ("retina", torch.rand(2, 1, 28, 28), r"trained on RGB \(3-channel\) images, got a 1-channel batch"),
+    ],
+)
+def test_a_task_refuses_images_unlike_those_it_was_trained_on(recorded_kinds, task, pixels, message):
+    with pytest.raises(ValueError, match=message):
+        recorded_kinds(pixels, task=task)
+
+
+def test_a_grayscale_image_as_three_identical_channels_is_its_one_channel(recorded_kinds):
+    gray = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        expected = recorded_kinds(gray, task="pneumonia").logits
+        torch.testing.assert_close(recorded_kinds(gray.expand(-1, 3, -1, -1), task="pneumonia").logits, expected)
+        classifier = MedformerForImageClassification.from_multi_task(recorded_kinds, "pneumonia")
+        torch.testing.assert_close(classifier(gray.repeat(1, 3, 1, 1)).logits[:, 1:], expected)
+
+
+def test_the_image_classification_pipeline_reads_a_grayscale_pil_image_right():
+    """transformers' pipeline loads every PIL image as RGB; the released checkpoint's X-ray task must still see the
+    X-ray it was trained on (it used to fall to the class prior on such input)."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classifier = MedformerForImageClassification.from_multi_task(folder, "pneumoniamnist")
+    processor = MedformerImageProcessor.from_pretrained(folder)
+    images = np.load(DATA_DIR / "pneumoniamnist.npz")["test_images"][:4]
+    with torch.no_grad():
+        expected = classifier(**processor(list(images))).logits.softmax(-1)
+    pipe = pipeline("image-classification", model=classifier, image_processor=processor)
+    for image, probabilities in zip(images, expected, strict=True):
+        scores = {entry["label"]: entry["score"] for entry in pipe(Image.fromarray(image))}
+        found = [scores[classifier.config.id2label[index]] for index in range(2)]
+        torch.testing.assert_close(torch.tensor(found), probabilities, atol=1e-5, rtol=0)
+
+
+def test_task_kinds_are_recorded_whole_and_within_the_input_channels():
+    with pytest.raises(ValueError, match="give both"):
+        make_tiny_config(tasks={"organ": {"type": "binary", "num_labels": 2, "spatial_dims": 3}})
+    with pytest.raises(ValueError, match=r"num_channels 3.*input channels"):
+        make_tiny_config(tasks={"organ": {"type": "binary", "num_labels": 2, "spatial_dims": 3, "num_channels": 3}})
+
+
+def test_probabilities_refuse_logits_of_another_task_type():
+    binary_logits = torch.tensor([[2.0]])
+    with pytest.raises(ValueError, match="pass the task's own type"):
+        task_probabilities(binary_logits, "multiclass", num_labels=2)
+    torch.testing.assert_close(task_probabilities(binary_logits, "binary", 2).sum(-1), torch.tensor([1.0]))
+
+
+def test_a_ct_window_on_display_values_is_refused(organ_volume):
+    with pytest.raises(ValueError, match="window= maps Hounsfield units, but this is a uint8 image"):
+        MedformerImageProcessor()(organ_volume, spatial_dims=3, window="soft_tissue")

@@ -173,6 +173,8 @@ class MedformerConfig(PretrainedConfig):
             Task registry `{name: {"type", "num_labels", "id2label", "modality", "body_part"}}`; `type` is one of
             multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
             which keeps the order the tasks were given in; `add_task` appends, so a checkpoint's ids never change.
+            Optional `spatial_dims` (2 or 3) and `num_channels` record the images a task was trained on; the models
+            then refuse other inputs (a 2D stack given to a 3D task, colour given to a grayscale one).
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
         mask_unit (`int`, *optional*, defaults to 1):
@@ -433,7 +435,17 @@ class MedformerConfig(PretrainedConfig):
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"Task name {name!r} must be a non-empty string without '.' (it names a submodule).")
         spec = copy.deepcopy(dict(spec))
-        unknown_keys = set(spec) - {"type", "num_labels", "id2label", "labels", "modality", "body_part"}
+        known_keys = {
+            "type",
+            "num_labels",
+            "id2label",
+            "labels",
+            "modality",
+            "body_part",
+            "spatial_dims",
+            "num_channels",
+        }
+        unknown_keys = set(spec) - known_keys
         if unknown_keys:
             raise ValueError(f"Task {name!r} has unknown keys {sorted(unknown_keys)}.")
         task_type = spec.get("type")
@@ -461,6 +473,15 @@ class MedformerConfig(PretrainedConfig):
             "modality": spec.get("modality", "unknown"),
             "body_part": spec.get("body_part", "unknown"),
         }
+        if "spatial_dims" in spec or "num_channels" in spec:  # the images the task takes, recorded together
+            dims, channels = spec.get("spatial_dims"), spec.get("num_channels")
+            supported = {2: self.input_channels_2d, 3: self.input_channels_3d}
+            if dims not in supported or channels not in supported[dims]:
+                raise ValueError(
+                    f"Task {name!r} has spatial_dims {dims!r} and num_channels {channels!r}; give both, with "
+                    f"spatial_dims 2 or 3 and num_channels among that one's input channels {supported}."
+                )
+            normalized.update(spatial_dims=dims, num_channels=channels)
         for field, vocabulary in (("modality", self.modality_names), ("body_part", self.body_part_names)):
             if normalized[field] not in vocabulary:
                 raise ValueError(

@@ -68,7 +68,7 @@ class MedicalImageClassificationPipeline(Pipeline):
             id2label = config.id2label
         else:
             spec = self.model.config.tasks[task]
-            scores = task_probabilities(logits, spec["type"])[0]
+            scores = task_probabilities(logits, spec["type"], spec["num_labels"])[0]
             id2label = spec["id2label"]
         ranked = sorted(
             ({"label": id2label[index], "score": float(score)} for index, score in enumerate(scores.tolist())),

@@ -149,6 +149,8 @@ class MedMNISTInfo:
             "labels": list(self.labels),
             "modality": self.modality,
             "body_part": self.body_part,
+            "spatial_dims": self.spatial_dims,
+            "num_channels": self.num_channels,
         }
 
 
