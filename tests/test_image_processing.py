@@ -58,7 +58,9 @@ def test_save_and_auto_load_give_identical_outputs(tmp_path):
 def test_every_form_of_a_gray_image_gives_the_same_pixels(image):
     processor = MedformerImageProcessor()
     expected = processor(GRAY).pixel_values
-    extra = {"rescale_range": [0, 255]} if getattr(image, "dtype", None) == np.int16 else {}
+    ranges = {np.int16: [0, 255], np.uint16: [0, 65535]}  # integer dtypes whose range the caller knows
+    dtype = getattr(getattr(image, "dtype", None), "type", None)  # numpy's scalar type (torch dtypes have none)
+    extra = {"rescale_range": ranges[dtype]} if dtype in ranges else {}
     torch.testing.assert_close(processor(image, **extra).pixel_values, expected, atol=1e-6, rtol=0)
 
 
@@ -80,7 +82,21 @@ def test_every_form_of_an_rgb_image_gives_the_same_pixels(image):
 )
 def test_every_form_of_a_volume_gives_the_same_pixels(volume):
     expected = (torch.from_numpy(VOLUME)[None, None].float() / 255 - 0.5) / 0.5
-    torch.testing.assert_close(MedformerImageProcessor()(volume).pixel_values, expected, atol=1e-6, rtol=0)
+    extra = {"rescale_range": [0, 65535]} if volume.dtype == np.uint16 else {}
+    torch.testing.assert_close(MedformerImageProcessor()(volume, **extra).pixel_values, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("image", "message"),
+    [
+        (GRAY.astype(np.uint16) * 16, r"this one spans .*12-bit X-ray: \[0, 4095\]"),  # 12 bits in a uint16
+        (GRAY.astype(np.int64), r"with_format\('numpy'\) gives them: \[0, 255\]"),  # a datasets row
+    ],
+    ids=["12-bit-in-uint16", "widened-uint8"],
+)
+def test_integer_images_without_an_agreed_range_name_the_usual_ones(image, message):
+    with pytest.raises(ValueError, match=message):
+        MedformerImageProcessor()(image)
 
 
 def test_batches_lists_and_batched_arrays():

@@ -33,7 +33,8 @@ CT_WINDOWS = {
     "brain": (40.0, 80.0),
 }
 # Integer dtypes whose full range is the natural intensity scale; others (int16 CT in HU) need a window or range.
-DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("uint16"): (0, 65535), np.dtype("bool"): (0, 1)}
+# Dtypes whose range is the image's: not uint16 (12-bit detectors store 0-4095 in it, CT stores HU + 1024).
+DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("bool"): (0, 1)}
 SUPPORTED_CHANNELS = (1, 3)
 # Channel counts of common image formats Medformer does not take (gray+alpha, RGBA): at either end of a 3-axis array
 # they are refused, not read as the depth of a thin volume (pass spatial_dims=3 for one).
@@ -74,8 +75,9 @@ class MedformerImageProcessor(BaseImageProcessor):
             CT window in Hounsfield units, a preset (lung, mediastinum, soft_tissue, liver, bone, brain) or
             `[level, width]`. Values are clipped to the window and mapped to [0, 1].
         rescale_range (`[low, high]`, *optional*):
-            Intensity range mapped to [0, 1] (clipped). Without it, uint8/uint16/bool images are scaled by their dtype's
-            range and float images are taken as already in [0, 1]; other integer dtypes need a window or range.
+            Intensity range mapped to [0, 1] (clipped). Without it, uint8/bool images are scaled by their dtype's
+            range and float images are taken as already in [0, 1]; other integer dtypes (uint16: 12 or 16 bits?
+            int16: CT?) need a window or range.
         normalization (`str`, *optional*, defaults to `"modality"`):
             `"modality"`: `(x - mean) / std` with the modality's entry of `modality_statistics` (or `"default"`);
             `"image"`: z-score of each image and channel (MRI, whose units are arbitrary); `"none"`.
@@ -488,8 +490,11 @@ def to_unit_range(
         return pixels / DTYPE_RANGES[source_dtype][1]
     else:
         raise ValueError(
-            f"{source_dtype} images have no natural intensity range (CT is int16 in Hounsfield units): pass "
-            f"window= (a preset of {sorted(CT_WINDOWS)} or [level, width]) or rescale_range=[low, high]."
+            f"{source_dtype} images have no agreed intensity range (this one spans [{float(pixels.min()):.6g}, "
+            f"{float(pixels.max()):.6g}]): pass rescale_range=[low, high], the range the values were stored in "
+            "(12-bit X-ray: [0, 4095]; full 16-bit: [0, 65535]; 8-bit values widened on the way, as datasets' "
+            "with_format('numpy') gives them: [0, 255]), or for CT in Hounsfield units window= (a preset of "
+            f"{sorted(CT_WINDOWS)} or [level, width])."
         )
     return ((pixels - low) / (high - low)).clamp_(0.0, 1.0)
 
