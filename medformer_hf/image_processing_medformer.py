@@ -584,17 +584,21 @@ def load_nifti(
 ) -> MedicalImage:
     """Read a NIfTI volume as (D, H, W) float32 (axes reversed from NIfTI's x, y, z), scaled by the header's slope.
 
-    NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it. For a 4D series (fMRI, DWI), `volume`
-    picks the volume.
+    The voxels are first turned to the closest canonical (RAS+) orientation of the file's affine, so a scan gives the
+    same array whatever axis order and direction it was stored in (left stays left). A single slice, (x, y, 1), is
+    a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it. For a 4D series (fMRI,
+    DWI), `volume` picks the volume.
     """
     nibabel = _import_optional("nibabel")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No NIfTI file at {path}.")
-    image = nibabel.load(str(path))
+    image = nibabel.as_closest_canonical(nibabel.load(str(path)))
     array = np.asarray(image.get_fdata(dtype=np.float32))
     if array.ndim == 4 and (volume is not None or array.shape[-1] == 1):
         array = array[..., volume or 0]
+    if array.ndim == 3 and array.shape[-1] == 1:  # one slice: a 2D image, not a volume of depth 1
+        array = array[..., 0]
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds a {array.ndim}-D array {array.shape}; pass volume=<index> to pick one volume.")
     spacing = tuple(float(s) for s in image.header.get_zooms()[: array.ndim])

@@ -93,6 +93,23 @@ def test_bundled_nifti_loads_and_runs(tmp_path):
         load_nifti(tmp_path / "missing.nii.gz")
 
 
+def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
+    """The same voxels stored left-to-right (RAS) and right-to-left (LAS, the x axis and its affine flipped) are one
+    scan: left/right labels (OrganMNIST3D's kidneys) depend on reading them alike. A single slice is a 2D image."""
+    nibabel = pytest.importorskip("nibabel")
+    voxels = np.random.default_rng(0).random((6, 5, 4), dtype=np.float32)
+    flip_x = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip_x[0, 3] = voxels.shape[0] - 1  # voxel i of the flipped file sits where voxel (5 - i) of the other does
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), tmp_path / "ras.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(voxels[::-1].copy(), flip_x), tmp_path / "las.nii.gz")
+    ras, las = load_nifti(tmp_path / "ras.nii.gz"), load_nifti(tmp_path / "las.nii.gz")
+    np.testing.assert_array_equal(ras.array, las.array)
+    np.testing.assert_array_equal(ras.array, voxels.transpose())
+    nibabel.save(nibabel.Nifti1Image(voxels[..., :1].copy(), np.eye(4)), tmp_path / "slice.nii.gz")
+    image = load_nifti(tmp_path / "slice.nii.gz")
+    assert image.spatial_dims == 2 and image.array.shape == (5, 6)
+
+
 @pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")
 @pytest.mark.parametrize("name", ["ch2.nii.gz", "ch2better.nii.gz", "inia19-t1-brain.nii.gz"])
 def test_mricron_brain_templates_load_and_run(name):
