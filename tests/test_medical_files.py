@@ -3,6 +3,7 @@
 None of these files is copied into the project: the tests find them in the installed packages.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def test_a_folder_of_dicom_slices_stacks_by_position(tmp_path, positions):
         arr[0, 0] = int(z)  # marks the slice
         dataset.PixelData = arr.tobytes()
         dataset.save_as(tmp_path / f"slice_{order}.dcm")
+    (tmp_path / ".DS_Store").write_bytes(b"\0Bud1")  # what a Mac leaves in a copied folder: skipped
     volume = load_dicom(tmp_path)
     assert volume.array.shape == (len(positions), 128, 128) and volume.modality == "ct"
     marks = volume.array[:, 0, 0] - float(source.RescaleIntercept)
@@ -125,3 +127,12 @@ def test_missing_optional_dependency_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'medformer-hf\[medical\]'"):
         load_dicom(get_testdata_file("CT_small.dcm"))
+
+
+def test_a_file_that_is_not_dicom_is_named(tmp_path):
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "slice.dcm")
+    (tmp_path / "notes.txt").write_text("scanner settings")
+    with pytest.raises(ValueError, match=r"notes.txt is not a DICOM file.*move other files out"):
+        load_dicom(tmp_path)
+    with pytest.raises(ValueError, match=r"notes.txt is not a DICOM file.*the medical pipeline also takes their paths"):
+        load_dicom(tmp_path / "notes.txt")

@@ -374,3 +374,16 @@ def test_probabilities_refuse_logits_of_another_task_type():
 def test_a_ct_window_on_display_values_is_refused(organ_volume):
     with pytest.raises(ValueError, match="window= maps Hounsfield units, but this is a uint8 image"):
         MedformerImageProcessor()(organ_volume, spatial_dims=3, window="soft_tissue")
+
+
+def test_the_medical_pipeline_reads_a_picture_path_as_the_picture(tmp_path):
+    """A PNG path is read as the picture it is (a grayscale X-ray stays one channel), not handed to the DICOM reader."""
+    from PIL import Image
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    image = np.load(DATA_DIR / "pneumoniamnist.npz")["test_images"][0]
+    Image.fromarray(image).save(tmp_path / "xray.png")
+    classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
+    from_path = classify(str(tmp_path / "xray.png"), task="pneumoniamnist")
+    assert from_path == classify(image, task="pneumoniamnist")

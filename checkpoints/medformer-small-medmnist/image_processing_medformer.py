@@ -632,8 +632,9 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No DICOM file or folder at {path}.")
-    if path.is_dir():
-        datasets = [pydicom.dcmread(str(file)) for file in sorted(path.iterdir()) if file.is_file()]
+    if path.is_dir():  # hidden files (.DS_Store, Thumbs.db is not hidden: it raises) are no slices
+        files = [file for file in sorted(path.iterdir()) if file.is_file() and not file.name.startswith(".")]
+        datasets = [_read_dicom(pydicom, file) for file in files]
         datasets = [dataset for dataset in datasets if "PixelData" in dataset]
         if not datasets:
             raise ValueError(f"{path} holds no DICOM files with pixel data.")
@@ -643,7 +644,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         if len(datasets) == 1:  # a one-file "series" is a 2D image, not a volume of depth 1
             array, spatial_dims = array[0], 2
     else:
-        first = pydicom.dcmread(str(path))
+        first = _read_dicom(pydicom, path)
         if "PixelData" not in first:
             raise ValueError(f"{path} has no pixel data (is it a report or a structure set?).")
         array = _dicom_slice(first)
@@ -664,6 +665,16 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
             "BodyPartExamined": getattr(first, "BodyPartExamined", None),
         },
     )
+
+
+def _read_dicom(pydicom: Any, file: Path) -> Any:
+    try:
+        return pydicom.dcmread(str(file))
+    except pydicom.errors.InvalidDicomError as error:
+        raise ValueError(
+            f"{file} is not a DICOM file. Pass PNG/JPEG/TIFF images as arrays or PIL images (the medical pipeline "
+            "also takes their paths), NIfTI as .nii/.nii.gz; in a DICOM series folder, move other files out."
+        ) from error
 
 
 def _slice_position(dataset: Any) -> float:

@@ -1,6 +1,7 @@
 """`pipeline("medical-image-classification")`: what transformers' image-classification pipeline cannot take.
 
-2D images and 3D volumes (arrays, tensors, PIL), NIfTI and DICOM paths (a DICOM folder is one volume), imaging
+2D images and 3D volumes (arrays, tensors, PIL), NIfTI, DICOM and picture (PNG, JPEG, TIFF, BMP) paths (a DICOM
+folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging
 modality and body part, and `task=` for multi-task checkpoints. Shipped with every checkpoint (Hub remote code):
 
     classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
@@ -21,6 +23,7 @@ from .image_processing_medformer import load_dicom, load_nifti
 from .modeling_medformer import task_probabilities
 
 TASK_NAME = next(iter(CUSTOM_PIPELINES))
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 class MedicalImageClassificationPipeline(Pipeline):
@@ -46,9 +49,12 @@ class MedicalImageClassificationPipeline(Pipeline):
     def preprocess(self, inputs: Any, **processor_kwargs: Any):
         if isinstance(inputs, (str, os.PathLike)):
             path = Path(inputs)
-            if path.name.endswith((".nii", ".nii.gz")):
+            if path.name.lower().endswith((".nii", ".nii.gz")):
                 names = {key: processor_kwargs.pop(key) for key in ("modality", "body_part") if key in processor_kwargs}
                 inputs = load_nifti(path, **names)
+            elif path.suffix.lower() in PICTURE_SUFFIXES:
+                with Image.open(path) as picture:
+                    inputs = picture.copy()  # its mode as stored (grayscale stays one channel, 16 bits stay 16)
             else:
                 inputs = load_dicom(path)
         return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
