@@ -356,7 +356,8 @@ def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_
             raise ValueError(
                 f"Task {name!r} was trained on {kind or spec['num_channels']} images, got a {channels}-channel batch"
                 + (
-                    " whose channels differ: convert the image to grayscale (PIL: .convert('L'))"
+                    " whose channels differ: a colour image (convert it to grayscale, PIL: .convert('L')), or three "
+                    "grayscale images read as one RGB image (pass them to the image processor as a list)"
                     if channels == 3
                     else ""
                 )

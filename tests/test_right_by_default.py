@@ -319,7 +319,7 @@ def recorded_kinds():
         (
             "pneumonia",
             torch.rand(2, 3, 28, 28),
-            r"3-channel batch whose channels differ: convert the image to grayscale",
+            r"3-channel batch whose channels differ: a colour image \(convert it to grayscale.*as a list",
         ),
         ("retina", torch.rand(2, 1, 28, 28), r"trained on RGB \(3-channel\) images, got a 1-channel batch"),
     ],
