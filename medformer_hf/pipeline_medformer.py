@@ -1,8 +1,10 @@
 """`pipeline("medical-image-classification")`: what transformers' image-classification pipeline cannot take.
 
 2D images and 3D volumes (arrays, tensors, PIL), NIfTI, DICOM and picture (PNG, JPEG, TIFF, BMP) paths (a DICOM
-folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging
-modality and body part, and `task=` for multi-task checkpoints. Shipped with every checkpoint (Hub remote code):
+folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging modality and
+body part, `task=` for multi-task checkpoints, and `test_time_flips=True`: the mean over the flips the task's config
+entry records as label-safe (what the checkpoint card's flip-averaged table measures). Shipped with every checkpoint
+(Hub remote code):
 
     classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
     classifier("scan.nii.gz", modality="ct", body_part="abdomen", window="soft_tissue", task="organmnist3d")
@@ -20,7 +22,7 @@ from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
 from .image_processing_medformer import load_dicom, load_nifti
-from .modeling_medformer import task_probabilities
+from .modeling_medformer import flip_views, task_probabilities
 
 TASK_NAME = next(iter(CUSTOM_PIPELINES))
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -34,17 +36,31 @@ class MedicalImageClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def _sanitize_parameters(self, task: str | None = None, top_k: int | None = None, **processor_kwargs: Any):
+    def _sanitize_parameters(
+        self,
+        task: str | None = None,
+        top_k: int | None = None,
+        test_time_flips: bool | None = None,
+        **processor_kwargs: Any,
+    ):
+        tasks = self.model.config.tasks
         if hasattr(self.model, "task_heads"):
-            tasks = list(self.model.config.tasks)
-            task = tasks[0] if task is None and len(tasks) == 1 else task
+            task = next(iter(tasks)) if task is None and len(tasks) == 1 else task
             if task is not None and task not in tasks:
-                raise ValueError(f"Unknown task {task!r}; this model's tasks are {tasks}.")
+                raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
         elif task is not None:
             raise ValueError("task= is for multi-task models; this model has a single task.")
         forward = {} if task is None else {"task": task}
-        postprocess = {**forward, **({} if top_k is None else {"top_k": top_k})}
-        return processor_kwargs, forward, postprocess
+        if test_time_flips:
+            spec = tasks.get(task) if task is not None else next(iter(tasks.values()), None)
+            if spec is None or "label_safe_flips" not in spec:
+                raise ValueError(
+                    f"test_time_flips=True needs the task's label-safe flips, which this checkpoint's config.tasks "
+                    f"does not record{f' for {task!r}' if task else ''}; leave test_time_flips out (one view)."
+                )
+            forward["flips"] = flip_views(spec["label_safe_flips"])
+        postprocess = {key: value for key, value in forward.items() if key == "task"}
+        return processor_kwargs, forward, {**postprocess, **({} if top_k is None else {"top_k": top_k})}
 
     def preprocess(self, inputs: Any, **processor_kwargs: Any):
         if isinstance(inputs, (str, os.PathLike)):
@@ -59,23 +75,30 @@ class MedicalImageClassificationPipeline(Pipeline):
                 inputs = load_dicom(path)
         return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None):
+    def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None, flips: list | None = None):
+        """The task's class probabilities, averaged over the label-safe flips of the image when asked: probabilities,
+        not logits, are averaged (each view is one calibrated guess), as `examples/evaluate.py --test_time_flips`."""
         if task is None and hasattr(self.model, "task_heads"):
             raise ValueError(f"Pass task=<one of {list(self.model.config.tasks)}> for this multi-task model.")
         extra = {} if task is None else {"task": task}
-        return {"logits": self.model(**model_inputs, **extra).logits}
+        views = flips or [()]
+        scores = 0
+        for axes in views:
+            pixels = model_inputs["pixel_values"].flip([axis + 2 for axis in axes])
+            logits = self.model(**{**model_inputs, "pixel_values": pixels}, **extra).logits.float()
+            scores = scores + self._probabilities(logits, task) / len(views)
+        return {"scores": scores}
+
+    def _probabilities(self, logits: torch.Tensor, task: str | None) -> torch.Tensor:
+        if task is None:  # single-task classifier: transformers' conventions
+            multi_label = self.model.config.problem_type == "multi_label_classification"
+            return logits.sigmoid() if multi_label else logits.softmax(-1)
+        spec = self.model.config.tasks[task]
+        return task_probabilities(logits, spec["type"], spec["num_labels"])
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], task: str | None = None, top_k: int | None = None):
-        logits = model_outputs["logits"].float()
-        if task is None:  # single-task classifier: transformers' conventions
-            config = self.model.config
-            multi_label = config.problem_type == "multi_label_classification"
-            scores = (logits.sigmoid() if multi_label else logits.softmax(-1))[0]
-            id2label = config.id2label
-        else:
-            spec = self.model.config.tasks[task]
-            scores = task_probabilities(logits, spec["type"], spec["num_labels"])[0]
-            id2label = spec["id2label"]
+        scores = model_outputs["scores"][0]
+        id2label = self.model.config.id2label if task is None else self.model.config.tasks[task]["id2label"]
         ranked = sorted(
             ({"label": id2label[index], "score": float(score)} for index, score in enumerate(scores.tolist())),
             key=lambda item: item["score"],

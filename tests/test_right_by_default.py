@@ -17,6 +17,7 @@ from medformer_hf import (
     load_dicom,
     task_probabilities,
 )
+from medformer_hf.data import CATALOGUE
 from medformer_hf.integrations import export_onnx, lora_config
 
 from .conftest import DATA_DIR, REPO_ROOT, make_tiny_config
@@ -387,3 +388,39 @@ def test_the_medical_pipeline_reads_a_picture_path_as_the_picture(tmp_path):
     classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
     from_path = classify(str(tmp_path / "xray.png"), task="pneumoniamnist")
     assert from_path == classify(image, task="pneumoniamnist")
+
+
+@pytest.mark.parametrize(("task", "views"), [("breastmnist", 2), ("nodulemnist3d", 8), ("organmnist3d", 1)])
+def test_the_medical_pipeline_averages_over_the_label_safe_flips_the_checkpoint_records(task, views):
+    """`test_time_flips=True` gives the mean class probabilities over the task's label-safe flips (none for
+    left/right organ labels), as evaluate.py --test_time_flips does, from the config alone (remote code)."""
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
+    image = np.load(DATA_DIR / f"{task}.npz")["test_images"][0]
+    model, processor = classify.model, classify.image_processor
+    spec = model.config.tasks[task]
+    pixels = processor(image, spatial_dims=spec["spatial_dims"]).pixel_values
+    axes_sets = CATALOGUE[task].augmentation.flip_combinations()
+    assert len(axes_sets) == views
+    with torch.no_grad():
+        logits = [model(pixels.flip([axis + 2 for axis in axes]), task=task).logits for axes in axes_sets]
+        expected = sum(task_probabilities(view, spec["type"], spec["num_labels"])[0] for view in logits) / views
+    flipped = classify(image, task=task, test_time_flips=True, top_k=None)
+    found = {entry["label"]: entry["score"] for entry in flipped}
+    assert found == pytest.approx({spec["id2label"][i]: float(p) for i, p in enumerate(expected)}, abs=1e-6)
+    if views == 1:
+        assert flipped == classify(image, task=task, top_k=None)
+
+
+def test_test_time_flips_need_flips_recorded_in_the_checkpoint(multi_task):
+    from transformers import pipeline
+
+    classify = pipeline(
+        "medical-image-classification",
+        model=multi_task,
+        image_processor=MedformerImageProcessor.from_model_config(multi_task.config),
+    )
+    with pytest.raises(ValueError, match="leave test_time_flips out"):
+        classify(np.zeros((28, 28, 28), np.uint8), task="organ", test_time_flips=True)

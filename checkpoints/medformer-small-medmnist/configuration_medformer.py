@@ -174,7 +174,9 @@ class MedformerConfig(PretrainedConfig):
             multiclass, multilabel, binary, ordinal, regression. Per-sample task ids index `list(config.tasks)`,
             which keeps the order the tasks were given in; `add_task` appends, so a checkpoint's ids never change.
             Optional `spatial_dims` (2 or 3) and `num_channels` record the images a task was trained on; the models
-            then refuse other inputs (a 2D stack given to a 3D task, colour given to a grayscale one).
+            then refuse other inputs (a 2D stack given to a 3D task, colour given to a grayscale one). Optional
+            `label_safe_flips` (spatial axes, with `spatial_dims`) are the mirrorings that keep the task's label: the
+            views the medical pipeline averages over with `test_time_flips=True`.
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
         mask_unit (`int`, *optional*, defaults to 1):
@@ -444,6 +446,7 @@ class MedformerConfig(PretrainedConfig):
             "body_part",
             "spatial_dims",
             "num_channels",
+            "label_safe_flips",
         }
         unknown_keys = set(spec) - known_keys
         if unknown_keys:
@@ -482,6 +485,18 @@ class MedformerConfig(PretrainedConfig):
                     f"spatial_dims 2 or 3 and num_channels among that one's input channels {supported}."
                 )
             normalized.update(spatial_dims=dims, num_channels=channels)
+        if "label_safe_flips" in spec:
+            axes, dims = spec["label_safe_flips"], normalized.get("spatial_dims")
+            if (
+                dims is None
+                or not isinstance(axes, (list, tuple))
+                or not all(_is_int(a) and 0 <= a < dims for a in axes)
+            ):
+                raise ValueError(
+                    f"Task {name!r} has label_safe_flips {axes!r}; give a list of spatial axes (0..spatial_dims - 1) "
+                    "together with spatial_dims and num_channels."
+                )
+            normalized["label_safe_flips"] = sorted(set(axes))
         for field, vocabulary in (("modality", self.modality_names), ("body_part", self.body_part_names)):
             if normalized[field] not in vocabulary:
                 raise ValueError(

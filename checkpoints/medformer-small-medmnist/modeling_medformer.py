@@ -11,6 +11,7 @@ This file is shipped with every checkpoint (Hub remote code): it imports only to
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import os
@@ -324,6 +325,12 @@ def check_inputs(
         _check_ids(modality_ids, "modality_ids", config.modality_names, batch_size, device),
         _check_ids(body_part_ids, "body_part_ids", config.body_part_names, batch_size, device),
     )
+
+
+def flip_views(axes: list[int] | tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every combination of the given spatial flip axes, the identity `()` first: the views that test-time flip
+    averaging takes of an image (up to 8 for a volume)."""
+    return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
 
 
 def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_names: list[str]) -> torch.Tensor:

@@ -7,11 +7,12 @@ they keep the label (never for left/right organ labels, never for ordinal fundus
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..modeling_medformer import flip_views
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,7 @@ class AugmentationPolicy:
 
     def flip_combinations(self) -> list[tuple[int, ...]]:
         """Every set of the allowed flip axes, the identity `()` first: the views of test-time flip averaging."""
-        axes = self.flip_axes
-        return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
+        return flip_views(self.flip_axes)
 
 
 def augment(pixel_values: torch.Tensor, policy: AugmentationPolicy) -> torch.Tensor:

@@ -151,6 +151,7 @@ class MedMNISTInfo:
             "body_part": self.body_part,
             "spatial_dims": self.spatial_dims,
             "num_channels": self.num_channels,
+            "label_safe_flips": list(self.augmentation.flip_axes),
         }
 
 
