@@ -393,7 +393,8 @@ def _image_layout(shape: tuple[int, ...], spatial_dims: int | None, data_format:
         return "DHW"
     raise ValueError(
         f"Shape {shape} has no 1- or 3-channel axis at either end. Pass input_data_format= to name the channel axis, "
-        "or give volumes without a channel axis as (D, H, W)."
+        "or give volumes without a channel axis as (D, H, W); several volumes are a list or a 5-axis (N, C, D, H, W) "
+        "array."
     )
 
 
