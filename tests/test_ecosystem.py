@@ -193,6 +193,8 @@ def test_torch_compile_has_no_graph_breaks_and_matches_eager():
     volumes = torch.randn(2, 1, 16, 16, 16)
     assert _graph_breaks(MedformerForImageClassification(config).eval(), pixel_values=volumes) == 0
     assert _graph_breaks(MedformerForMultiTask(config).eval(), pixel_values=volumes, task="organmnist3d") == 0
+    gray_as_rgb = torch.randn(2, 1, 28, 28).expand(-1, 3, -1, -1)  # read as its one channel, with no data check
+    assert _graph_breaks(MedformerForMultiTask(config).eval(), pixel_values=gray_as_rgb, task="pneumoniamnist") == 0
     model = MedformerForMultiTask(config).eval()
     compiled = torch.compile(model)
     with torch.no_grad():

@@ -330,6 +330,16 @@ def test_a_task_refuses_images_unlike_those_it_was_trained_on(recorded_kinds, ta
         recorded_kinds(pixels, task=task)
 
 
+def test_a_batch_mixing_tasks_is_checked_as_a_whole(recorded_kinds):
+    gray_as_rgb = torch.rand(4, 1, 28, 28).expand(-1, 3, -1, -1)
+    with torch.no_grad():  # a grayscale and an RGB task cannot share one batch tensor
+        with pytest.raises(ValueError, match=r"take images of \[1, 3\] channels.*batch them by task"):
+            recorded_kinds(gray_as_rgb, task=torch.tensor([0, 0, 1, 1]))
+        one_task = recorded_kinds(gray_as_rgb[:2], task="pneumonia").logits
+        mixed = recorded_kinds(gray_as_rgb[:2], task=torch.tensor([0, 0]))
+    torch.testing.assert_close(mixed.task_logits["pneumonia"], one_task)
+
+
 def test_a_grayscale_image_as_three_identical_channels_is_its_one_channel(recorded_kinds):
     gray = torch.rand(2, 1, 28, 28)
     with torch.no_grad():

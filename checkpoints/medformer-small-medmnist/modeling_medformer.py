@@ -334,17 +334,16 @@ def flip_views(axes: list[int] | tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_names: list[str]) -> torch.Tensor:
-    """Check the batch is the kind of image each task was trained on (`spatial_dims` / `num_channels` of its
-    `config.tasks` entry, where recorded) and raise an error naming the mismatch otherwise. A grayscale image given
+    """Check the batch is the kind of image its tasks were trained on (`spatial_dims` / `num_channels` of their
+    `config.tasks` entries, where recorded) and raise an error naming the mismatch otherwise. A grayscale image given
     as three identical channels (what RGB loaders, such as transformers' pipelines, make of one) is passed on as the
-    one channel it is: nothing is lost."""
+    one channel it is: nothing is lost. While compiling (no data-dependent checks, as in `check_inputs`) three
+    channels for a grayscale task are taken to be such a copy."""
     if pixel_values.ndim not in (4, 5):
         return pixel_values  # check_inputs names the problem
-    dims = pixel_values.ndim - 2
-    for name in task_names:
-        spec = config.tasks[name]
-        if spec.get("spatial_dims") is None:
-            continue
+    dims, channels = pixel_values.ndim - 2, pixel_values.shape[1]
+    recorded = {name: config.tasks[name] for name in task_names if config.tasks[name].get("spatial_dims") is not None}
+    for name, spec in recorded.items():
         if spec["spatial_dims"] != dims:
             hint = (
                 "a stack of 2D images? Pass them as a list to the image processor (or spatial_dims=2)"
@@ -355,22 +354,28 @@ def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_
                 f"Task {name!r} was trained on {spec['spatial_dims']}D images, got a {dims}D batch of shape "
                 f"{tuple(pixel_values.shape)}: {hint}."
             )
-        channels = pixel_values.shape[1]
-        if channels == 3 and spec["num_channels"] == 1 and (pixel_values == pixel_values[:, :1]).all():
-            pixel_values = pixel_values[:, :1]
-        elif channels != spec["num_channels"]:
-            kind = {1: "grayscale (1-channel)", 3: "RGB (3-channel)"}.get(spec["num_channels"])
-            raise ValueError(
-                f"Task {name!r} was trained on {kind or spec['num_channels']} images, got a {channels}-channel batch"
-                + (
-                    " whose channels differ: a colour image (convert it to grayscale, PIL: .convert('L')), or three "
-                    "grayscale images read as one RGB image (pass them to the image processor as a list)"
-                    if channels == 3
-                    else ""
-                )
-                + "."
-            )
-    return pixel_values
+    wanted = {spec["num_channels"] for spec in recorded.values()}
+    if len(wanted) > 1:
+        raise ValueError(
+            f"Tasks {sorted(recorded)} take images of {sorted(wanted)} channels, which one batch tensor cannot hold: "
+            "batch them by task."
+        )
+    if not wanted or channels in wanted:
+        return pixel_values
+    (expected,) = wanted
+    only_grayscale_tasks = expected == 1 and len(recorded) == len(task_names)
+    if channels == 3 and only_grayscale_tasks:
+        if torch.compiler.is_compiling() or (pixel_values == pixel_values[:, :1]).all():
+            return pixel_values[:, :1]
+    kind = {1: "grayscale (1-channel)", 3: "RGB (3-channel)"}.get(expected, f"{expected}-channel")
+    differ = (
+        " whose channels differ: a colour image (convert it to grayscale, PIL: .convert('L')), or three grayscale "
+        "images read as one RGB image (pass them to the image processor as a list)"
+        if channels == 3
+        else ""
+    )
+    names = ", ".join(repr(name) for name in sorted(recorded))
+    raise ValueError(f"Task {names} was trained on {kind} images, got a {channels}-channel batch{differ}.")
 
 
 def require_label_rows(labels: Any, batch_size: int) -> None:
