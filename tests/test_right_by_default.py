@@ -422,6 +422,12 @@ def test_the_medical_pipeline_averages_over_the_label_safe_flips_the_checkpoint_
     assert found == pytest.approx({spec["id2label"][i]: float(p) for i, p in enumerate(expected)}, abs=1e-6)
     if views == 1:
         assert flipped == classify(image, task=task, top_k=None)
+    # Set once on the pipeline, the flips are still each call's task's, and a call can turn them off.
+    flipping = pipeline(
+        "medical-image-classification", model=model, image_processor=processor, test_time_flips=True, top_k=None
+    )
+    assert flipping(image, task=task) == flipped
+    assert flipping(image, task=task, test_time_flips=False) == classify(image, task=task, top_k=None)
 
 
 def test_test_time_flips_need_flips_recorded_in_the_checkpoint(multi_task):

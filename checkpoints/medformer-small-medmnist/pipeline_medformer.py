@@ -51,15 +51,9 @@ class MedicalImageClassificationPipeline(Pipeline):
         elif task is not None:
             raise ValueError("task= is for multi-task models; this model has a single task.")
         forward = {} if task is None else {"task": task}
-        if test_time_flips:
-            spec = tasks.get(task) if task is not None else next(iter(tasks.values()), None)
-            if spec is None or "label_safe_flips" not in spec:
-                raise ValueError(
-                    f"test_time_flips=True needs the task's label-safe flips, which this checkpoint's config.tasks "
-                    f"does not record{f' for {task!r}' if task else ''}; leave test_time_flips out (one view)."
-                )
-            forward["flips"] = flip_views(spec["label_safe_flips"])
-        postprocess = {key: value for key, value in forward.items() if key == "task"}
+        if test_time_flips is not None:  # given per call, it replaces the one given to pipeline(...)
+            forward["test_time_flips"] = bool(test_time_flips)
+        postprocess = {} if task is None else {"task": task}
         return processor_kwargs, forward, {**postprocess, **({} if top_k is None else {"top_k": top_k})}
 
     def preprocess(self, inputs: Any, **processor_kwargs: Any):
@@ -75,19 +69,31 @@ class MedicalImageClassificationPipeline(Pipeline):
                 inputs = load_dicom(path)
         return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
 
-    def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None, flips: list | None = None):
+    def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None, test_time_flips: bool = False):
         """The task's class probabilities, averaged over the label-safe flips of the image when asked: probabilities,
         not logits, are averaged (each view is one calibrated guess), as `examples/evaluate.py --test_time_flips`."""
         if task is None and hasattr(self.model, "task_heads"):
             raise ValueError(f"Pass task=<one of {list(self.model.config.tasks)}> for this multi-task model.")
         extra = {} if task is None else {"task": task}
-        views = flips or [()]
+        views = self._flip_views(task) if test_time_flips else [()]
         scores = 0
         for axes in views:
             pixels = model_inputs["pixel_values"].flip([axis + 2 for axis in axes])
             logits = self.model(**{**model_inputs, "pixel_values": pixels}, **extra).logits.float()
             scores = scores + self._probabilities(logits, task) / len(views)
         return {"scores": scores}
+
+    def _flip_views(self, task: str | None) -> list[tuple[int, ...]]:
+        """The views of the task's label-safe flips, which its `config.tasks` entry records (a one-task classifier's
+        one entry when `task` is None)."""
+        tasks = self.model.config.tasks
+        spec = tasks.get(task) if task is not None else next(iter(tasks.values()), None)
+        if spec is None or "label_safe_flips" not in spec:
+            raise ValueError(
+                "test_time_flips=True needs the task's label-safe flips, which this checkpoint's config.tasks does not "
+                f"record{f' for {task!r}' if task else ''}; leave test_time_flips out (one view)."
+            )
+        return flip_views(spec["label_safe_flips"])
 
     def _probabilities(self, logits: torch.Tensor, task: str | None) -> torch.Tensor:
         if task is None:  # single-task classifier: transformers' conventions
