@@ -14,6 +14,7 @@ across processes.
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 
@@ -90,11 +91,16 @@ def update_card_with_flips(model: str, split: str, task_names: list[str]) -> Non
     write_model_card(model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=split)
 
 
-def recorded_metrics(folder: Path, task_names: list[str]) -> dict[str, dict[str, float]]:
-    """The per-set metrics an earlier evaluation recorded in one of the model's own folders, for sets it still has."""
+def recorded_metrics(folder: Path, evaluation: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, float]]:
+    """The per-set metrics an earlier evaluation recorded in one of the model's own folders, for sets the model
+    still has, if it was the same evaluation (split, views, image size); otherwise none, and the record is replaced."""
     path = folder / "metrics.json"
-    recorded = json.loads(path.read_text())["metrics"] if path.is_file() else {}
-    return {name: values for name, values in recorded.items() if name in task_names}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    if any(record.get(key) != value for key, value in evaluation.items()):
+        if record:
+            print(f"replacing {path}: it records another evaluation ({ {key: record.get(key) for key in evaluation} })")
+        return {}
+    return {name: values for name, values in record["metrics"].items() if name in task_names}
 
 
 def main() -> None:
@@ -120,9 +126,10 @@ def main() -> None:
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         model_folder = Path(args.model).resolve()
+        evaluation = {"split": args.split, "test_time_flips": args.test_time_flips, "size": args.size}
         if args.output_dir == evaluation_folder(model_folder, args.split, args.test_time_flips):
-            metrics = {**recorded_metrics(args.output_dir, task_names), **metrics}  # keep the sets not evaluated now
-        record = {"split": args.split, "test_time_flips": args.test_time_flips, "metrics": metrics}
+            metrics = {**recorded_metrics(args.output_dir, evaluation, task_names), **metrics}  # keep the other sets
+        record = {**evaluation, "metrics": metrics}
         (args.output_dir / "metrics.json").write_text(json.dumps(record, indent=2))
         table = metrics_table(metrics, args.split)
         views = ", mean over the label-safe flips" if args.test_time_flips else ""

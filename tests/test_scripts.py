@@ -1,5 +1,6 @@
 """The example scripts end to end on the real MedMNIST files: tiny model, few steps, CPU."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -449,3 +450,17 @@ def test_push_to_unreachable_hub_ends_with_a_clear_message(workdir, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: Could not push")
     assert (output / "model.safetensors").is_file()  # the folder is complete and can be pushed later
+
+
+def test_a_subset_evaluation_keeps_only_the_same_evaluations_metrics(tmp_path):
+    """evaluate.py merges a subset into the model folder's record only when that record is the same evaluation
+    (split, views, image size); an older record of another kind is replaced, never mixed in under the wrong label."""
+    spec = importlib.util.spec_from_file_location("evaluate_script", EXAMPLES / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    evaluation = {"split": "test", "test_time_flips": False, "size": 28}
+    values = {"acc": 0.5, "auc": 0.6, "samples": 10}
+    for recorded_as, kept in ((evaluation, {"breastmnist": values}), ({**evaluation, "split": "validation"}, {})):
+        (tmp_path / "metrics.json").write_text(json.dumps({**recorded_as, "metrics": {"breastmnist": values}}))
+        assert script.recorded_metrics(tmp_path, evaluation, ["breastmnist", "organmnist3d"]) == kept
+    assert script.recorded_metrics(tmp_path / "nothing_yet", evaluation, ["breastmnist"]) == {}
