@@ -586,9 +586,9 @@ def load_nifti(
     """Read a NIfTI volume as (D, H, W) float32 (axes reversed from NIfTI's x, y, z), scaled by the header's slope.
 
     The voxels are first turned to the closest canonical (RAS+) orientation of the file's affine, so a scan gives the
-    same array whatever axis order and direction it was stored in (left stays left). A single slice, (x, y, 1), is
-    a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it. For a 4D series (fMRI,
-    DWI), `volume` picks the volume.
+    same array whatever axis order and direction it was stored in (left stays left). A single slice (one axis of
+    size 1, in any plane) is a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it.
+    For a 4D series (fMRI, DWI), `volume` picks the volume.
     """
     nibabel = _import_optional("nibabel")
     path = Path(path)
@@ -598,11 +598,13 @@ def load_nifti(
     array = np.asarray(image.get_fdata(dtype=np.float32))
     if array.ndim == 4 and (volume is not None or array.shape[-1] == 1):
         array = array[..., volume or 0]
-    if array.ndim == 3 and array.shape[-1] == 1:  # one slice: a 2D image, not a volume of depth 1
-        array = array[..., 0]
+    axes = list(range(array.ndim))
+    if array.ndim == 3 and array.shape.count(1) == 1:  # one slice, in any plane: a 2D image, not a volume 1 thick
+        axes.remove(array.shape.index(1))
+        array = array.squeeze(array.shape.index(1))
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds a {array.ndim}-D array {array.shape}; pass volume=<index> to pick one volume.")
-    spacing = tuple(float(s) for s in image.header.get_zooms()[: array.ndim])
+    spacing = tuple(float(image.header.get_zooms()[axis]) for axis in axes)
     return MedicalImage(
         array=np.ascontiguousarray(array.transpose()),
         spatial_dims=array.ndim,
@@ -633,7 +635,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No DICOM file or folder at {path}.")
-    if path.is_dir():  # hidden files (.DS_Store, Thumbs.db is not hidden: it raises) are no slices
+    if path.is_dir():  # hidden files (.DS_Store) are not slices; any other file must be DICOM
         files = [file for file in sorted(path.iterdir()) if file.is_file() and not file.name.startswith(".")]
         datasets = [_read_dicom(pydicom, file) for file in files]
         datasets = [dataset for dataset in datasets if "PixelData" in dataset]
@@ -673,8 +675,8 @@ def _read_dicom(pydicom: Any, file: Path) -> Any:
         return pydicom.dcmread(str(file))
     except pydicom.errors.InvalidDicomError as error:
         raise ValueError(
-            f"{file} is not a DICOM file. Pass PNG/JPEG/TIFF images as arrays or PIL images (the medical pipeline "
-            "also takes their paths), NIfTI as .nii/.nii.gz; in a DICOM series folder, move other files out."
+            f"{file} is not a DICOM file ({error}). Pass PNG/JPEG/TIFF images as arrays or PIL images (the medical "
+            "pipeline also takes their paths), NIfTI as .nii/.nii.gz; in a DICOM series folder, move other files out."
         ) from error
 
 

@@ -107,9 +107,13 @@ def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
     ras, las = load_nifti(tmp_path / "ras.nii.gz"), load_nifti(tmp_path / "las.nii.gz")
     np.testing.assert_array_equal(ras.array, las.array)
     np.testing.assert_array_equal(ras.array, voxels.transpose())
-    nibabel.save(nibabel.Nifti1Image(voxels[..., :1].copy(), np.eye(4)), tmp_path / "slice.nii.gz")
-    image = load_nifti(tmp_path / "slice.nii.gz")
-    assert image.spatial_dims == 2 and image.array.shape == (5, 6)
+    zooms = np.diag([0.5, 2.0, 3.0, 1.0])
+    for axis, expected_spacing in ((2, (2.0, 0.5)), (1, (3.0, 0.5))):  # an axial and a coronal slice
+        one_slice = voxels.take([0], axis=axis)
+        nibabel.save(nibabel.Nifti1Image(one_slice, zooms), tmp_path / "slice.nii.gz")
+        image = load_nifti(tmp_path / "slice.nii.gz")
+        assert image.spatial_dims == 2 and image.array.shape == one_slice.squeeze(axis).transpose().shape
+        assert image.spacing == expected_spacing
 
 
 @pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")
