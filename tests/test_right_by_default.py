@@ -440,3 +440,25 @@ def test_test_time_flips_need_flips_recorded_in_the_checkpoint(multi_task):
     )
     with pytest.raises(ValueError, match="leave test_time_flips out"):
         classify(np.zeros((28, 28, 28), np.uint8), task="organ", test_time_flips=True)
+
+
+def test_picture_paths_are_read_as_displayed_and_multi_page_files_are_refused(multi_task, tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    classify = pipeline(
+        "medical-image-classification",
+        model=multi_task,
+        image_processor=MedformerImageProcessor.from_model_config(multi_task.config, training_size=28),
+    )
+    image = np.load(DATA_DIR / "pneumoniamnist.npz")["test_images"][0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: shown turned 90 degrees clockwise
+    Image.fromarray(image).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    with Image.open(tmp_path / "turned.jpg") as stored:
+        shown = np.rot90(np.asarray(stored), k=-1).copy()
+    assert classify(str(tmp_path / "turned.jpg"), task="pneumonia") == classify(shown, task="pneumonia")
+    pages = [Image.fromarray(image), Image.fromarray(image[::-1].copy())]
+    pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(ValueError, match="holds 2 pages"):
+        classify(str(tmp_path / "pages.tif"), task="pneumonia")

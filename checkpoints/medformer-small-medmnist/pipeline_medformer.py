@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
@@ -64,7 +64,14 @@ class MedicalImageClassificationPipeline(Pipeline):
                 inputs = load_nifti(path, **names)
             elif path.suffix.lower() in PICTURE_SUFFIXES:
                 with Image.open(path) as picture:
-                    inputs = picture.copy()  # its mode as stored (grayscale stays one channel, 16 bits stay 16)
+                    if getattr(picture, "n_frames", 1) > 1:
+                        raise ValueError(
+                            f"{path} holds {picture.n_frames} pages (a multi-page TIFF?): pass the page you mean as an "
+                            "image, or a volume as an array with spatial_dims=3."
+                        )
+                    # As displayed (EXIF orientation, as transformers' load_image), in its stored mode: grayscale
+                    # stays one channel, 16 bits stay 16.
+                    inputs = ImageOps.exif_transpose(picture)
             else:
                 inputs = load_dicom(path)
         return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
