@@ -372,6 +372,12 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads", "--layer_decay", "0.7"],
             "--layer_decay changes nothing with --train new_heads",
         ),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
+            + ["--drop_path_rate", "0.1"],
+            "which --train output_and_heads freezes",
+        ),
     ],
 )
 def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
