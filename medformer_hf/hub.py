@@ -128,8 +128,7 @@ def _test_time_flips_section(folder: Path, split: str) -> str:
     return (
         "\n\nThe same, with each set's probabilities averaged over the flips that keep its label "
         "(`examples/evaluate.py --test_time_flips`; for one image, the medical pipeline's `test_time_flips=True`; the "
-        "metadata above holds the single-view figures):\n\n"
-        + metrics_table(record["metrics"], split)
+        "metadata above holds the single-view figures):\n\n" + metrics_table(record["metrics"], split)
     )
 
 
