@@ -32,8 +32,8 @@ CT_WINDOWS = {
     "bone": (400.0, 1800.0),
     "brain": (40.0, 80.0),
 }
-# Integer dtypes whose full range is the natural intensity scale; others (int16 CT in HU) need a window or range.
-# Dtypes whose range is the image's: not uint16 (12-bit detectors store 0-4095 in it, CT stores HU + 1024).
+# Dtypes whose full range is the natural intensity scale; others need a window or range: int16 CT in HU, and uint16
+# (12-bit detectors store 0-4095 in it, CT stores HU + 1024).
 DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("bool"): (0, 1)}
 SUPPORTED_CHANNELS = (1, 3)
 # Channel counts of common image formats Medformer does not take (gray+alpha, RGBA): at either end of a 3-axis array

@@ -26,7 +26,7 @@ from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
 from .hub import EVALUATION_SPLITS, TEST_TIME_FLIPS_FOLDER
 from .metrics import medmnist_metrics
-from .modeling_medformer import task_probabilities
+from .modeling_medformer import mean_over_flips, task_probabilities
 
 MODEL_SIZES = {
     "tiny": {"hidden_size": 64, "num_latents": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -523,15 +523,14 @@ def predict(
     # On a terminal only (disable=None): in a log file the nested bar's cursor codes would garble the lines around it.
     bar = None if accelerator.is_main_process else True
     for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=bar):
-        probabilities = 0
-        for axes in flips:  # probabilities, not logits, are averaged: each view is one calibrated guess
-            logits = model(
-                batch["pixel_values"].flip([axis + 2 for axis in axes]),
-                task=task,
-                modality_ids=batch["modality_ids"],
-                body_part_ids=batch["body_part_ids"],
-            ).logits
-            probabilities = probabilities + task_probabilities(logits.float(), task_type) / len(flips)
+        metadata = {"modality_ids": batch["modality_ids"], "body_part_ids": batch["body_part_ids"]}
+        probabilities = mean_over_flips(
+            batch["pixel_values"],
+            flips,
+            lambda pixels, metadata=metadata: task_probabilities(
+                model(pixels, task=task, **metadata).logits.float(), task_type
+            ),
+        )
         gathered = accelerator.gather_for_metrics((probabilities, batch["labels"]))
         scores.append(gathered[0].cpu().numpy())
         labels.append(gathered[1].cpu().numpy())

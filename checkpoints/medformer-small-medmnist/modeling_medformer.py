@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -331,6 +332,17 @@ def flip_views(axes: list[int] | tuple[int, ...]) -> list[tuple[int, ...]]:
     """Every combination of the given spatial flip axes, the identity `()` first: the views that test-time flip
     averaging takes of an image (up to 8 for a volume)."""
     return [combo for count in range(len(axes) + 1) for combo in itertools.combinations(axes, count)]
+
+
+def mean_over_flips(
+    pixel_values: torch.Tensor, views: list[tuple[int, ...]], probabilities_of: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Mean of `probabilities_of(view)` over the flipped views of a `(B, C, *spatial)` batch (`flip_views`; spatial
+    axes from 0). Probabilities, not logits, are averaged: each view is one calibrated guess."""
+    mean = 0
+    for axes in views:
+        mean = mean + probabilities_of(pixel_values.flip([axis + 2 for axis in axes])) / len(views)
+    return mean
 
 
 def match_task_images(config: MedformerConfig, pixel_values: torch.Tensor, task_names: list[str]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
 from .image_processing_medformer import load_dicom, load_nifti
-from .modeling_medformer import flip_views, task_probabilities
+from .modeling_medformer import flip_views, mean_over_flips, task_probabilities
 
 TASK_NAME = next(iter(CUSTOM_PIPELINES))
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -77,18 +77,18 @@ class MedicalImageClassificationPipeline(Pipeline):
         return self.image_processor(inputs, return_tensors="pt", **processor_kwargs)
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], task: str | None = None, test_time_flips: bool = False):
-        """The task's class probabilities, averaged over the label-safe flips of the image when asked: probabilities,
-        not logits, are averaged (each view is one calibrated guess), as `examples/evaluate.py --test_time_flips`."""
+        """The task's class probabilities, averaged over the label-safe flips of the image when asked, as
+        `examples/evaluate.py --test_time_flips` does."""
         if task is None and hasattr(self.model, "task_heads"):
             raise ValueError(f"Pass task=<one of {list(self.model.config.tasks)}> for this multi-task model.")
         extra = {} if task is None else {"task": task}
         views = self._flip_views(task) if test_time_flips else [()]
-        scores = 0
-        for axes in views:
-            pixels = model_inputs["pixel_values"].flip([axis + 2 for axis in axes])
+
+        def probabilities_of(pixels: torch.Tensor) -> torch.Tensor:
             logits = self.model(**{**model_inputs, "pixel_values": pixels}, **extra).logits.float()
-            scores = scores + self._probabilities(logits, task) / len(views)
-        return {"scores": scores}
+            return self._probabilities(logits, task)
+
+        return {"scores": mean_over_flips(model_inputs["pixel_values"], views, probabilities_of)}
 
     def _flip_views(self, task: str | None) -> list[tuple[int, ...]]:
         """The views of the task's label-safe flips, which its `config.tasks` entry records (a one-task classifier's
