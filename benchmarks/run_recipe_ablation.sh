@@ -22,6 +22,7 @@ declare -A VARIANTS=(
   [latents_64]="--num_latents 64"
   [label_smoothing_0.1]="--label_smoothing 0.1"
   [drop_path_0.1]="--drop_path_rate 0.1"
+  [mixup_0.2]="--mixup_alpha 0.2"
   [layer_decay_0.75]="--layer_decay 0.75"
   [stem_blocks_1]="--conv_stem_blocks 1"
   [stem_blocks_2]="--conv_stem_blocks 2"
@@ -31,11 +32,11 @@ declare -A VARIANTS=(
 SCRATCH_ONLY="linear_tokenizer vit_init_0.02 latents_16 latents_32 latents_64 stem_blocks_1 stem_blocks_2 stem_blocks_3"
 INIT_ONLY="layer_decay_0.75"
 if [ -n "${INIT:-}" ]; then
-  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 $INIT_ONLY"
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 $INIT_ONLY"
   FORBIDDEN=$SCRATCH_ONLY
   MODEL_FLAGS=(--init_from "$INIT")
 else
-  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 $SCRATCH_ONLY"
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 $SCRATCH_ONLY"
   FORBIDDEN=$INIT_ONLY
   MODEL_FLAGS=(--model_size small)
 fi

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from accelerate.utils import set_seed
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
@@ -32,6 +32,7 @@ from medformer_hf.training import (
     export_model_folder,
     exported_state_dict,
     log_line,
+    mix_within_tasks,
     model_config_kwargs,
     resolve_budget,
     train,
@@ -55,6 +56,12 @@ def parse_args() -> argparse.Namespace:
         "--drop_path_rate",
         type=float,
         help="Main Body stochastic depth (MedformerConfig; default: the checkpoint's, 0)",
+    )
+    regularisation.add_argument(
+        "--mixup_alpha",
+        type=float,
+        default=0.0,
+        help="mixup of images of the same task, weights ~ Beta(alpha, alpha) (0: off; see mix_within_tasks)",
     )
     regularisation.add_argument(
         "--layer_decay",
@@ -91,6 +98,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--label_fraction must be in (0, 1], got {args.label_fraction}.")
     if not 0.0 <= args.label_smoothing < 1.0:
         parser.error(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}.")
+    if args.mixup_alpha < 0.0:
+        parser.error(f"--mixup_alpha must be >= 0 (0 turns mixup off), got {args.mixup_alpha}.")
     if not 0.0 < args.layer_decay <= 1.0:
         parser.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
     if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
@@ -229,17 +238,26 @@ def main() -> None:
     )
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)
+    model_config = accelerator.unwrap_model(model).config
 
     def compute_loss(model, batch):
+        pixel_values = batch["pixel_values"]
+        if args.mixup_alpha:
+            pixel_values, partner, weight = mix_within_tasks(pixel_values, batch["task_ids"], args.mixup_alpha)
         output = model(
-            batch["pixel_values"],
+            pixel_values,
             task=batch["task_ids"],
             labels=batch["labels"],
             modality_ids=batch["modality_ids"],
             body_part_ids=batch["body_part_ids"],
             target_smoothing=args.label_smoothing,
         )
-        return output.loss, {}
+        if not args.mixup_alpha:
+            return output.loss, {}
+        partner_loss, _ = multitask_loss(
+            model_config, output.task_logits, output.task_indices, batch["labels"][partner], args.label_smoothing
+        )
+        return weight * output.loss + (1 - weight) * partner_loss, {}
 
     # What is evaluated and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
@@ -313,6 +331,7 @@ def main() -> None:
             f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}"
             f"{f'label smoothing {args.label_smoothing}, ' if args.label_smoothing else ''}"
             f"{f'stochastic depth {args.drop_path_rate}, ' if args.drop_path_rate else ''}"
+            f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
             f"the checkpoint with the best mean validation AUC "

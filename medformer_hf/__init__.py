@@ -27,6 +27,7 @@ from .modeling_medformer import (
     MedformerModelOutput,
     MedformerMultiTaskOutput,
     MedformerPreTrainedModel,
+    multitask_loss,
     task_loss,
     task_probabilities,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "MedformerModelOutput",
     "MedformerMultiTaskOutput",
     "MedformerPreTrainedModel",
+    "multitask_loss",
     "task_loss",
     "task_probabilities",
 ]

@@ -275,6 +275,25 @@ def create_ema(
     return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
 
 
+def mix_within_tasks(
+    pixel_values: torch.Tensor, task_ids: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) that only blends images of the same task: returns the mixed images
+    `weight * x + (1 - weight) * x[partner]`, `partner` (each sample's random partner of its own task) and `weight`
+    ~ Beta(alpha, alpha).
+
+    Score the mixed batch as `weight * loss(labels) + (1 - weight) * loss(labels[partner])` (`multitask_loss` gives
+    the second term from the same logits). Within a task, so two images always share a label space and an input shape.
+    """
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    grouped = task_ids.argsort(stable=True)  # the batch's rows, task by task
+    # The same groups in the same order, shuffled inside each: row grouped[i] is paired with row shuffled[i].
+    shuffled = (task_ids.double() + torch.rand(len(task_ids), device=task_ids.device)).argsort()
+    partner = torch.empty_like(grouped)
+    partner[grouped] = shuffled
+    return weight * pixel_values + (1 - weight) * pixel_values[partner], partner, weight
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 

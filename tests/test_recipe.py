@@ -5,13 +5,14 @@ import argparse
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, task_loss
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss, task_loss
 from medformer_hf.data import CATALOGUE, AugmentationPolicy, MedformerCollator, augment, build_multitask_dataset
 from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
 from medformer_hf.modeling_medformer import MedformerDropPath
-from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer, predict
+from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer, mix_within_tasks, predict
 
 from .conftest import DATA_DIR, load_npz_images
 
@@ -191,6 +192,46 @@ def test_multitask_forward_passes_label_smoothing_to_every_task():
     smoothed = model(pixels, labels=labels, target_smoothing=0.3)
     assert smoothed.loss.item() == pytest.approx(task_loss(smoothed.logits, labels, "multiclass", 3, 0.3).item())
     assert smoothed.loss != model(pixels, labels=labels).loss
+
+
+def test_mixup_pairs_each_image_with_one_of_its_own_task_and_blends_by_the_drawn_weight():
+    torch.manual_seed(0)
+    task_ids = torch.tensor([2, 0, 2, 1, 0, 2, 2, 0])
+    pixels = torch.randn(8, 1, 28, 28)
+    for _ in range(20):
+        mixed, partner, weight = mix_within_tasks(pixels, task_ids, alpha=0.4)
+        assert 0.0 < weight < 1.0
+        assert (task_ids[partner] == task_ids).all()
+        assert sorted(partner.tolist()) == list(range(8))  # every image is some image's partner once
+        torch.testing.assert_close(mixed, weight * pixels + (1 - weight) * pixels[partner])
+    # The lone image of task 1 can only be paired with itself, so it comes out unchanged.
+    assert partner[3] == 3
+    torch.testing.assert_close(mixed[3], pixels[3])
+
+
+def test_multitask_loss_is_the_forward_loss_and_scores_the_same_logits_against_other_labels():
+    """The forward's loss is `multitask_loss` of its own logits; against mixup's partner labels the same logits give
+    the loss of the mixed targets, which for a sigmoid task is BCE with the blended 0/1 targets (hand-checked)."""
+    torch.manual_seed(0)
+    tasks = {"kind": {"type": "multiclass", "num_labels": 3}, "sick": {"type": "binary", "num_labels": 2}}
+    model = MedformerForMultiTask(MedformerConfig(**MODEL_SIZES["tiny"], tasks=tasks)).eval()
+    pixels = torch.randn(5, 1, 28, 28)
+    task_ids, labels = torch.tensor([0, 1, 0, 1, 1]), torch.tensor([[2], [1], [0], [0], [1]])
+    output = model(pixels, task=task_ids, labels=labels, target_smoothing=0.1)
+    loss, per_task = multitask_loss(model.config, output.task_logits, output.task_indices, labels, 0.1)
+    assert loss.item() == pytest.approx(output.loss.item()) and per_task.keys() == {"kind", "sick"}
+    partner = torch.tensor([2, 3, 0, 1, 4])
+    weight = 0.3
+    plain, _ = multitask_loss(model.config, output.task_logits, output.task_indices, labels)
+    swapped, _ = multitask_loss(model.config, output.task_logits, output.task_indices, labels[partner])
+    sick_logits = output.task_logits["sick"][:, 0]
+    blended = weight * torch.tensor([1.0, 0.0, 1.0]) + (1 - weight) * torch.tensor([0.0, 1.0, 1.0])
+    kind_logits = output.task_logits["kind"]
+    kind = weight * F.cross_entropy(kind_logits, torch.tensor([2, 0])) + (1 - weight) * F.cross_entropy(
+        kind_logits, torch.tensor([0, 2])
+    )
+    expected = (2 * kind + 3 * F.binary_cross_entropy_with_logits(sick_logits, blended)) / 5
+    assert (weight * plain + (1 - weight) * swapped).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_drop_path_rises_with_depth_drops_whole_samples_in_training_and_never_in_evaluation():

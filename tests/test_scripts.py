@@ -114,6 +114,8 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
             str(pretrained),
             "--label_fraction",
             "0.5",
+            "--mixup_alpha",
+            "0.2",
             "--output_dir",
             str(finetuned),
         )
