@@ -468,6 +468,30 @@ def task_loss(
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
 
 
+def multitask_loss(
+    config: MedformerConfig,
+    task_logits: dict[str, torch.Tensor],
+    task_indices: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    padded: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A batch's loss from `MedformerForMultiTask`'s per-task logits and rows: each task's `task_loss` on its rows'
+    `labels` (checked by `check_labels`), weighted by its share of the batch; also each task's own loss.
+
+    The model's forward uses it, and so can a training loop that scores the same logits against other labels
+    (mixup's partner labels)."""
+    batch_size = sum(len(rows) for rows in task_indices.values())
+    loss, task_losses = None, {}
+    for name, logits in task_logits.items():
+        spec = config.tasks[name]
+        task_labels = check_labels(labels[task_indices[name]], spec["type"], spec["num_labels"], name, padded=padded)
+        task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"], label_smoothing)
+        weighted = task_losses[name] * len(logits) / batch_size
+        loss = weighted if loss is None else loss + weighted
+    return loss, task_losses
+
+
 def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | None = None) -> torch.Tensor:
     """Per-class scores of a task's raw logits, as MedMNIST's evaluator reads them.
 
@@ -1202,31 +1226,26 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         )
         latents, context = outputs.last_hidden_state, outputs.context_embedding
 
-        task_logits, task_indices, task_losses = {}, {}, {}
-        loss = None
+        task_logits, task_indices = {}, {}
         for index, rows in task_rows.items():
             name = names[index]
-            spec = self.config.tasks[name]
-            task_latents, task_context, task_labels = latents, context, labels
-            if not single_task:
-                task_latents, task_context = latents[rows], context[rows]
-                task_labels = None if labels is None else labels[rows]
-            logits = self._read_task(
+            task_latents, task_context = (latents, context) if single_task else (latents[rows], context[rows])
+            task_logits[name] = self._read_task(
                 self.task_heads[name], self.output_adaptformer_of(name), task_latents, task_context
             )
-            task_logits[name], task_indices[name] = logits, rows
-            if labels is not None:
-                task_labels = check_labels(task_labels, spec["type"], spec["num_labels"], name, padded=not single_task)
-                task_losses[name] = task_loss(logits, task_labels, spec["type"], spec["num_labels"], target_smoothing)
-                weighted = task_losses[name] * len(logits) / len(task_ids)
-                loss = weighted if loss is None else loss + weighted
+            task_indices[name] = rows
+        loss, task_losses = None, None
+        if labels is not None:
+            loss, task_losses = multitask_loss(
+                self.config, task_logits, task_indices, labels, target_smoothing, padded=not single_task
+            )
 
         return MedformerMultiTaskOutput(
             loss=loss,
             logits=task_logits[names[present[0]]] if single_task else None,
             task_logits=task_logits,
             task_indices=task_indices,
-            task_losses=task_losses or None,
+            task_losses=task_losses,
             pooler_output=outputs.pooler_output,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
