@@ -3,7 +3,7 @@
     accelerate launch examples/finetune.py --data_dir ../shared/data/medmnist --init_from outputs/pretrain
 
 One head per dataset; each step trains one dataset's batch (p ~ n^alpha, the same on every process). At every
-checkpoint the model is evaluated on the validation splits; the best mean validation AUC is exported to
+checkpoint the model is evaluated on the validation splits; the best mean validation AUC (ties: mean ACC) is exported to
 --output_dir (model, image processor, card, validation metrics, confusion matrices). The test split is never read.
 """
 
@@ -11,7 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
@@ -36,6 +35,7 @@ from medformer_hf.training import (
     model_config_kwargs,
     resolve_budget,
     train,
+    validation_score,
 )
 from medformer_hf.visualization import save_confusion_matrix
 
@@ -269,15 +269,15 @@ def main() -> None:
 
     def validate_and_keep_best(step: int) -> None:
         metrics, predictions = evaluate_tasks(accelerator, evaluated, validation, collators, args.batch_size)
-        mean_auc = float(np.mean([values["auc"] for values in metrics.values()]))
+        mean_auc, mean_acc = validation_score(metrics)
         logged = {f"validation/{name}/{key}": values[key] for name, values in metrics.items() for key in ("acc", "auc")}
-        accelerator.log({**logged, "validation/mean_auc": mean_auc}, step=step)
+        accelerator.log({**logged, "validation/mean_auc": mean_auc, "validation/mean_acc": mean_acc}, step=step)
         per_set = ", ".join(f"{name} {values['auc']:.3f}" for name, values in metrics.items())
-        best = mean_auc > state.best_metric
+        best = (mean_auc, mean_acc) > (state.best_metric, state.best_accuracy)
         log_line(accelerator, f"step {step} validation AUC: {per_set}; mean {mean_auc:.4f}{' (best: saved)' * best}")
         if not best:
             return
-        state.best_metric = mean_auc
+        state.best_metric, state.best_accuracy = mean_auc, mean_acc
         weights = exported_state_dict(accelerator, model, ema)
 
         def write(folder: Path) -> None:
@@ -334,8 +334,8 @@ def main() -> None:
             f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
-            f"the checkpoint with the best mean validation AUC "
-            f"({state.best_metric:.4f}) was kept."
+            f"the checkpoint with the best mean validation AUC ({state.best_metric:.4f}; ties broken by mean "
+            f"validation ACC) was kept."
         )
         write_model_card(
             output_dir,

@@ -2,6 +2,7 @@
 accelerate reads (optimizer, scheduler, RNG states) goes through `weights_only=True` unpickling."""
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -84,7 +85,19 @@ def test_a_folder_without_the_training_state_is_refused(saved_checkpoint, tmp_pa
         manager.resume(str(path))
 
 
-@pytest.mark.parametrize("content", ['{"step": "os.system"}', "[1, 2]", '{"step": 1}'])
+def test_a_training_state_saved_before_the_accuracy_tie_break_still_resumes(saved_checkpoint, tmp_path):
+    """Runs started by an earlier version (no `best_accuracy` in their state) resume; the tie-break starts unset."""
+    path, _ = saved_checkpoint
+    copy = shutil.copytree(path, tmp_path / "older")
+    (copy / "train_state.json").write_text('{"step": 7, "epoch": 0, "batch_in_epoch": 3, "best_metric": 0.75}')
+    manager, state, _ = _manager(tmp_path / "checkpoints")
+    manager.resume(str(copy))
+    assert (state.step, state.batch_in_epoch, state.best_metric, state.best_accuracy) == (7, 3, 0.75, -math.inf)
+
+
+@pytest.mark.parametrize(
+    "content", ['{"step": "os.system"}', "[1, 2]", '{"step": 1}', '{"step": 1, "epoch": 0, "batch_in_epoch": 0}']
+)
 def test_a_tampered_training_state_is_refused(saved_checkpoint, tmp_path, content):
     path, _ = saved_checkpoint
     copy = shutil.copytree(path, tmp_path / "tampered")

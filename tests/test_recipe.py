@@ -12,7 +12,14 @@ from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageP
 from medformer_hf.data import CATALOGUE, AugmentationPolicy, MedformerCollator, augment, build_multitask_dataset
 from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
 from medformer_hf.modeling_medformer import MedformerDropPath
-from medformer_hf.training import MODEL_SIZES, create_ema, create_optimizer, mix_within_tasks, predict
+from medformer_hf.training import (
+    MODEL_SIZES,
+    create_ema,
+    create_optimizer,
+    mix_within_tasks,
+    predict,
+    validation_score,
+)
 
 from .conftest import DATA_DIR, load_npz_images
 
@@ -232,6 +239,15 @@ def test_multitask_loss_is_the_forward_loss_and_scores_the_same_logits_against_o
     )
     expected = (2 * kind + 3 * F.binary_cross_entropy_with_logits(sick_logits, blended)) / 5
     assert (weight * plain + (1 - weight) * swapped).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_checkpoints_are_kept_on_mean_auc_and_a_saturated_auc_is_broken_by_accuracy():
+    early = {"organmnist3d": {"auc": 1.0, "acc": 0.93}, "breastmnist": {"auc": 0.80, "acc": 0.85}}
+    later = {"organmnist3d": {"auc": 1.0, "acc": 0.97}, "breastmnist": {"auc": 0.80, "acc": 0.85}}
+    assert validation_score(early) == pytest.approx((0.90, 0.89))
+    assert validation_score(later) > validation_score(early)  # same AUC, better accuracy: kept
+    worse_auc_better_acc = {"organmnist3d": {"auc": 1.0, "acc": 1.0}, "breastmnist": {"auc": 0.79, "acc": 0.9}}
+    assert validation_score(worse_auc_better_acc) < validation_score(early)  # AUC comes first
 
 
 def test_drop_path_rises_with_depth_drops_whole_samples_in_training_and_never_in_evaluation():
