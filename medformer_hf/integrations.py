@@ -54,8 +54,12 @@ def lora_config(model: torch.nn.Module, r: int = 8, lora_alpha: int = 16, **kwar
 class MedformerDataCollator:
     """Rows of a `load_medmnist` split (uint8 `pixel_values`, `label`) -> model inputs through the image processor.
 
-    `task` (a task name) is added to each batch for `MedformerForMultiTask`; leave it None for
-    `MedformerForImageClassification`. `modality` / `body_part` are used for rows that do not carry their own.
+    Each row's image goes to the processor as it is (uint8, float in [0, 1], uint16 with the processor's
+    `rescale_range`, with or without a channel axis), except that plain integer rows, which is how `datasets` returns
+    a uint8 column without a format, are read as uint8 when every value fits (else refused). Float labels stay float
+    (regression); class labels become integers. `task` (a task name) is added to each batch for
+    `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. `modality` / `body_part` are used
+    for rows that do not carry their own.
     """
 
     def __init__(
@@ -71,10 +75,8 @@ class MedformerDataCollator:
         self.body_part = body_part
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        pixels = np.stack([np.asarray(row["pixel_values"], dtype=np.uint8) for row in rows])
         features = self.processor(
-            pixels,
-            spatial_dims=pixels.ndim - 2,
+            [row_image(row["pixel_values"]) for row in rows],
             modality=[row.get("modality") or self.modality for row in rows],  # None: the model uses the task's
             body_part=[row.get("body_part") or self.body_part for row in rows],
         )
@@ -82,10 +84,25 @@ class MedformerDataCollator:
         key = "label" if "label" in rows[0] else "labels"
         if key in rows[0]:
             labels = torch.as_tensor(np.asarray([row[key] for row in rows]))
-            batch["labels"] = labels.float() if labels.ndim == 2 else labels.long()
+            batch["labels"] = labels.float() if labels.ndim == 2 or labels.is_floating_point() else labels.long()
         if self.task is not None:
             batch["task"] = self.task
         return batch
+
+
+def row_image(pixels: Any) -> np.ndarray:
+    """A `datasets` row's image as the image processor reads it: signed integers (how a uint8 column comes back without
+    a format, or with `with_format("torch")`) become uint8 when they fit; other dtypes are the processor's to read."""
+    image = np.asarray(pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels)
+    if image.dtype.kind != "i":
+        return image
+    if image.size and (image.min() < 0 or image.max() > 255):
+        raise ValueError(
+            f"Row pixel values span {image.min()}..{image.max()} as plain integers ({image.dtype}), outside uint8's "
+            "0..255: give the column as uint16 arrays (e.g. with_format('numpy')) and set the image processor's "
+            "rescale_range, or scale the images to floats in [0, 1]."
+        )
+    return image.astype(np.uint8)
 
 
 def medmnist_compute_metrics(task_type: str) -> Callable[[Any], dict[str, float]]:

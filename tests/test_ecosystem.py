@@ -71,6 +71,30 @@ def test_trainer_with_the_multitask_model_and_its_binary_logit(breast, tmp_path)
     assert set(predictions.metrics) >= {"test_acc", "test_auc", "test_loss"}
 
 
+def test_the_collator_reads_each_rows_image_as_given_and_keeps_float_labels(breast):
+    """Rows as `datasets` gives them (plain integers, torch, numpy), floats in [0, 1] from a transform, images without
+    a channel axis: all reach the model as the same image; 16-bit rows are the processor's to refuse; float
+    (regression) labels stay float."""
+    config = make_tiny_config()
+    collator = MedformerDataCollator(MedformerImageProcessor.from_model_config(config), modality="ultrasound")
+    rows = [breast["test"].with_format("numpy")[i] for i in range(3)]
+    expected = collator(rows)["pixel_values"]
+    as_lists = [breast["test"][i] for i in range(3)]
+    as_torch = [breast["test"].with_format("torch")[i] for i in range(3)]
+    as_floats = [{**row, "pixel_values": row["pixel_values"].astype(np.float32) / 255} for row in rows]
+    no_channel = [{**row, "pixel_values": row["pixel_values"][0]} for row in rows]
+    for variant in (as_lists, as_torch, as_floats, no_channel):
+        torch.testing.assert_close(collator(variant)["pixel_values"], expected)
+    with pytest.raises(ValueError, match="uint16 images have no agreed intensity range"):
+        collator([{**row, "pixel_values": row["pixel_values"].astype(np.uint16) * 16} for row in rows])
+    with pytest.raises(ValueError, match="outside uint8's 0..255"):
+        collator([{**row, "pixel_values": np.asarray(row["pixel_values"], dtype=np.int64) * 16} for row in rows])
+    volumes = [{"pixel_values": np.zeros((28, 28, 28), dtype=np.uint8), "label": 0.5}] * 2
+    batch = collator(volumes)
+    assert batch["pixel_values"].shape == (2, 1, 28, 28, 28)
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [0.5, 0.5]
+
+
 def test_lora_trains_only_adapters_and_head_and_merges_exactly(tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
