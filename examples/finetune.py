@@ -18,7 +18,6 @@ from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_data
 from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
-    MODEL_FLAGS,
     CheckpointManager,
     TrainState,
     add_common_arguments,
@@ -30,10 +29,12 @@ from medformer_hf.training import (
     evaluate_tasks,
     export_model_folder,
     exported_state_dict,
+    given_model_flags,
     log_line,
     mix_within_tasks,
     model_config_kwargs,
     resolve_budget,
+    run_arguments,
     train,
     validation_score,
 )
@@ -116,7 +117,7 @@ def parse_args() -> argparse.Namespace:
     if args.layer_decay < 1.0 and args.train in ("output_and_heads", "new_heads", "new_heads_and_output"):
         parser.error(f"--layer_decay changes nothing with --train {args.train} (the encoder is frozen); drop it.")
     if args.init_from is not None:
-        given = [f"--{name}" for name in MODEL_FLAGS if getattr(args, name) != parser.get_default(name)]
+        given = given_model_flags(args)
         if given:
             parser.error(
                 f"{', '.join(given)} shape a model built from scratch, but --init_from {args.init_from} brings its "
@@ -234,7 +235,12 @@ def main() -> None:
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
     checkpoints = CheckpointManager(
-        accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit, state, ema
+        accelerator,
+        Path(args.output_dir) / "checkpoints",
+        args.checkpoints_total_limit,
+        state,
+        ema,
+        arguments=run_arguments(args),
     )
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)

@@ -29,6 +29,7 @@ from medformer_hf.training import (
     exported_state_dict,
     model_config_kwargs,
     resolve_budget,
+    run_arguments,
     train,
 )
 from medformer_hf.visualization import save_reconstruction_grid
@@ -121,7 +122,12 @@ def main() -> None:
     # What is previewed and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
     checkpoints = CheckpointManager(
-        accelerator, Path(args.output_dir) / "checkpoints", args.checkpoints_total_limit, state, ema
+        accelerator,
+        Path(args.output_dir) / "checkpoints",
+        args.checkpoints_total_limit,
+        state,
+        ema,
+        arguments=run_arguments(args),
     )
     checkpoints.resume(args.resume_from_checkpoint)
 

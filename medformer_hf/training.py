@@ -41,25 +41,39 @@ MODEL_SIZES = {
 MODEL_FLAGS = ("model_size", "tokenizer", "weight_init", "num_latents", "conv_stem_blocks")  # add_model_arguments'
 
 
+# add_model_arguments' flags when not given. They default to None in the parser, so that a flag given with its default
+# value still counts as given (and is refused next to --init_from, whose checkpoint brings its own architecture).
+MODEL_FLAG_DEFAULTS = {"model_size": "tiny", "tokenizer": "conv", "weight_init": "fan_in", "conv_stem_blocks": 0}
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Architecture flags of a model built from scratch."""
     model = parser.add_argument_group("model (from scratch)")
-    model.add_argument("--model_size", choices=sorted(MODEL_SIZES), default="tiny")
+    model.add_argument("--model_size", choices=sorted(MODEL_SIZES), help="(default: tiny)")
     model.add_argument(
-        "--tokenizer", choices=list(TOKENIZERS), default="conv", help="Input Adaptformer tokenizer (MedformerConfig)"
+        "--tokenizer", choices=list(TOKENIZERS), help="Input Adaptformer tokenizer (MedformerConfig; default: conv)"
     )
-    model.add_argument("--weight_init", choices=list(WEIGHT_INITS), default="fan_in", help="see MedformerConfig")
+    model.add_argument("--weight_init", choices=list(WEIGHT_INITS), help="see MedformerConfig (default: fan_in)")
     model.add_argument("--num_latents", type=int, help="latents of the Input Adaptformer (default: the size's)")
-    model.add_argument("--conv_stem_blocks", type=int, default=0, help="residual blocks per conv stem stage")
+    model.add_argument("--conv_stem_blocks", type=int, help="residual blocks per conv stem stage (default: 0)")
+
+
+def given_model_flags(args: argparse.Namespace) -> list[str]:
+    """The `add_model_arguments` flags given on the command line, whatever their value."""
+    return [f"--{name}" for name in MODEL_FLAGS if getattr(args, name) is not None]
 
 
 def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`MedformerConfig` keyword arguments from `add_model_arguments`' flags."""
+    flags = {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in MODEL_FLAG_DEFAULTS.items()
+    }
     kwargs = {
-        **MODEL_SIZES[args.model_size],
-        "tokenizer": args.tokenizer,
-        "weight_init": args.weight_init,
-        "conv_stem_blocks": args.conv_stem_blocks,
+        **MODEL_SIZES[flags["model_size"]],
+        "tokenizer": flags["tokenizer"],
+        "weight_init": flags["weight_init"],
+        "conv_stem_blocks": flags["conv_stem_blocks"],
     }
     if args.num_latents is not None:
         kwargs["num_latents"] = args.num_latents
@@ -97,7 +111,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
         "--ema_decay", type=float, default=0.999, help="EMA of the weights, evaluated and saved; 0 turns it off"
     )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping; 0 turns it off (as in Trainer)"
+    )
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--checkpointing_steps", type=int, default=100)
@@ -142,6 +158,10 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if resume not in (None, "latest") and not Path(resume).is_dir():
         parser.error(f"--resume_from_checkpoint {resume} is not a folder (or pass 'latest').")
     output_dir = Path(args.output_dir)
+    if resume is not None and args.overwrite_output_dir:
+        parser.error("--resume_from_checkpoint continues a run and --overwrite_output_dir starts over: pass one.")
+    if args.max_grad_norm < 0:
+        parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume is None and not args.overwrite_output_dir:
         parser.error(
             f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
@@ -336,6 +356,7 @@ class CheckpointManager:
     prefix = "step_"
     state_file = "train_state.json"
     ema_file = "ema.safetensors"
+    arguments_file = "run_arguments.json"
 
     def __init__(
         self,
@@ -344,12 +365,16 @@ class CheckpointManager:
         total_limit: int,
         state: TrainState,
         ema: torch.optim.swa_utils.AveragedModel | None = None,
+        arguments: dict[str, Any] | None = None,
     ):
+        """`arguments` (`run_arguments(args)`): saved with every checkpoint; a resume with other values is refused,
+        since the optimizer, schedule and data order come back from the checkpoint whatever the new flags say."""
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.total_limit = total_limit
         self.state = state
         self.ema = ema
+        self.arguments = arguments
 
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -372,6 +397,8 @@ class CheckpointManager:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.state.save(partial / self.state_file)
+            if self.arguments is not None:
+                (partial / self.arguments_file).write_text(json.dumps(self.arguments, indent=2))
             if self.ema is not None:
                 weights = {key: value.detach().cpu().contiguous() for key, value in self.ema.state_dict().items()}
                 save_file(weights, partial / self.ema_file)
@@ -404,11 +431,55 @@ class CheckpointManager:
         if missing:
             hint = " (pass --ema_decay 0 if the run had no EMA)" if self.ema_file in missing else ""
             raise ValueError(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)}{hint}.")
+        self.check_arguments(path)
         self.accelerator.load_state(str(path))
         self.state.load(path / self.state_file)
         if self.ema is not None:
             self.ema.load_state_dict(load_file(path / self.ema_file, device=str(self.accelerator.device)))
         return path
+
+    def check_arguments(self, path: Path) -> None:
+        """Refuse to resume `path` with arguments other than its run's (checkpoints from before they were recorded
+        resume unchecked)."""
+        record = path / self.arguments_file
+        if self.arguments is None or not record.is_file():
+            return
+        saved = json.loads(record.read_text())
+        now = json.loads(json.dumps(self.arguments))  # as JSON reads it back (tuples -> lists)
+        changed = [
+            f"--{name} {saved.get(name)!r} -> {now.get(name)!r}"
+            for name in sorted(set(saved) | set(now))
+            if saved.get(name) != now.get(name)
+        ]
+        if changed:
+            raise ValueError(
+                f"{path} was saved by a run with other arguments ({'; '.join(changed)}): the optimizer, schedule and "
+                "data order would come back as they were. Resume with the run's own arguments, or start a new run in "
+                "another --output_dir (--init_from a model folder to start from its weights)."
+            )
+
+
+# Arguments a resumed run may change: where things are read and written and how progress is reported, not what is
+# trained (the token is never written down).
+RESUME_MAY_CHANGE = (
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "output_dir",
+    "data_dir",
+    "num_workers",
+    "checkpointing_steps",
+    "checkpoints_total_limit",
+    "report_to",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_token",
+    "hub_private_repo",
+)
+
+
+def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """What a script's checkpoints record of its arguments (for `CheckpointManager`): all but `RESUME_MAY_CHANGE`."""
+    return {name: value for name, value in sorted(vars(args).items()) if name not in RESUME_MAY_CHANGE}
 
 
 def exported_state_dict(
@@ -489,7 +560,7 @@ def train(
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"loss became {loss.item()} at step {state.step}; lower --learning_rate.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:  # clipping to 0 would zero every step
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

@@ -1,6 +1,7 @@
 """Resuming never runs code from a checkpoint folder: the training state is data (JSON, safetensors), and what
 accelerate reads (optimizer, scheduler, RNG states) goes through `weights_only=True` unpickling."""
 
+import argparse
 import json
 import math
 import os
@@ -83,6 +84,28 @@ def test_a_folder_without_the_training_state_is_refused(saved_checkpoint, tmp_pa
     manager, _, _ = _manager(tmp_path / "checkpoints")
     with pytest.raises(ValueError, match=f"lacks {removed}"):
         manager.resume(str(path))
+
+
+def test_a_resume_with_other_training_arguments_is_refused_and_with_the_same_ones_continues(tmp_path):
+    arguments = {"learning_rate": 0.001, "datasets": ["breastmnist"], "seed": 0}
+    manager, state, _ = _manager(tmp_path / "checkpoints")
+    manager.arguments = arguments
+    state.step = 4
+    path = manager.save(4)
+    assert json.loads((path / "run_arguments.json").read_text()) == arguments
+    resumed, state, _ = _manager(tmp_path / "checkpoints")
+    resumed.arguments = {**arguments, "learning_rate": 0.5, "datasets": ["breastmnist", "pneumoniamnist"]}
+    with pytest.raises(ValueError, match=r"--datasets \['breastmnist'\] -> .*--learning_rate 0.001 -> 0.5"):
+        resumed.resume("latest")
+    assert state.step == 0  # nothing was loaded
+    resumed.arguments = dict(arguments)
+    resumed.resume("latest")
+    assert state.step == 4
+
+
+def test_run_arguments_leave_out_where_things_go_and_the_hub_token():
+    args = argparse.Namespace(learning_rate=0.001, output_dir="a", data_dir="b", hub_token="secret", num_workers=2)
+    assert training.run_arguments(args) == {"learning_rate": 0.001}
 
 
 def test_a_training_state_saved_before_the_accuracy_tie_break_still_resumes(saved_checkpoint, tmp_path):

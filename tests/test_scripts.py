@@ -367,6 +367,17 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--conv_stem_blocks", "1"],
             "--conv_stem_blocks shape a model built from scratch",
         ),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--model_size", "tiny"],
+            "--model_size shape a model built from scratch",  # the default value, given: still refused
+        ),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--resume_from_checkpoint", "latest", "--overwrite_output_dir"],
+            "--overwrite_output_dir starts over: pass one",
+        ),
+        ("pretrain.py", ["--data_dir", str(DATA_DIR), "--max_grad_norm", "-1"], "0 turns clipping off"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
