@@ -155,6 +155,10 @@ def export_onnx(
         raise ValueError("task= is for multi-task models; this model has a single head.")
     batch = input_shape[0]
     ids = {name: torch.zeros(batch, dtype=torch.long) for name in ("modality_ids", "body_part_ids")}
+    # One eager forward first: it refuses a shape the task was not trained on (e.g. colour for a grayscale task),
+    # which the exported graph, having no data checks, would read silently (channel 0 only).
+    with torch.no_grad():
+        model(torch.rand(input_shape), **ids)
     program = torch.onnx.export(
         model,
         (torch.zeros(input_shape),),

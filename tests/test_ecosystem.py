@@ -176,6 +176,19 @@ def test_onnx_export_matches_pytorch(tmp_path, shape):
     assert np.abs(other - expected).max() > 1e-4
 
 
+def test_onnx_export_refuses_a_shape_the_task_was_not_trained_on(tmp_path):
+    """The exported graph has no data checks (a colour image for a grayscale task would be read as its first channel),
+    so the export itself refuses such a shape, before anything is written."""
+    pytest.importorskip("onnxruntime")
+    from medformer_hf.integrations import export_onnx
+
+    model = MedformerForMultiTask(make_tiny_config(tasks={"xray": CATALOGUE["pneumoniamnist"].task_spec()})).eval()
+    for shape, message in [((1, 3, 28, 28), "grayscale"), ((1, 1, 28, 28, 28), "2D")]:
+        with pytest.raises(ValueError, match=message):
+            export_onnx(model, tmp_path / "model.onnx", shape, task="xray")
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_export_script_runs(tmp_path):
     import subprocess
     import sys
