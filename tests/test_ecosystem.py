@@ -217,6 +217,33 @@ def test_export_script_runs(tmp_path):
     assert difference <= 1e-4 and (tmp_path / "model.onnx").is_file()
 
 
+def test_extract_task_writes_a_carded_classifier_and_never_over_another_model(tmp_path):
+    """The extracted folder carries a card with the task's recorded metrics; a non-empty folder needs
+    --overwrite_output_dir, and then the other model's card and metrics go (no 7-task metrics beside one head)."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    released = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    script = [sys.executable, str(REPO_ROOT / "examples" / "extract_task.py"), "--model", str(released)]
+    target = tmp_path / "breast"
+    target.mkdir()
+    (target / "metrics.json").write_text('{"metrics": {"pneumoniamnist": {"acc": 0.9, "auc": 0.9}}}')
+    refused = subprocess.run([*script, "--task", "breastmnist", "--output_dir", str(target)], capture_output=True)
+    assert refused.returncode == 2 and b"--overwrite_output_dir" in refused.stderr
+    done = subprocess.run(
+        [*script, "--task", "breastmnist", "--output_dir", str(target), "--overwrite_output_dir"], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (target / "metrics.json").exists()
+    recorded = json.loads((released / "metrics.json").read_text())["metrics"]["breastmnist"]
+    card = card_metrics(ModelCard.load(target / "README.md"))
+    assert card == {"breastmnist": {"acc": round(recorded["acc"], 4), "auc": round(recorded["auc"], 4)}}
+    assert MedformerForImageClassification.from_pretrained(target).config.num_labels == 2
+
+
 def _graph_breaks(model, **inputs) -> int:
     explanation = torch._dynamo.explain(model)(**inputs)
     return explanation.graph_break_count
