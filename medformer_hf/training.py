@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
+from huggingface_hub import get_token
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -154,6 +155,8 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error(f"{info.filename(args.size)} is not in {folders} and the Hub is offline.")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id user/name.")
+    if args.push_to_hub and not (args.hub_token or get_token()):  # found now, not after hours of training
+        parser.error("--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN or pass --hub_token.")
     resume = args.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         parser.error(f"--resume_from_checkpoint {resume} is not a folder (or pass 'latest').")

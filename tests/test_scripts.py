@@ -378,6 +378,11 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             "--overwrite_output_dir starts over: pass one",
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--max_grad_norm", "-1"], "0 turns clipping off"),
+        (
+            "pretrain.py",
+            ["--data_dir", str(DATA_DIR), "--push_to_hub", "--hub_model_id", "user/m"],
+            "--push_to_hub needs a Hugging Face token",
+        ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
@@ -395,7 +400,7 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
 )
 def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
     started = time.time()
-    result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="")
+    result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert "error:" in last_line and message in last_line
