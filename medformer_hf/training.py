@@ -146,6 +146,9 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; known: {', '.join(CATALOGUE)}.")
     args.datasets = [name.lower() for name in args.datasets]
+    repeated = sorted({name for name in args.datasets if args.datasets.count(name) > 1})
+    if repeated:
+        parser.error(f"--datasets names {repeated} more than once; name each set once.")
     for name in args.datasets:
         info = CATALOGUE[name]
         if args.size not in info.sizes:
