@@ -34,7 +34,6 @@ from medformer_hf.training import (
     mix_within_tasks,
     model_config_kwargs,
     resolve_budget,
-    run_arguments,
     train,
     validation_score,
 )
@@ -234,14 +233,7 @@ def main() -> None:
     set_seed(args.seed, device_specific=True)
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
-    checkpoints = CheckpointManager(
-        accelerator,
-        Path(args.output_dir) / "checkpoints",
-        args.checkpoints_total_limit,
-        state,
-        ema,
-        arguments=run_arguments(args),
-    )
+    checkpoints = CheckpointManager.for_run(accelerator, args, state, ema)
     checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)
     model_config = accelerator.unwrap_model(model).config

@@ -29,7 +29,6 @@ from medformer_hf.training import (
     exported_state_dict,
     model_config_kwargs,
     resolve_budget,
-    run_arguments,
     train,
 )
 from medformer_hf.visualization import save_reconstruction_grid
@@ -121,14 +120,7 @@ def main() -> None:
     ema = create_ema(accelerator, model, args.ema_decay)
     # What is previewed and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
-    checkpoints = CheckpointManager(
-        accelerator,
-        Path(args.output_dir) / "checkpoints",
-        args.checkpoints_total_limit,
-        state,
-        ema,
-        arguments=run_arguments(args),
-    )
+    checkpoints = CheckpointManager.for_run(accelerator, args, state, ema)
     checkpoints.resume(args.resume_from_checkpoint)
 
     def compute_loss(model, batch):

@@ -382,6 +382,18 @@ class CheckpointManager:
         self.ema = ema
         self.arguments = arguments
 
+    @classmethod
+    def for_run(
+        cls,
+        accelerator: Accelerator,
+        args: argparse.Namespace,
+        state: TrainState,
+        ema: torch.optim.swa_utils.AveragedModel | None = None,
+    ) -> CheckpointManager:
+        """A script's manager: `<output_dir>/checkpoints`, `--checkpoints_total_limit`, the run's arguments recorded."""
+        directory = Path(args.output_dir) / "checkpoints"
+        return cls(accelerator, directory, args.checkpoints_total_limit, state, ema, arguments=run_arguments(args))
+
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
