@@ -3,6 +3,7 @@
     python benchmarks/accuracy_report.py steps <data_dir> <epochs> <alpha>     # "<dataset> <steps>" per local set
     python benchmarks/accuracy_report.py table <output_dir>                   # writes <output_dir>/accuracy.md
     python benchmarks/accuracy_report.py ablation <output_dir>                # writes <output_dir>/ablation.md
+    python benchmarks/accuracy_report.py ablation <output_dir> <evaluation>   # the runs' <evaluation>/metrics.json
 
 A single-task run gets the number of batches its set draws, on average, in the multi-task run (p_i ~ n_i^alpha, the
 sampler's own formula), so the table compares equal training on every set.
@@ -36,8 +37,9 @@ def single_task_steps(data_dir: Path, epochs: float, alpha: float, batch_size: i
     return {name: max(1, round(total_steps * p)) for name, p in zip(names, probabilities, strict=True)}
 
 
-def read_metrics(folder: Path) -> dict[str, dict[str, float]]:
-    path = folder / "metrics.json"
+def read_metrics(folder: Path, evaluation: str = "") -> dict[str, dict[str, float]]:
+    """A run's test metrics; `evaluation`: the sub-folder of another evaluation of it (e.g. "unknown_metadata")."""
+    path = folder / evaluation / "metrics.json"
     return json.loads(path.read_text())["metrics"] if path.is_file() else {}
 
 
@@ -65,10 +67,10 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(out: Path) -> str:
+def ablation_table(out: Path, evaluation: str = "") -> str:
     """One row per variant of run_recipe_ablation.sh (or arm of run_pretext_ablation.sh): test ACC/AUC per set, mean
     ± sample sd over the seeds run (`<out>/<variant>/<set>/seed<n>/metrics.json`; older single-seed runs:
-    `<out>/<variant>/<set>/metrics.json`)."""
+    `<out>/<variant>/<set>/metrics.json`); with `evaluation`, from each run's `<evaluation>/metrics.json`."""
     variants = sorted(
         (path for path in out.iterdir() if path.is_dir()), key=lambda path: (path.name != "default", path.name)
     )
@@ -79,7 +81,7 @@ def ablation_table(out: Path) -> str:
         cells, seeds = [], set()
         for name in names:
             runs = sorted((variant / name).glob("seed*")) or [variant / name]  # seed folders, or an older single run
-            found = [metrics[name] for metrics in map(read_metrics, runs) if name in metrics]
+            found = [metrics[name] for metrics in (read_metrics(run, evaluation) for run in runs) if name in metrics]
             seeds.add(len(found))
             for metric in ("acc", "auc"):
                 values = [entry[metric] for entry in found]
@@ -98,8 +100,12 @@ def main() -> None:
         for name, steps in single_task_steps(Path(rest[0]), float(rest[1]), float(rest[2])).items():
             print(name, steps)
     elif command in TABLES:
+        if rest[1:2] and command != "ablation":
+            sys.exit(f"'{command}' takes one folder; another evaluation (e.g. unknown_metadata) is for 'ablation'")
         make_table, filename = TABLES[command]
-        text = make_table(Path(rest[0]))
+        text = make_table(Path(rest[0]), *rest[1:2])
+        if rest[1:2]:  # another evaluation of the same runs: its own file
+            filename = filename.replace(".md", f"_{rest[1]}.md")
         (Path(rest[0]) / filename).write_text(text + "\n")
         print(text)
     else:
