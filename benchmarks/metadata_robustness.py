@@ -1,9 +1,9 @@
 """Test metrics of trained models for a user who does not know the images' modality and body part: both "unknown"
-(id 0) instead of each set's own. What metadata dropout (`--metadata_dropout`) is for.
+(id 0) instead of each set's own, i.e. what the conditioning on metadata is worth and what its absence costs.
 
-    python benchmarks/metadata_robustness.py --data_dir ../shared/data/medmnist \
-        --models outputs/ablation_metadata/*/*/seed*
-    python benchmarks/accuracy_report.py ablation outputs/ablation_metadata unknown_metadata
+    python benchmarks/metadata_robustness.py --data_dir ../shared/data/medmnist --models outputs/accuracy/multitask_ssl
+    python benchmarks/metadata_robustness.py --data_dir ../shared/data/medmnist --models outputs/ablation/*/*/seed*
+    python benchmarks/accuracy_report.py ablation outputs/ablation unknown_metadata
 
 Writes `<model>/unknown_metadata/metrics.json`, in the format of evaluate.py's `metrics.json`, for every task of each
 model folder with a local test file; `accuracy_report.py ablation <dir> unknown_metadata` tabulates them.

@@ -26,7 +26,6 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
-    drop_metadata,
     evaluate_tasks,
     export_model_folder,
     exported_state_dict,
@@ -240,7 +239,6 @@ def main() -> None:
     model_config = accelerator.unwrap_model(model).config
 
     def compute_loss(model, batch):
-        batch = drop_metadata(batch, args.metadata_dropout)
         pixel_values = batch["pixel_values"]
         if args.mixup_alpha:
             pixel_values, partner, weight = mix_within_tasks(pixel_values, batch["task_ids"], args.mixup_alpha)
@@ -332,7 +330,6 @@ def main() -> None:
             f"{f'label smoothing {args.label_smoothing}, ' if args.label_smoothing else ''}"
             f"{f'stochastic depth {args.drop_path_rate}, ' if args.drop_path_rate else ''}"
             f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
-            f"{f'metadata dropout {args.metadata_dropout}, ' if args.metadata_dropout else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
             f"the checkpoint with the best mean validation AUC ({state.best_metric:.4f}; ties broken by mean "

@@ -25,7 +25,6 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
-    drop_metadata,
     export_model_folder,
     exported_state_dict,
     model_config_kwargs,
@@ -125,7 +124,6 @@ def main() -> None:
     checkpoints.resume(args.resume_from_checkpoint)
 
     def compute_loss(model, batch):
-        batch = drop_metadata(batch, args.metadata_dropout)
         output = model(
             batch["pixel_values"],
             modality_ids=batch["modality_ids"],

@@ -111,12 +111,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     train.add_argument(
         "--ema_decay", type=float, default=0.999, help="EMA of the weights, evaluated and saved; 0 turns it off"
     )
-    train.add_argument(
-        "--metadata_dropout",
-        type=float,
-        default=0.0,
-        help='share of samples trained with "unknown" modality / body part, each dropped independently (0: off)',
-    )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping; 0 turns it off (as in Trainer)"
@@ -186,8 +180,6 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
-    if not 0.0 <= args.metadata_dropout < 1.0:
-        parser.error(f"--metadata_dropout must be in [0, 1) (0 turns it off), got {args.metadata_dropout}.")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1) (0 turns EMA off), got {args.ema_decay}.")
     return args.datasets
@@ -307,19 +299,6 @@ def create_ema(
         return torch.where(averaged == current, averaged, rate * averaged + (1 - rate) * current)
 
     return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
-
-
-def drop_metadata(batch: dict[str, torch.Tensor], rate: float) -> dict[str, torch.Tensor]:
-    """Metadata dropout: each sample's modality and body part become "unknown" (id 0), each independently with
-    probability `rate`. Without it the "unknown" embeddings never train, and an image whose metadata is not known
-    (or the backbone used without a task, which falls back to "unknown") meets untrained conditioning."""
-    if not rate:
-        return batch
-    dropped = {}
-    for key in ("modality_ids", "body_part_ids"):
-        ids = batch[key]
-        dropped[key] = torch.where(torch.rand(ids.shape, device=ids.device) < rate, torch.zeros_like(ids), ids)
-    return {**batch, **dropped}
 
 
 def mix_within_tasks(

@@ -16,7 +16,6 @@ from medformer_hf.training import (
     MODEL_SIZES,
     create_ema,
     create_optimizer,
-    drop_metadata,
     mix_within_tasks,
     predict,
     validation_score,
@@ -200,25 +199,6 @@ def test_multitask_forward_passes_label_smoothing_to_every_task():
     smoothed = model(pixels, labels=labels, target_smoothing=0.3)
     assert smoothed.loss.item() == pytest.approx(task_loss(smoothed.logits, labels, "multiclass", 3, 0.3).item())
     assert smoothed.loss != model(pixels, labels=labels).loss
-
-
-def test_metadata_dropout_sets_each_field_to_unknown_independently_at_the_rate():
-    torch.manual_seed(0)
-    batch = {
-        "pixel_values": torch.zeros(4000, 1),
-        "modality_ids": torch.full((4000,), 3),
-        "body_part_ids": torch.full((4000,), 5),
-    }
-    assert drop_metadata(batch, 0.0) is batch
-    dropped = drop_metadata(batch, 0.25)
-    modality_unknown, body_part_unknown = dropped["modality_ids"] == 0, dropped["body_part_ids"] == 0
-    assert set(dropped["modality_ids"].unique().tolist()) == {0, 3} and set(
-        dropped["body_part_ids"].unique().tolist()
-    ) == {0, 5}
-    assert 0.22 < modality_unknown.float().mean() < 0.28 and 0.22 < body_part_unknown.float().mean() < 0.28
-    both = (modality_unknown & body_part_unknown).float().mean()
-    assert 0.04 < both < 0.085  # independent draws: about 0.25 * 0.25
-    assert dropped["pixel_values"] is batch["pixel_values"] and (batch["modality_ids"] == 3).all()  # input untouched
 
 
 def test_mixup_pairs_each_image_with_one_of_its_own_task_and_blends_by_the_drawn_weight():
