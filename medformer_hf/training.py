@@ -457,17 +457,18 @@ class CheckpointManager:
         return path
 
     def check_arguments(self, path: Path) -> None:
-        """Refuse to resume `path` with arguments other than its run's (checkpoints from before they were recorded
-        resume unchecked)."""
+        """Refuse to resume `path` with arguments other than its run's. Checkpoints from before arguments were
+        recorded resume unchecked, and only the flags both versions have are compared (a flag added or removed by an
+        upgrade between the two runs has no value to compare on one side)."""
         record = path / self.arguments_file
         if self.arguments is None or not record.is_file():
             return
         saved = json.loads(record.read_text())
         now = json.loads(json.dumps(self.arguments))  # as JSON reads it back (tuples -> lists)
         changed = [
-            f"--{name} {saved.get(name)!r} -> {now.get(name)!r}"
-            for name in sorted(set(saved) | set(now))
-            if saved.get(name) != now.get(name)
+            f"--{name} {saved[name]!r} -> {now[name]!r}"
+            for name in sorted(set(saved) & set(now))
+            if saved[name] != now[name]
         ]
         if changed:
             raise ValueError(
