@@ -93,7 +93,7 @@ class MedformerDataCollator:
 def row_image(pixels: Any) -> np.ndarray:
     """A `datasets` row's image as the image processor reads it: signed integers (how a uint8 column comes back without
     a format, or with `with_format("torch")`) become uint8 when they fit; other dtypes are the processor's to read."""
-    image = np.asarray(pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels)
+    image = np.asarray(pixels)  # lists, numpy arrays and CPU tensors alike
     if image.dtype.kind != "i":
         return image
     if image.size and (image.min() < 0 or image.max() > 255):

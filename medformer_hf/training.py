@@ -50,13 +50,22 @@ MODEL_FLAG_DEFAULTS = {"model_size": "tiny", "tokenizer": "conv", "weight_init":
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Architecture flags of a model built from scratch."""
     model = parser.add_argument_group("model (from scratch)")
-    model.add_argument("--model_size", choices=sorted(MODEL_SIZES), help="(default: tiny)")
+    default = MODEL_FLAG_DEFAULTS
+    model.add_argument("--model_size", choices=sorted(MODEL_SIZES), help=f"(default: {default['model_size']})")
     model.add_argument(
-        "--tokenizer", choices=list(TOKENIZERS), help="Input Adaptformer tokenizer (MedformerConfig; default: conv)"
+        "--tokenizer",
+        choices=list(TOKENIZERS),
+        help=f"Input Adaptformer tokenizer (MedformerConfig; default: {default['tokenizer']})",
     )
-    model.add_argument("--weight_init", choices=list(WEIGHT_INITS), help="see MedformerConfig (default: fan_in)")
+    model.add_argument(
+        "--weight_init", choices=list(WEIGHT_INITS), help=f"see MedformerConfig (default: {default['weight_init']})"
+    )
     model.add_argument("--num_latents", type=int, help="latents of the Input Adaptformer (default: the size's)")
-    model.add_argument("--conv_stem_blocks", type=int, help="residual blocks per conv stem stage (default: 0)")
+    model.add_argument(
+        "--conv_stem_blocks",
+        type=int,
+        help=f"residual blocks per conv stem stage (default: {default['conv_stem_blocks']})",
+    )
 
 
 def given_model_flags(args: argparse.Namespace) -> list[str]:
@@ -70,12 +79,7 @@ def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         name: default if getattr(args, name) is None else getattr(args, name)
         for name, default in MODEL_FLAG_DEFAULTS.items()
     }
-    kwargs = {
-        **MODEL_SIZES[flags["model_size"]],
-        "tokenizer": flags["tokenizer"],
-        "weight_init": flags["weight_init"],
-        "conv_stem_blocks": flags["conv_stem_blocks"],
-    }
+    kwargs = {**MODEL_SIZES[flags.pop("model_size")], **flags}  # the other flags are MedformerConfig fields
     if args.num_latents is not None:
         kwargs["num_latents"] = args.num_latents
     return kwargs
