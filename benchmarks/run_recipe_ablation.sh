@@ -27,16 +27,18 @@ declare -A VARIANTS=(
   [stem_blocks_1]="--conv_stem_blocks 1"
   [stem_blocks_2]="--conv_stem_blocks 2"
   [stem_blocks_3]="--conv_stem_blocks 3"
+  [input_56]="--input_size_2d 56"
+  [input_84]="--input_size_2d 84"
 )
 # Architecture variants need a model built from scratch; layer-wise decay needs a pre-trained INIT.
 SCRATCH_ONLY="linear_tokenizer vit_init_0.02 latents_16 latents_32 latents_64 stem_blocks_1 stem_blocks_2 stem_blocks_3"
 INIT_ONLY="layer_decay_0.75"
 if [ -n "${INIT:-}" ]; then
-  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 $INIT_ONLY"
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 input_56 input_84 $INIT_ONLY"
   FORBIDDEN=$SCRATCH_ONLY
   MODEL_FLAGS=(--init_from "$INIT")
 else
-  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 $SCRATCH_ONLY"
+  ALL="default no_augmentation no_ema lr_3e-4 label_smoothing_0.1 drop_path_0.1 mixup_0.2 input_56 input_84 $SCRATCH_ONLY"
   FORBIDDEN=$INIT_ONLY
   MODEL_FLAGS=(--model_size small)
 fi

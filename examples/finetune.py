@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
+from medformer_hf import MedformerConfig, MedformerForMultiTask, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
@@ -26,6 +26,7 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
+    describe_input_size,
     evaluate_tasks,
     export_model_folder,
     exported_state_dict,
@@ -35,6 +36,7 @@ from medformer_hf.training import (
     model_config_kwargs,
     resolve_budget,
     train,
+    training_processor,
     validation_score,
 )
 from medformer_hf.visualization import save_confusion_matrix
@@ -206,7 +208,7 @@ def main() -> None:
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
     model, old_tasks = build_model(args)
-    processor = MedformerImageProcessor.from_model_config(model.config, training_size=args.size)
+    processor = training_processor(model.config, args)
     task_names = list(model.config.tasks)
     loader = multitask_dataloader(
         train_set,
@@ -322,7 +324,7 @@ def main() -> None:
             accelerator.print(f"the checkpoint's own tasks, validation split, before and after:\n{report}")
     if accelerator.is_main_process:
         training = (
-            f"Multi-task fine-tuning on {', '.join(args.datasets)} at {args.size} px "
+            f"Multi-task fine-tuning on {', '.join(args.datasets)} at {describe_input_size(args)} "
             f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
             f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
             f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from medformer_hf import MedformerConfig, MedformerForPreTraining, MedformerImageProcessor
+from medformer_hf import MedformerConfig, MedformerForPreTraining
 from medformer_hf.configuration_medformer import SSL_TASKS
 from medformer_hf.data import MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.hub import push_or_exit, write_model_card
@@ -25,11 +25,13 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
+    describe_input_size,
     export_model_folder,
     exported_state_dict,
     model_config_kwargs,
     resolve_budget,
     train,
+    training_processor,
 )
 from medformer_hf.visualization import save_reconstruction_grid
 
@@ -101,7 +103,7 @@ def main() -> None:
         norm_pix_loss=args.norm_pix_loss,
         num_decoder_layers=args.num_decoder_layers,
     )
-    processor = MedformerImageProcessor.from_model_config(config, training_size=args.size)
+    processor = training_processor(config, args)
     model = MedformerForPreTraining(config)
     # With augmentation, the collator draws view agreement's second view as another augmentation of each image.
     views = model.num_views if args.augment else 1
@@ -162,7 +164,7 @@ def main() -> None:
         training = (
             f"Self-supervised pre-training ({' + '.join(task.replace('_', ' ') for task in args.ssl_tasks)}"
             f"{', augmented views' if args.augment else ''}) on the train splits of "
-            f"{', '.join(args.datasets)} at {args.size} px: {args.max_steps} steps of {args.batch_size} x "
+            f"{', '.join(args.datasets)} at {describe_input_size(args)}: {args.max_steps} steps of {args.batch_size} x "
             f"{accelerator.num_processes} images, learning rate {args.learning_rate}, seed {args.seed}."
         )
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)

@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .configuration_medformer import TOKENIZERS, WEIGHT_INITS
+from .configuration_medformer import TOKENIZERS, WEIGHT_INITS, MedformerConfig
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
 from .hub import EVALUATION_SPLITS, TEST_TIME_FLIPS_FOLDER
+from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
 from .modeling_medformer import mean_over_flips, task_probabilities
 
@@ -91,6 +92,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     data.add_argument("--data_dir", default=os.environ.get("MEDMNIST_ROOT"), help="folder of MedMNIST .npz files")
     data.add_argument("--datasets", nargs="+", help="MedMNIST names (default: every catalogued .npz in --data_dir)")
     data.add_argument("--size", type=int, default=28, help="MedMNIST image size: 28, 64, 128 or 224")
+    for dims, shape in (("2d", "images to N x N"), ("3d", "volumes to N x N x N")):
+        data.add_argument(
+            f"--input_size_{dims}",
+            type=int,
+            metavar="N",
+            help=f"resize {dims.upper()} {shape} for the model (recorded in the saved processor; default: --size)",
+        )
     data.add_argument("--sampling_alpha", type=float, default=0.5, help="dataset i is drawn with p ~ n_i^alpha")
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     train = parser.add_argument_group("training")
@@ -177,8 +185,9 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
             "--overwrite_output_dir to write over it, or another --output_dir."
         )
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
-        if getattr(args, name) < 1:
+    positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "input_size_2d")
+    for name in (*positive, "input_size_3d"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_train_epochs is not None and not args.num_train_epochs > 0:
         parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
@@ -187,6 +196,22 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1) (0 turns EMA off), got {args.ema_decay}.")
     return args.datasets
+
+
+def training_processor(config: MedformerConfig, args: argparse.Namespace) -> MedformerImageProcessor:
+    """The processor a run trains with and saves: it brings images of any size to the run's input sizes."""
+    side_2d, side_3d = (args.input_size_2d or args.size), (args.input_size_3d or args.size)
+    return MedformerImageProcessor.from_model_config(config, size_2d=[side_2d] * 2, size_3d=[side_3d] * 3)
+
+
+def describe_input_size(args: argparse.Namespace) -> str:
+    """The training size for a model card: the files' size, and any resize the processor applied."""
+    parts = [f"{args.size} px"]
+    for dims in ("2d", "3d"):
+        side = getattr(args, f"input_size_{dims}")
+        if side is not None and side != args.size:
+            parts.append(f"{dims.upper()} resized to {side} px")
+    return ", ".join(parts)
 
 
 def log_line(accelerator: Accelerator, text: str) -> None:

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss, task_loss
-from medformer_hf.data import CATALOGUE, AugmentationPolicy, MedformerCollator, augment, build_multitask_dataset
+from medformer_hf.data import (
+    CATALOGUE,
+    AugmentationPolicy,
+    MedformerCollator,
+    augment,
+    build_multitask_dataset,
+    multitask,
+)
 from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
 from medformer_hf.modeling_medformer import MedformerDropPath
 from medformer_hf.training import (
@@ -18,6 +25,7 @@ from medformer_hf.training import (
     create_optimizer,
     mix_within_tasks,
     predict,
+    training_processor,
     validation_score,
 )
 
@@ -112,6 +120,24 @@ def test_test_time_flips_average_the_probabilities_of_exactly_the_label_safe_vie
     np.testing.assert_allclose(scores(_Viewed(model, combinations[-1]), name, True), averaged, atol=1e-6)
     # Fundus grades are not mirror-safe: one view, the plain scores.
     np.testing.assert_array_equal(scores(model, "retinamnist", True), scores(model, "retinamnist", False))
+
+
+def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts(tmp_path, monkeypatch):
+    config = MedformerConfig(**MODEL_SIZES["tiny"])
+    arguments = argparse.Namespace(size=28, input_size_2d=56, input_size_3d=None)
+    processor = training_processor(config, arguments)
+    assert (processor.size_2d, processor.size_3d) == ([56, 56], [28, 28, 28])  # 3D keeps the files' size
+    data = build_multitask_dataset(["breastmnist"], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
+    policies = []
+    monkeypatch.setattr(multitask, "augment", lambda pixels, policy: policies.append(policy) or pixels)
+    batch = MedformerCollator(data, processor, augment=True)(data.__getitems__([0, 1, 2]))
+    assert batch["pixel_values"].shape == (3, 1, 56, 56)
+    stored_policy = CATALOGUE["breastmnist"].augmentation
+    assert policies[0].max_shift == 2 * stored_policy.max_shift  # the same share of the image as at 28 px
+    assert policies[0].flip_axes == stored_policy.flip_axes
+    processor.save_pretrained(tmp_path / "model")
+    reloaded = MedformerImageProcessor.from_pretrained(tmp_path / "model")
+    assert reloaded(load_npz_images("breastmnist", 2), spatial_dims=2)["pixel_values"].shape[-2:] == (56, 56)
 
 
 def test_shift_and_jitter_keep_shape_and_change_pixels():

@@ -378,6 +378,7 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             "--overwrite_output_dir starts over: pass one",
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--max_grad_norm", "-1"], "0 turns clipping off"),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--input_size_2d", "0"], "--input_size_2d must be >= 1, got 0"),
         ("finetune.py", ["--datasets", "breastmnist", "BreastMNIST"], "names ['breastmnist'] more than once"),
         (
             "pretrain.py",

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,6 +218,7 @@ class MedformerCollator:
         if views == 2 and not augment:
             raise ValueError("MedformerCollator views=2 draws two augmentations of each image: pass augment=True.")
         self.infos = dataset.infos
+        self.stored_size = dataset.size
         self.processor = processor
         self.augment = augment
         self.views = views
@@ -233,10 +235,12 @@ class MedformerCollator:
             pixels, spatial_dims=info.spatial_dims, modality=info.modality, body_part=info.body_part
         )
         inputs = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
-        if self.views == 2:
-            inputs["view_pixel_values"] = augment(inputs["pixel_values"], info.augmentation)
         if self.augment:
-            inputs["pixel_values"] = augment(inputs["pixel_values"], info.augmentation)
+            scale = inputs["pixel_values"].shape[-1] / self.stored_size
+            policy = dataclasses.replace(info.augmentation, max_shift=round(info.augmentation.max_shift * scale))
+            if self.views == 2:
+                inputs["view_pixel_values"] = augment(inputs["pixel_values"], policy)
+            inputs["pixel_values"] = augment(inputs["pixel_values"], policy)
         inputs["task_ids"] = torch.full((len(pixels),), self.task_ids[batch["task_index"]], dtype=torch.long)
         if "labels" in batch:
             labels = torch.from_numpy(np.asarray(batch["labels"]))
