@@ -2,8 +2,9 @@
 
 Importing the package registers Medformer with the Auto classes, so `AutoModel.from_pretrained(path)` works without
 `trust_remote_code` where the package is installed; saved folders also carry the code for machines where it is not.
-AutoModelForImageClassification is deliberately left to each folder's `auto_map` (with `trust_remote_code=True`):
-it names the classifier that folder holds, single- or multi-task, which no fixed registration could.
+AutoModelForImageClassification gets both classifiers, and transformers picks by the folder's `architectures`, so a
+single-task and a multi-task folder each load as what they hold, in any order. (Left unregistered, transformers
+registers the first remote classifier it loads for the shared config class, and every later folder loads as that.)
 """
 
 from transformers import (
@@ -36,6 +37,9 @@ from .pipeline_medformer import TASK_NAME, MedicalImageClassificationPipeline
 AutoConfig.register("medformer", MedformerConfig, exist_ok=True)
 AutoModel.register(MedformerConfig, MedformerModel, exist_ok=True)
 AutoModelForPreTraining.register(MedformerConfig, MedformerForPreTraining, exist_ok=True)
+AutoModelForImageClassification.register(
+    MedformerConfig, (MedformerForImageClassification, MedformerForMultiTask), exist_ok=True
+)
 AutoImageProcessor.register(
     MedformerConfig,
     image_processor_classes={"torchvision": MedformerImageProcessor, "pil": MedformerImageProcessor},

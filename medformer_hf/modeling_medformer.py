@@ -504,6 +504,12 @@ def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | N
             f"A {task_type} task of {num_labels} labels has {num_task_outputs(task_type, num_labels)} logits, got "
             f"{logits.shape[-1]}: pass the task's own type (config.tasks[name]['type'])."
         )
+    if task_type == "binary" and logits.shape[-1] != 1:
+        raise ValueError(
+            f"A binary task has one logit (the positive class), got {logits.shape[-1]}. A single-task classifier "
+            "(MedformerForImageClassification.from_multi_task) gives a binary task as the two logits [0, z]: read "
+            "those with task_type='multiclass' (their softmax is [1 - p, p])."
+        )
     if task_type == "multiclass":
         return logits.softmax(-1)
     if task_type == "binary":
@@ -897,6 +903,12 @@ class MedformerPreTrainedModel(PreTrainedModel):
                 f"{pretrained_model_name_or_path} holds a multi-task model (tasks {list(model.config.tasks)}); as a "
                 "single-task classifier its head would be random. Load it with MedformerForMultiTask (pass task=), "
                 "or take one task as a classifier: MedformerForImageClassification.from_multi_task(path, task=...)."
+            )
+        if cls.__name__ == "MedformerForMultiTask" and "MedformerForImageClassification" in saved_as:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a single-task classifier (MedformerForImageClassification); "
+                "as a multi-task model its trained head would go unused and its task's head would be random. Load it "
+                "with MedformerForImageClassification or AutoModelForImageClassification."
             )
         new, unused = _module_names(set(info["missing_keys"])), _module_names(set(info["unexpected_keys"]))
         if new:

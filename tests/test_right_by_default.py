@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForImageClassification
 
 from medformer_hf import (
     MedformerForImageClassification,
@@ -125,6 +126,35 @@ def test_a_multi_task_folder_is_not_loaded_as_a_random_classifier(multi_task, tm
     multi_task.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="from_multi_task"):
         MedformerForImageClassification.from_pretrained(tmp_path)
+
+
+def test_a_classifier_folder_is_not_loaded_as_a_multi_task_model_with_a_random_head(multi_task, tmp_path):
+    MedformerForImageClassification.from_multi_task(multi_task, "pneumonia").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="single-task classifier.*AutoModelForImageClassification"):
+        MedformerForMultiTask.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("order", [("multi", "single"), ("single", "multi")])
+def test_auto_classifier_loads_each_folder_as_what_it_holds_in_any_order(multi_task, order, tmp_path):
+    """transformers registers the first remote classifier it loads for the config class; later folders then load as
+    that class unless the package registers both and lets `architectures` decide."""
+    folders = {"multi": tmp_path / "multi", "single": tmp_path / "single"}
+    multi_task.save_pretrained(folders["multi"])
+    MedformerForImageClassification.from_multi_task(multi_task, "organ").save_pretrained(folders["single"])
+    expected = {"multi": MedformerForMultiTask, "single": MedformerForImageClassification}
+    for kind in order:
+        model = AutoModelForImageClassification.from_pretrained(folders[kind], trust_remote_code=True)
+        assert type(model) is expected[kind]
+
+
+def test_binary_scores_refuse_a_classifiers_two_logits():
+    """A classifier's binary head is [0, z]: read as one logit it would score 0.5 for every image."""
+    two_logits = torch.tensor([[0.0, 3.0], [0.0, -2.0]])
+    with pytest.raises(ValueError, match="task_type='multiclass'"):
+        task_probabilities(two_logits, "binary")
+    torch.testing.assert_close(
+        task_probabilities(two_logits[:, 1:], "binary"), task_probabilities(two_logits, "multiclass")
+    )
 
 
 @pytest.mark.parametrize("task", ["organ", "pneumonia", "chest", "age"])
