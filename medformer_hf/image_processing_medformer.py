@@ -585,16 +585,21 @@ def load_nifti(
 ) -> MedicalImage:
     """Read a NIfTI volume as (D, H, W) float32 (axes reversed from NIfTI's x, y, z), scaled by the header's slope.
 
-    The voxels are first turned to the closest canonical (RAS+) orientation of the file's affine, so a scan gives the
-    same array whatever axis order and direction it was stored in (left stays left). A single slice (one axis of
-    size 1, in any plane) is a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when you know it.
-    For a 4D series (fMRI, DWI), `volume` picks the volume.
+    The voxels are first turned to the closest LPS+ orientation of the file's affine (x to the patient's left, y to
+    posterior, z to superior), so a scan gives the same array whatever axis order and direction it was stored in (left
+    stays left), and the same array as `load_dicom` gives for its axial DICOM series: slices from inferior to superior,
+    rows from anterior to posterior, columns from the patient's right to left (the radiological view). A single slice
+    (one axis of size 1, in any plane) is a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when
+    you know it. For a 4D series (fMRI, DWI), `volume` picks the volume.
     """
     nibabel = _import_optional("nibabel")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No NIfTI file at {path}.")
-    image = nibabel.as_closest_canonical(nibabel.load(str(path)))
+    image = nibabel.load(str(path))
+    orientations = nibabel.orientations
+    to_lps = orientations.ornt_transform(orientations.io_orientation(image.affine), orientations.axcodes2ornt("LPS"))
+    image = image.as_reoriented(to_lps)
     array = np.asarray(image.get_fdata(dtype=np.float32))
     if array.ndim == 4 and (volume is not None or array.shape[-1] == 1):
         array = array[..., volume or 0]
@@ -627,6 +632,9 @@ def _dicom_slice(dataset: Any) -> np.ndarray:
 
 def load_dicom(path: str | os.PathLike) -> MedicalImage:
     """Read one DICOM file, or a folder of single-slice files stacked into a volume sorted by slice position.
+
+    Rows and columns stay as stored; slices run along the slice normal. For the usual axial series that is what
+    `load_nifti` gives for the same scan: inferior to superior, anterior to posterior, patient's right to left.
 
     Rescale slope/intercept are applied (CT comes out in Hounsfield units); Modality and BodyPartExamined map to the
     Medformer vocabularies ("unknown" where a tag is missing or has no counterpart).

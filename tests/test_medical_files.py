@@ -97,7 +97,8 @@ def test_bundled_nifti_loads_and_runs(tmp_path):
 
 def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
     """The same voxels stored left-to-right (RAS) and right-to-left (LAS, the x axis and its affine flipped) are one
-    scan: left/right labels (OrganMNIST3D's kidneys) depend on reading them alike. A single slice is a 2D image."""
+    scan: left/right labels (OrganMNIST3D's kidneys) depend on reading them alike. Both come out as LPS (x and y
+    reversed from RAS), then (D, H, W). A single slice is a 2D image."""
     nibabel = pytest.importorskip("nibabel")
     voxels = np.random.default_rng(0).random((6, 5, 4), dtype=np.float32)
     flip_x = np.diag([-1.0, 1.0, 1.0, 1.0])
@@ -106,7 +107,7 @@ def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
     nibabel.save(nibabel.Nifti1Image(voxels[::-1].copy(), flip_x), tmp_path / "las.nii.gz")
     ras, las = load_nifti(tmp_path / "ras.nii.gz"), load_nifti(tmp_path / "las.nii.gz")
     np.testing.assert_array_equal(ras.array, las.array)
-    np.testing.assert_array_equal(ras.array, voxels.transpose())
+    np.testing.assert_array_equal(ras.array, voxels[::-1, ::-1].transpose())
     zooms = np.diag([0.5, 2.0, 3.0, 1.0])
     for axis, expected_spacing in ((2, (2.0, 0.5)), (1, (3.0, 0.5))):  # an axial and a coronal slice
         one_slice = voxels.take([0], axis=axis)
@@ -114,6 +115,36 @@ def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
         image = load_nifti(tmp_path / "slice.nii.gz")
         assert image.spatial_dims == 2 and image.array.shape == one_slice.squeeze(axis).transpose().shape
         assert image.spacing == expected_spacing
+
+
+def test_a_dicom_series_and_a_nifti_file_of_one_scan_give_one_array(tmp_path):
+    """A scanner's axial series (rows along +y, columns along +x of DICOM's LPS frame, slices up +z) and the same
+    voxels as NIfTI (RAS affine: x and y negated) must read alike, or a model trained on one flips the other."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    scan = np.random.default_rng(0).integers(-1000, 1000, (6, 8, 10)).astype(np.int16)  # (slice, row, column)
+    (tmp_path / "series").mkdir()
+    for index in (3, 0, 5, 1, 4, 2):  # files in no particular order: the position sorts them
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset = Dataset()
+        dataset.file_meta, dataset.SOPClassUID, dataset.SOPInstanceUID = meta, CTImageStorage, generate_uid()
+        dataset.Modality, dataset.Rows, dataset.Columns = "CT", 8, 10
+        dataset.PixelSpacing, dataset.ImageOrientationPatient = [1.0, 1.0], [1, 0, 0, 0, 1, 0]
+        dataset.ImagePositionPatient = [0.0, 0.0, 2.0 * index]
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+        dataset.PixelData = scan[index].tobytes()
+        dataset.save_as(tmp_path / "series" / f"{index}.dcm", enforce_file_format=True)
+    # Voxel (i, j, k) = (column, row, slice) sits at LPS (i, j, 2k) = RAS (-i, -j, 2k).
+    nibabel.save(nibabel.Nifti1Image(scan.transpose(2, 1, 0), np.diag([-1.0, -1.0, 2.0, 1.0])), tmp_path / "ct.nii.gz")
+    dicom, nifti = load_dicom(tmp_path / "series"), load_nifti(tmp_path / "ct.nii.gz", modality="ct")
+    np.testing.assert_array_equal(dicom.array, scan.astype(np.float32))
+    np.testing.assert_array_equal(nifti.array, dicom.array)
+    assert nifti.spacing == dicom.spacing == (2.0, 1.0, 1.0)
 
 
 @pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")
