@@ -148,6 +148,18 @@ def test_grayscale_to_rgb_only_when_asked_and_resize():
     torch.testing.assert_close(resized, torch.full((1, 1, 8, 8, 8), 128 / 255))
 
 
+def test_shrinking_a_volume_averages_instead_of_aliasing():
+    """Every 4th column lit: brought from 32 to 8 columns each output voxel covers one lit column in four (0.25).
+    Trilinear alone samples between columns 1 and 2 of each block and sees none of them (0 everywhere)."""
+    stripes = np.zeros((32, 32, 32), dtype=np.uint8)
+    stripes[..., ::4] = 255
+    processor = MedformerImageProcessor(normalization="none")
+    shrunk = processor(stripes, spatial_dims=3, size_3d=[8, 8, 8]).pixel_values
+    torch.testing.assert_close(shrunk, torch.full((1, 1, 8, 8, 8), 0.25))
+    mixed = processor(stripes, spatial_dims=3, size_3d=[64, 8, 8]).pixel_values  # one axis grows, two shrink
+    torch.testing.assert_close(mixed, torch.full((1, 1, 64, 8, 8), 0.25))
+
+
 def test_mixed_shapes_group_when_asked():
     processor = MedformerImageProcessor()
     groups = processor([GRAY, VOLUME, GRAY], group_by_shape=True)

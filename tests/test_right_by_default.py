@@ -51,6 +51,17 @@ def test_dicom_ct_in_hounsfield_units_needs_a_window():
     assert 0.0 <= windowed.min() and windowed.max() <= 1.0
 
 
+def test_a_ct_window_on_scaled_values_or_beside_a_range_is_refused():
+    scaled = np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)  # [0, 1]: windowing makes it one value
+    processor = MedformerImageProcessor()
+    with pytest.raises(ValueError, match="scaled already.*Drop window="):
+        processor(scaled, spatial_dims=3, window="soft_tissue")
+    hounsfield = scaled * 2000 - 1000
+    with pytest.raises(ValueError, match="both map intensities"):
+        processor(hounsfield, spatial_dims=3, window="soft_tissue", rescale_range=[-1000, 1000])
+    assert processor(hounsfield, spatial_dims=3, window="soft_tissue").pixel_values.std() > 0.1
+
+
 @pytest.mark.parametrize("values", [(-1000.0, 2000.0), (0.0, 255.0), (-0.5, 0.5)])
 def test_float_images_outside_the_unit_range_are_refused(values):
     image = np.linspace(*values, 28 * 28, dtype=np.float32).reshape(28, 28)

@@ -301,8 +301,14 @@ class MedformerImageProcessor(BaseImageProcessor):
         dims = pixels.ndim - 2
         size = settings["size_2d"] if dims == 2 else settings["size_3d"]
         if size is not None and list(pixels.shape[2:]) != list(size):
-            mode = "bilinear" if dims == 2 else "trilinear"
-            pixels = F.interpolate(pixels, size=tuple(size), mode=mode, align_corners=False, antialias=dims == 2)
+            if dims == 2:
+                pixels = F.interpolate(pixels, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+            else:  # trilinear has no antialiasing: shrink by box averages ("area"), then grow any axis that must
+                shrunk = tuple(min(side, target) for side, target in zip(pixels.shape[2:], size, strict=True))
+                if shrunk != tuple(pixels.shape[2:]):
+                    pixels = F.interpolate(pixels, size=shrunk, mode="area")
+                if shrunk != tuple(size):
+                    pixels = F.interpolate(pixels, size=tuple(size), mode="trilinear", align_corners=False)
         return pixels.contiguous()
 
     @staticmethod
@@ -471,6 +477,17 @@ def to_unit_range(
         raise ValueError(
             f"window= maps Hounsfield units, but this is a {source_dtype} image: display values, windowed already "
             "(as MedMNIST's are). Drop window= here, or pass the original CT values (e.g. from load_dicom)."
+        )
+    if window is not None and rescale_range is not None:
+        raise ValueError(
+            f"window={window!r} and rescale_range={list(rescale_range)} both map intensities to [0, 1]: pass one "
+            "(window= for CT in Hounsfield units), and rescale_range=None where the processor has one set."
+        )
+    if window is not None and source_dtype.kind == "f" and -UNIT_RANGE_SLACK <= pixels.min() <= pixels.max() <= 1:
+        raise ValueError(
+            f"window={window!r} maps Hounsfield units, but this float image lies in [{float(pixels.min()):.4g}, "
+            f"{float(pixels.max()):.4g}]: scaled already, so the window would make it one flat value. Drop window=, "
+            "or pass the CT values in Hounsfield units (load_dicom gives those)."
         )
     if window is not None:
         level, width = CT_WINDOWS[window] if isinstance(window, str) else window
