@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accuracy table of BENCHMARKS.md, one command (resumable: re-running continues every stage where it stopped).
-#   [SSL_EPOCHS=3] [FINETUNE_EPOCHS=56] [ALPHA=0] [FINETUNE_FLAGS="..."] [MODEL_FLAGS="..."] \
+#   [SSL_EPOCHS=3] [FINETUNE_EPOCHS=56] [ALPHA=0] [FINETUNE_FLAGS="..."] [MODEL_FLAGS="..."] [SEED=0] \
 #     bash benchmarks/run_accuracy.sh [data_dir] [output_dir]
 # The defaults are the released checkpoint's recipe (56 pool-epochs, label smoothing 0.1, stochastic depth 0.1) and
 # architecture (`small`); MODEL_FLAGS changes the architecture of every model built here (e.g. "--conv_stem_blocks 1").
@@ -18,10 +18,11 @@ FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-56}
 ALPHA=${ALPHA:-0}
 FINETUNE_FLAGS=${FINETUNE_FLAGS-"--label_smoothing 0.1 --drop_path_rate 0.1"}  # for every fine-tuning run ("" for none)
 MODEL_FLAGS=${MODEL_FLAGS:-}  # for every model built from scratch (the SSL one, the scratch runs)
+SEED=${SEED:-0}  # of every run (initialisation, batches, augmentation); another seed of the same recipe
 source "$(dirname "$0")/settings.sh"
-require_settings "$OUT" settings \
-  "ssl_epochs=$SSL_EPOCHS finetune_epochs=$FINETUNE_EPOCHS alpha=$ALPHA finetune_flags=$FINETUNE_FLAGS model_flags=$MODEL_FLAGS"
-COMMON=(--data_dir "$DATA" --batch_size 64 --seed 0 --resume_from_checkpoint latest)
+require_settings "$OUT" settings "ssl_epochs=$SSL_EPOCHS finetune_epochs=$FINETUNE_EPOCHS alpha=$ALPHA \
+finetune_flags=$FINETUNE_FLAGS model_flags=$MODEL_FLAGS$([ "$SEED" = 0 ] || echo " seed=$SEED")"
+COMMON=(--data_dir "$DATA" --batch_size 64 --seed "$SEED" --resume_from_checkpoint latest)
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 
 # shellcheck disable=SC2086  # the flag strings are meant to split
