@@ -324,7 +324,7 @@ def main() -> None:
             accelerator.print(f"the checkpoint's own tasks, validation split, before and after:\n{report}")
     if accelerator.is_main_process:
         training = (
-            f"Multi-task fine-tuning on {', '.join(args.datasets)} at {describe_input_size(args)} "
+            f"Multi-task fine-tuning on {', '.join(args.datasets)} at {describe_input_size(args.size, processor)} "
             f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
             f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
             f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"

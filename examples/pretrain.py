@@ -164,8 +164,9 @@ def main() -> None:
         training = (
             f"Self-supervised pre-training ({' + '.join(task.replace('_', ' ') for task in args.ssl_tasks)}"
             f"{', augmented views' if args.augment else ''}) on the train splits of "
-            f"{', '.join(args.datasets)} at {describe_input_size(args)}: {args.max_steps} steps of {args.batch_size} x "
-            f"{accelerator.num_processes} images, learning rate {args.learning_rate}, seed {args.seed}."
+            f"{', '.join(args.datasets)} at {describe_input_size(args.size, processor)}: {args.max_steps} steps of "
+            f"{args.batch_size} x {accelerator.num_processes} images, learning rate {args.learning_rate}, seed "
+            f"{args.seed}."
         )
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)
         accelerator.print(

@@ -97,7 +97,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
             f"--input_size_{dims}",
             type=int,
             metavar="N",
-            help=f"resize {dims.upper()} {shape} for the model (recorded in the saved processor; default: --size)",
+            help=f"resize {dims.upper()} {shape} for the model, recorded in the saved processor (default: the "
+            "--init_from checkpoint's, else --size)",
         )
     data.add_argument("--sampling_alpha", type=float, default=0.5, help="dataset i is drawn with p ~ n_i^alpha")
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
@@ -199,18 +200,32 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def training_processor(config: MedformerConfig, args: argparse.Namespace) -> MedformerImageProcessor:
-    """The processor a run trains with and saves: it brings images of any size to the run's input sizes."""
-    side_2d, side_3d = (args.input_size_2d or args.size), (args.input_size_3d or args.size)
-    return MedformerImageProcessor.from_model_config(config, size_2d=[side_2d] * 2, size_3d=[side_3d] * 3)
+    """The processor a run trains with and saves: it brings images of any size to the run's input sizes.
+
+    A size not given (`--input_size_2d` / `--input_size_3d`) is what the `--init_from` checkpoint's processor records
+    (the size its weights were trained at), else `--size`, the files' own.
+    """
+    sizes = {"size_2d": [args.size] * 2, "size_3d": [args.size] * 3}
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None:
+        try:
+            saved = MedformerImageProcessor.from_pretrained(init_from)
+        except OSError:  # a checkpoint saved without its processor
+            saved = None
+        sizes.update({key: getattr(saved, key) for key in sizes if getattr(saved, key, None) is not None})
+    for dims in (2, 3):
+        side = getattr(args, f"input_size_{dims}d")
+        if side is not None:
+            sizes[f"size_{dims}d"] = [side] * dims
+    return MedformerImageProcessor.from_model_config(config, **sizes)
 
 
-def describe_input_size(args: argparse.Namespace) -> str:
-    """The training size for a model card: the files' size, and any resize the processor applied."""
-    parts = [f"{args.size} px"]
-    for dims in ("2d", "3d"):
-        side = getattr(args, f"input_size_{dims}")
-        if side is not None and side != args.size:
-            parts.append(f"{dims.upper()} resized to {side} px")
+def describe_input_size(size: int, processor: MedformerImageProcessor) -> str:
+    """The training size for a model card: the files' size, and any resize the processor applies."""
+    parts = [f"{size} px"]
+    for dims, target in (("2D", processor.size_2d), ("3D", processor.size_3d)):
+        if target is not None and set(target) != {size}:
+            parts.append(f"{dims} resized to {'x'.join(map(str, target))} px")
     return ", ".join(parts)
 
 

@@ -23,6 +23,7 @@ from medformer_hf.training import (
     MODEL_SIZES,
     create_ema,
     create_optimizer,
+    describe_input_size,
     mix_within_tasks,
     predict,
     training_processor,
@@ -138,6 +139,12 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     processor.save_pretrained(tmp_path / "model")
     reloaded = MedformerImageProcessor.from_pretrained(tmp_path / "model")
     assert reloaded(load_npz_images("breastmnist", 2), spatial_dims=2)["pixel_values"].shape[-2:] == (56, 56)
+    # Fine-tuning from that checkpoint keeps the size its weights know, unless told otherwise.
+    from_checkpoint = argparse.Namespace(size=28, input_size_2d=None, input_size_3d=None, init_from=tmp_path / "model")
+    assert training_processor(config, from_checkpoint).size_2d == [56, 56]
+    from_checkpoint.input_size_2d = 28
+    assert training_processor(config, from_checkpoint).size_2d == [28, 28]
+    assert describe_input_size(28, processor) == "28 px, 2D resized to 56x56 px"
 
 
 def test_shift_and_jitter_keep_shape_and_change_pixels():
