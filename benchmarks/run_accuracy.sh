@@ -17,7 +17,7 @@ SSL_EPOCHS=${SSL_EPOCHS:-3}
 FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-56}
 ALPHA=${ALPHA:-0}
 FINETUNE_FLAGS=${FINETUNE_FLAGS-"--label_smoothing 0.1 --drop_path_rate 0.1"}  # for every fine-tuning run ("" for none)
-MODEL_FLAGS=${MODEL_FLAGS:-}  # for every model built from scratch (the SSL one, the scratch runs)
+MODEL_FLAGS=${MODEL_FLAGS:-}  # for every model built from scratch (the SSL one, the scratch runs); also --input_size_2d
 SEED=${SEED:-0}  # of every run (initialisation, batches, augmentation); another seed of the same recipe
 source "$(dirname "$0")/settings.sh"
 require_settings "$OUT" settings "ssl_epochs=$SSL_EPOCHS finetune_epochs=$FINETUNE_EPOCHS alpha=$ALPHA \
