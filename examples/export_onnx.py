@@ -14,6 +14,7 @@ import torch
 
 from medformer_hf import MedformerForImageClassification, MedformerForMultiTask
 from medformer_hf.integrations import export_onnx
+from medformer_hf.training import HelpFormatter
 
 CLASSIFIERS = {
     "MedformerForMultiTask": MedformerForMultiTask,
@@ -22,13 +23,11 @@ CLASSIFIERS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="folder of a trained classifier or multi-task model")
     parser.add_argument("--task", help="the task to export from a multi-task model (its raw logits)")
     parser.add_argument("--input_shape", type=int, nargs="+", required=True, help="B C H W or B C D H W")
-    parser.add_argument("--output", default="model.onnx")
+    parser.add_argument("--output", default="model.onnx", help="ONNX file to write")
     args = parser.parse_args()
     if len(args.input_shape) not in (4, 5):
         parser.error(f"--input_shape needs 4 (2D) or 5 (3D) numbers, got {args.input_shape}.")

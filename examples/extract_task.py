@@ -11,13 +11,11 @@ from pathlib import Path
 
 from medformer_hf import MedformerForImageClassification, MedformerImageProcessor
 from medformer_hf.hub import write_model_card
-from medformer_hf.training import export_model_folder
+from medformer_hf.training import HelpFormatter, export_model_folder
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="multi-task folder or Hub id")
     parser.add_argument("--task", required=True, help="the task to keep")
     parser.add_argument("--output_dir", required=True)

@@ -19,6 +19,7 @@ from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
+    HelpFormatter,
     TrainState,
     add_common_arguments,
     add_model_arguments,
@@ -43,9 +44,7 @@ from medformer_hf.visualization import save_confusion_matrix
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add_common_arguments(parser, default_output_dir="outputs/finetune")
     parser.add_argument("--init_from", help="Medformer checkpoint folder or Hub id (default: from scratch)")
     add_model_arguments(parser)

@@ -18,6 +18,7 @@ from medformer_hf.data import MedformerCollator, build_multitask_dataset, multit
 from medformer_hf.hub import push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
+    HelpFormatter,
     TrainState,
     add_common_arguments,
     add_model_arguments,
@@ -37,9 +38,7 @@ from medformer_hf.visualization import save_reconstruction_grid
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add_common_arguments(parser, default_output_dir="outputs/pretrain")
     add_model_arguments(parser)
     pretext = parser.add_argument_group("pretext tasks (MedformerConfig)")

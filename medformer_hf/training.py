@@ -40,6 +40,15 @@ MODEL_SIZES = {
 # ---------------------------------------------------------------------------------------------- arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, except where it is None or the help text already says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 MODEL_FLAGS = ("model_size", "tokenizer", "weight_init", "num_latents", "conv_stem_blocks")  # add_model_arguments'
 
 

@@ -62,6 +62,19 @@ def test_a_ct_window_on_scaled_values_or_beside_a_range_is_refused():
     assert processor(hounsfield, spatial_dims=3, window="soft_tissue").pixel_values.std() > 0.1
 
 
+def test_a_ct_window_on_stored_values_or_another_modality_is_refused():
+    hounsfield = np.linspace(-1000, 1000, 8**3, dtype=np.float32).reshape(8, 8, 8)
+    processor = MedformerImageProcessor()
+    with pytest.raises(ValueError, match="uint16 image, which cannot hold them.*load_dicom"):
+        processor((hounsfield + 1024).astype(np.uint16), spatial_dims=3, window="soft_tissue")
+    with pytest.raises(ValueError, match=r"the images are \['mri'\].*normalization='image'"):
+        processor(hounsfield, spatial_dims=3, window="soft_tissue", modality="mri")
+    with pytest.raises(ValueError, match=r"\['xray'\]"):
+        processor([hounsfield, hounsfield], spatial_dims=3, window="lung", modality=["ct", "xray"])
+    for modality in ("ct", "unknown", None):
+        assert processor(hounsfield, spatial_dims=3, window="soft_tissue", modality=modality).pixel_values.std() > 0.1
+
+
 @pytest.mark.parametrize("values", [(-1000.0, 2000.0), (0.0, 255.0), (-0.5, 0.5)])
 def test_float_images_outside_the_unit_range_are_refused(values):
     image = np.linspace(*values, 28 * 28, dtype=np.float32).reshape(28, 28)

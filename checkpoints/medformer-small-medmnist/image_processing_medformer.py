@@ -35,6 +35,9 @@ CT_WINDOWS = {
 # Dtypes whose full range is the natural intensity scale; others need a window or range: int16 CT in HU, and uint16
 # (12-bit detectors store 0-4095 in it, CT stores HU + 1024).
 DTYPE_RANGES = {np.dtype("uint8"): (0, 255), np.dtype("bool"): (0, 1)}
+# Built-in modalities whose values are not Hounsfield units: a CT window on them is refused. Names added to a config's
+# vocabulary are not listed, so a CT variant (e.g. "cbct") keeps its window.
+NON_HOUNSFIELD_MODALITIES = frozenset(DEFAULT_MODALITY_NAMES) - {"unknown", "ct"}
 SUPPORTED_CHANNELS = (1, 3)
 # Channel counts of common image formats Medformer does not take (gray+alpha, RGBA): at either end of a 3-axis array
 # they are refused, not read as the depth of a thin volume (pass spatial_dims=3 for one).
@@ -213,6 +216,7 @@ class MedformerImageProcessor(BaseImageProcessor):
             files = images if isinstance(images, (list, tuple)) else [images]
             if settings[key] is None and any(_is_medical_image(image) for image in files):
                 settings[key] = [_known(getattr(image, key, None)) for image in files]
+        _check_window_modality(settings["window"], settings["modality"])
         groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
         count = sum(len(group) for group in groups)
         modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
@@ -452,6 +456,18 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
     return groups
 
 
+def _check_window_modality(window: str | list[float] | None, modality: str | list[str] | None) -> None:
+    """A CT window on images named as another built-in modality (MRI, X-ray, ...) maps units they do not have."""
+    names = [modality] if modality is None or isinstance(modality, str) else modality
+    other = sorted({name for name in names if name in NON_HOUNSFIELD_MODALITIES})
+    if window is not None and other:
+        raise ValueError(
+            f"window={window!r} maps CT Hounsfield units, but the images are {other}. Drop window= (MRI and other "
+            "arbitrary units: normalization='image'; a known stored range: rescale_range=[low, high]), or pass "
+            "modality='ct' if they are CT."
+        )
+
+
 def _known(name: str | None) -> str | None:
     """A file's "unknown" tag says nothing: treat it as not given, so the model falls back to the task's."""
     return None if name in (None, "unknown") else name
@@ -477,6 +493,12 @@ def to_unit_range(
         raise ValueError(
             f"window= maps Hounsfield units, but this is a {source_dtype} image: display values, windowed already "
             "(as MedMNIST's are). Drop window= here, or pass the original CT values (e.g. from load_dicom)."
+        )
+    if window is not None and source_dtype.kind == "u":
+        raise ValueError(
+            f"window= maps Hounsfield units, but this is a {source_dtype} image, which cannot hold them (air is "
+            "-1000 HU): these are stored values (CT files keep HU + 1024 or apply a RescaleSlope/Intercept). Pass "
+            "the image in Hounsfield units (load_dicom applies the rescale), or rescale_range=[low, high] instead."
         )
     if window is not None and rescale_range is not None:
         raise ValueError(
