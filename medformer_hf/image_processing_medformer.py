@@ -216,11 +216,11 @@ class MedformerImageProcessor(BaseImageProcessor):
             files = images if isinstance(images, (list, tuple)) else [images]
             if settings[key] is None and any(_is_medical_image(image) for image in files):
                 settings[key] = [_known(getattr(image, key, None)) for image in files]
-        _check_window_modality(settings["window"], settings["modality"])
         groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
         count = sum(len(group) for group in groups)
         modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
         body_part_ids = self._ids(settings["body_part"], count, settings["body_part_names"], "body_part")
+        _check_window_modality(settings["window"], settings["modality"])
         processed = [self._process_group(group, settings) for group in groups]
         offsets = np.cumsum([0] + [len(pixels) for pixels in processed])
 
@@ -459,12 +459,14 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
 def _check_window_modality(window: str | list[float] | None, modality: str | list[str] | None) -> None:
     """A CT window on images named as another built-in modality (MRI, X-ray, ...) maps units they do not have."""
     names = [modality] if modality is None or isinstance(modality, str) else modality
-    other = sorted({name for name in names if name in NON_HOUNSFIELD_MODALITIES})
+    other = [name for name in names if name in NON_HOUNSFIELD_MODALITIES]
     if window is not None and other:
+        which = "the images are" if len(other) == len(names) else f"{len(other)} of the {len(names)} images are"
         raise ValueError(
-            f"window={window!r} maps CT Hounsfield units, but the images are {other}. Drop window= (MRI and other "
-            "arbitrary units: normalization='image'; a known stored range: rescale_range=[low, high]), or pass "
-            "modality='ct' if they are CT."
+            f"window={window!r} maps CT Hounsfield units, but {which} {sorted(set(other))}. Drop window= for them "
+            "(MRI and other arbitrary units: normalization='image'; a known stored range: rescale_range=[low, "
+            "high]; a mixed batch: one call for the CT images, one for the others), or pass modality='ct' if they "
+            "are CT."
         )
 
 

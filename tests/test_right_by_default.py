@@ -69,8 +69,12 @@ def test_a_ct_window_on_stored_values_or_another_modality_is_refused():
         processor((hounsfield + 1024).astype(np.uint16), spatial_dims=3, window="soft_tissue")
     with pytest.raises(ValueError, match=r"the images are \['mri'\].*normalization='image'"):
         processor(hounsfield, spatial_dims=3, window="soft_tissue", modality="mri")
-    with pytest.raises(ValueError, match=r"\['xray'\]"):
+    with pytest.raises(ValueError, match=r"1 of the 2 images are \['xray'\].*one call for the CT images"):
         processor([hounsfield, hounsfield], spatial_dims=3, window="lung", modality=["ct", "xray"])
+    with pytest.raises(ValueError, match="Unknown modality"):  # a name outside the vocabulary: that error first
+        MedformerImageProcessor(modality_names=["unknown", "ct"])(
+            hounsfield, spatial_dims=3, window="lung", modality="mri"
+        )
     for modality in ("ct", "unknown", None):
         assert processor(hounsfield, spatial_dims=3, window="soft_tissue", modality=modality).pixel_values.std() > 0.1
 
