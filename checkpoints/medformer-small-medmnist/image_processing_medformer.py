@@ -220,7 +220,7 @@ class MedformerImageProcessor(BaseImageProcessor):
         count = sum(len(group) for group in groups)
         modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
         body_part_ids = self._ids(settings["body_part"], count, settings["body_part_names"], "body_part")
-        _check_window_modality(settings["window"], settings["modality"])
+        _check_window_modality(settings["window"], modality_ids, settings["modality_names"])
         processed = [self._process_group(group, settings) for group in groups]
         offsets = np.cumsum([0] + [len(pixels) for pixels in processed])
 
@@ -456,12 +456,15 @@ def to_channels_first(images: Any, spatial_dims: int | None = None, data_format:
     return groups
 
 
-def _check_window_modality(window: str | list[float] | None, modality: str | list[str] | None) -> None:
+def _check_window_modality(
+    window: str | list[float] | None, modality_ids: torch.Tensor, modality_names: list[str]
+) -> None:
     """A CT window on images named as another built-in modality (MRI, X-ray, ...) maps units they do not have."""
-    names = [modality] if modality is None or isinstance(modality, str) else modality
+    names = [modality_names[i] for i in modality_ids.tolist() if i != UNSPECIFIED_ID]
     other = [name for name in names if name in NON_HOUNSFIELD_MODALITIES]
     if window is not None and other:
-        which = "the images are" if len(other) == len(names) else f"{len(other)} of the {len(names)} images are"
+        count = len(modality_ids)
+        which = "the images are" if len(other) == count else f"{len(other)} of the {count} images are"
         raise ValueError(
             f"window={window!r} maps CT Hounsfield units, but {which} {sorted(set(other))}. Drop window= for them "
             "(MRI and other arbitrary units: normalization='image'; a known stored range: rescale_range=[low, "
