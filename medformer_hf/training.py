@@ -598,6 +598,45 @@ def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]
     partial.rmdir()
 
 
+# Config fields that only act during training: models that differ in them alone can still be averaged.
+TRAINING_ONLY_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def average_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the weights of models of one architecture (a "uniform model soup", Wortsman et al.
+    2022): fine-tunes of one pre-training with other seeds or settings often average to a better model than each.
+
+    Raises ValueError when the models cannot be averaged: fewer than two, other classes, configs that differ beyond
+    `TRAINING_ONLY_FIELDS` (architecture, tasks, labels), or integer buffers that differ.
+    """
+    if len(models) < 2:
+        raise ValueError(f"averaging needs at least two models, got {len(models)}.")
+    first = models[0]
+    ignored = {"_name_or_path", "transformers_version", *TRAINING_ONLY_FIELDS}
+    reference = {key: value for key, value in first.config.to_dict().items() if key not in ignored}
+    for index, model in enumerate(models[1:], start=1):
+        if type(model) is not type(first):
+            raise ValueError(f"model {index} is a {type(model).__name__}, model 0 a {type(first).__name__}.")
+        config = {key: value for key, value in model.config.to_dict().items() if key not in ignored}
+        differing = sorted(key for key in reference.keys() | config.keys() if reference.get(key) != config.get(key))
+        if differing:
+            raise ValueError(
+                f"model {index}'s config differs from model 0's in {differing}: only fine-tunes of one architecture "
+                f"and task set can be averaged (they may differ in {list(TRAINING_ONLY_FIELDS)})."
+            )
+    states = [model.state_dict() for model in models]
+    averaged = {}
+    for name, tensor in states[0].items():
+        values = [state[name] for state in states]
+        if tensor.is_floating_point():
+            averaged[name] = torch.stack([value.float() for value in values]).mean(0).to(tensor.dtype)
+        elif all(torch.equal(value, tensor) for value in values):
+            averaged[name] = tensor.clone()
+        else:
+            raise ValueError(f"the integer buffer {name} differs between the models; it has no average.")
+    return averaged
+
+
 # ---------------------------------------------------------------------------------------------- training loop
 
 

@@ -244,6 +244,37 @@ def test_extract_task_writes_a_carded_classifier_and_never_over_another_model(tm
     assert MedformerForImageClassification.from_pretrained(target).config.num_labels == 2
 
 
+def test_average_weights_writes_the_mean_model_and_refuses_other_inputs(tmp_path):
+    """Two fine-tunes of one architecture average into a loadable folder with the processor and a card; a model fed
+    other inputs (another processor) is refused with the reason, and nothing is written."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT
+
+    tasks = {name: CATALOGUE[name].task_spec() for name in ("pneumoniamnist",)}
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folders.append(tmp_path / f"seed{seed}")
+        MedformerForMultiTask(make_tiny_config(tasks=tasks)).save_pretrained(folders[-1])
+        MedformerImageProcessor().save_pretrained(folders[-1])
+    script = [sys.executable, str(REPO_ROOT / "examples" / "average_weights.py"), "--models", *map(str, folders)]
+    done = subprocess.run([*script, "--output_dir", str(tmp_path / "soup")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    soup = MedformerForMultiTask.from_pretrained(tmp_path / "soup")
+    first, second = (MedformerForMultiTask.from_pretrained(folder).state_dict() for folder in folders)
+    for name, value in soup.state_dict().items():
+        torch.testing.assert_close(value, (first[name] + second[name]) / 2)
+    saved = MedformerImageProcessor.from_pretrained(folders[0]).to_dict()
+    assert MedformerImageProcessor.from_pretrained(tmp_path / "soup").to_dict() == saved
+    assert "element-wise mean" in (tmp_path / "soup" / "README.md").read_text()
+    MedformerImageProcessor(size_2d=[84, 84]).save_pretrained(folders[1])
+    refused = subprocess.run([*script, "--output_dir", str(tmp_path / "refused")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "image processor differs" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 def _graph_breaks(model, **inputs) -> int:
     explanation = torch._dynamo.explain(model)(**inputs)
     return explanation.graph_break_count

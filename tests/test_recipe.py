@@ -21,6 +21,7 @@ from medformer_hf.data.catalogue import LABEL_SAFE_AUGMENTATIONS
 from medformer_hf.modeling_medformer import MedformerDropPath
 from medformer_hf.training import (
     MODEL_SIZES,
+    average_weights,
     create_ema,
     create_optimizer,
     describe_input_size,
@@ -176,6 +177,31 @@ def test_ema_tracks_the_weights_and_is_what_gets_saved(tmp_path):
     loaded = MedformerForMultiTask.from_pretrained(tmp_path)
     torch.testing.assert_close(dict(loaded.named_parameters())[name], averaged[name])
     assert create_ema(Accelerator(cpu=True), model, 0.0) is None
+
+
+def test_averaged_weights_are_the_element_wise_mean_and_only_of_one_architecture():
+    tasks = {"x": {"type": "binary", "num_labels": 2}}
+    models = []
+    for seed, drop_path in ((0, 0.0), (1, 0.1)):  # a training-only field may differ
+        torch.manual_seed(seed)
+        models.append(
+            MedformerForMultiTask(MedformerConfig(**MODEL_SIZES["tiny"], tasks=tasks, drop_path_rate=drop_path))
+        )
+    averaged = average_weights(models)
+    name = "medformer.main_body.layers.0.mlp.fc1.weight"
+    first, second = (dict(model.named_parameters())[name].detach() for model in models)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(averaged[name], (first + second) / 2)
+    assert averaged.keys() == models[0].state_dict().keys()
+    models[0].load_state_dict(averaged)  # loads whole: no missing or unexpected weight
+    other_tasks = MedformerForMultiTask(MedformerConfig(**MODEL_SIZES["tiny"], tasks={"y": tasks["x"]}))
+    with pytest.raises(ValueError, match=r"differs from model 0's in \['task_order', 'tasks'\]"):
+        average_weights([models[0], other_tasks])
+    wider = MedformerForMultiTask(MedformerConfig(**{**MODEL_SIZES["tiny"], "hidden_size": 96}, tasks=tasks))
+    with pytest.raises(ValueError, match="hidden_size"):
+        average_weights([models[0], wider])
+    with pytest.raises(ValueError, match="at least two models, got 1"):
+        average_weights(models[:1])
 
 
 def test_default_recipe_learns_a_separable_task_on_real_data():

@@ -430,11 +430,13 @@ def test_evaluations_never_overwrite_each_other(tmp_path, flags, message):
     assert sorted(path.name for path in model.iterdir()) == ["config.json"]
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py", "extract_task.py"])
+@pytest.mark.parametrize(
+    "script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py", "extract_task.py", "average_weights.py"]
+)
 def test_help_lists_the_defaults_and_no_empty_ones(tmp_path, script):
     result = checked(run_script(tmp_path, script, "--help"))
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
-    assert "(default:" in help_text or script == "extract_task.py"
+    assert "(default:" in help_text or script in ("extract_task.py", "average_weights.py")  # they have no defaults
     assert "default: None" not in help_text and "(default: (default" not in help_text
 
 
