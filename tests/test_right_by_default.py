@@ -458,6 +458,22 @@ def test_the_medical_pipeline_reads_a_picture_path_as_the_picture(tmp_path):
     assert from_path == classify(image, task="pneumoniamnist")
 
 
+def test_the_medical_pipeline_answers_every_image_of_an_array_batch_in_order():
+    """A `(N, 1, D, H, W)` array is a batch to the processor: one ranked list per volume, each the volume's own."""
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
+    volumes = np.load(DATA_DIR / "organmnist3d.npz")["test_images"][:3]
+    batched = classify(volumes[:, None], task="organmnist3d", top_k=2)
+    assert len(batched) == 3
+    for volume, answer in zip(volumes, batched, strict=True):
+        alone = classify(volume, spatial_dims=3, task="organmnist3d", top_k=2)
+        assert [entry["label"] for entry in answer] == [entry["label"] for entry in alone]
+        assert [entry["score"] for entry in answer] == pytest.approx([entry["score"] for entry in alone], abs=1e-5)
+    assert batched[0] != batched[1] or batched[1] != batched[2]  # not one image's answer repeated
+
+
 @pytest.mark.parametrize(("task", "views"), [("breastmnist", 2), ("nodulemnist3d", 8), ("organmnist3d", 1)])
 def test_the_medical_pipeline_averages_over_the_label_safe_flips_the_checkpoint_records(task, views):
     """`test_time_flips=True` gives the mean class probabilities over the task's label-safe flips (none for

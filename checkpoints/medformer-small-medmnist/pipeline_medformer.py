@@ -3,8 +3,8 @@
 2D images and 3D volumes (arrays, tensors, PIL), NIfTI, DICOM and picture (PNG, JPEG, TIFF, BMP) paths (a DICOM
 folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging modality and
 body part, `task=` for multi-task checkpoints, and `test_time_flips=True`: the mean over the flips the task's config
-entry records as label-safe (what the checkpoint card's flip-averaged table measures). Shipped with every checkpoint
-(Hub remote code):
+entry records as label-safe (what the checkpoint card's flip-averaged table measures). An array holding a batch
+(e.g. `(N, 1, D, H, W)`) gives one ranked list per image. Shipped with every checkpoint (Hub remote code):
 
     classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
     classifier("scan.nii.gz", modality="ct", body_part="abdomen", window="soft_tissue", task="organmnist3d")
@@ -110,11 +110,15 @@ class MedicalImageClassificationPipeline(Pipeline):
         return task_probabilities(logits, spec["type"], spec["num_labels"])
 
     def postprocess(self, model_outputs: dict[str, torch.Tensor], task: str | None = None, top_k: int | None = None):
-        scores = model_outputs["scores"][0]
+        """The ranked labels of the image; an input the processor read as a batch (an array of several images or
+        volumes) gets one ranked list per image, in its order."""
         id2label = self.model.config.id2label if task is None else self.model.config.tasks[task]["id2label"]
-        ranked = sorted(
-            ({"label": id2label[index], "score": float(score)} for index, score in enumerate(scores.tolist())),
-            key=lambda item: item["score"],
-            reverse=True,
-        )
-        return ranked[:top_k] if top_k else ranked
+        results = []
+        for scores in model_outputs["scores"].tolist():
+            ranked = sorted(
+                ({"label": id2label[index], "score": float(score)} for index, score in enumerate(scores)),
+                key=lambda item: item["score"],
+                reverse=True,
+            )
+            results.append(ranked[:top_k] if top_k else ranked)
+        return results[0] if len(results) == 1 else results
