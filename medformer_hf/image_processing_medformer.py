@@ -516,6 +516,23 @@ def to_unit_range(
             f"{float(pixels.max()):.4g}]: scaled already, so the window would make it one flat value. Drop window=, "
             "or pass the CT values in Hounsfield units (load_dicom gives those)."
         )
+    if rescale_range is not None and source_dtype in DTYPE_RANGES and rescale_range[1] > DTYPE_RANGES[source_dtype][1]:
+        raise ValueError(
+            f"rescale_range={list(rescale_range)} maps stored values up to {rescale_range[1]:g}, but this is a "
+            f"{source_dtype} image (at most {DTYPE_RANGES[source_dtype][1]}): it would come out dark and flat. Pass "
+            "rescale_range=None for it (its dtype's range applies), or the range its values were stored in."
+        )
+    if (
+        rescale_range is not None
+        and source_dtype.kind == "f"
+        and rescale_range[1] > 1 + UNIT_RANGE_SLACK
+        and -UNIT_RANGE_SLACK <= pixels.min() <= pixels.max() <= 1 + UNIT_RANGE_SLACK
+    ):
+        raise ValueError(
+            f"rescale_range={list(rescale_range)} maps stored values, but this float image lies in "
+            f"[{float(pixels.min()):.4g}, {float(pixels.max()):.4g}]: scaled already, so it would come out dark and "
+            "flat. Pass rescale_range=None for it, or the image in its stored values."
+        )
     if window is not None:
         level, width = CT_WINDOWS[window] if isinstance(window, str) else window
         low, high = level - width / 2, level + width / 2

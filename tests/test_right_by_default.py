@@ -62,6 +62,21 @@ def test_a_ct_window_on_scaled_values_or_beside_a_range_is_refused():
     assert processor(hounsfield, spatial_dims=3, window="soft_tissue").pixel_values.std() > 0.1
 
 
+def test_a_stored_value_range_on_display_or_scaled_values_is_refused():
+    """A processor saved with a 12-bit range would make an 8-bit or a [0, 1] image nearly black: refused, and the
+    same images pass with rescale_range=None."""
+    processor = MedformerImageProcessor(rescale_range=[0, 4095])
+    display = np.full((28, 28), 255, np.uint8)
+    with pytest.raises(ValueError, match=r"rescale_range=\[0, 4095\].*uint8 image.*rescale_range=None"):
+        processor(display)
+    with pytest.raises(ValueError, match="float image lies in.*scaled already"):
+        processor(display.astype(np.float32) / 255)
+    assert processor(display, rescale_range=None, normalization="none").pixel_values.min() == 1.0
+    stored = np.full((28, 28), 4095, np.uint16)
+    assert processor(stored, normalization="none").pixel_values.min() == 1.0
+    assert MedformerImageProcessor(rescale_range=[10, 200])(display, normalization="none").pixel_values.min() == 1.0
+
+
 def test_a_ct_window_on_stored_values_or_another_modality_is_refused():
     hounsfield = np.linspace(-1000, 1000, 8**3, dtype=np.float32).reshape(8, 8, 8)
     processor = MedformerImageProcessor()
