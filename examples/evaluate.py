@@ -32,7 +32,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
     parser.add_argument("--datasets", nargs="+", help="default: every task of the model")
     parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
-    parser.add_argument("--size", type=int, default=28)
+    parser.add_argument(
+        "--size",
+        type=int,
+        help="MedMNIST file size: 28, 64, 128 or 224 (default: 28; a model whose processor resizes to one of the "
+        "larger ones must be told which)",
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
         "--test_time_flips",
@@ -50,6 +55,18 @@ def parse_args() -> argparse.Namespace:
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
     tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
+    if args.size is None:  # 28, unless the model takes one of MedMNIST's larger file sizes: then it must be said
+        saved = Path(args.model) / "preprocessor_config.json"
+        processor = json.loads(saved.read_text()) if saved.is_file() else {}
+        trained_at = {side for key in ("size_2d", "size_3d") for side in processor.get(key) or []}
+        file_sizes = {size for name in tasks if name in CATALOGUE for size in CATALOGUE[name].sizes}
+        larger = sorted(trained_at & file_sizes - {28})
+        if larger:
+            parser.error(
+                f"the model's processor resizes images to {larger[0]} px, a MedMNIST file size: pass --size "
+                f"{larger[0]} to evaluate on those files, or --size 28 for 28 px files resized to it."
+            )
+        args.size = 28
     if args.datasets is None:  # every task whose MedMNIST file is here; --datasets insists (and may download)
         args.datasets = [
             name for name in tasks if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)

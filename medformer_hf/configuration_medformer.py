@@ -151,6 +151,10 @@ class MedformerConfig(PretrainedConfig):
             Channel counts that get a 2D patch embedding (and a 2D pixel decoder for pre-training).
         input_channels_3d (`list[int]`, *optional*, defaults to `[1]`):
             Channel counts that get a 3D patch embedding.
+        image_size_2d, image_size_3d (`list[int]`, *optional*):
+            The input sizes the weights were trained at (what the processor saved with them resizes images to),
+            recorded by the training scripts: `MedformerImageProcessor.from_model_config` takes them as its sizes,
+            so a processor built from the config alone feeds the model what it learned from. None: not recorded.
         num_position_bands (`int`, *optional*, defaults to 16):
             Fourier frequency bands per axis of the coordinate features; they work for any image size.
         max_position_frequency (`float`, *optional*, defaults to 32.0):
@@ -237,6 +241,8 @@ class MedformerConfig(PretrainedConfig):
         conv_stem_blocks: int = 0,
         input_channels_2d: list[int] | None = None,
         input_channels_3d: list[int] | None = None,
+        image_size_2d: list[int] | None = None,
+        image_size_3d: list[int] | None = None,
         num_position_bands: int = 16,
         max_position_frequency: float = 32.0,
         modality_names: list[str] | None = None,
@@ -281,6 +287,8 @@ class MedformerConfig(PretrainedConfig):
         self.conv_stem_blocks = conv_stem_blocks
         self.input_channels_2d = list(input_channels_2d) if input_channels_2d is not None else [1, 3]
         self.input_channels_3d = list(input_channels_3d) if input_channels_3d is not None else [1]
+        self.image_size_2d = list(image_size_2d) if image_size_2d is not None else None
+        self.image_size_3d = list(image_size_3d) if image_size_3d is not None else None
         self.num_position_bands = num_position_bands
         self.max_position_frequency = max_position_frequency
         self.modality_names = list(modality_names) if modality_names is not None else list(DEFAULT_MODALITY_NAMES)
@@ -382,6 +390,10 @@ class MedformerConfig(PretrainedConfig):
             channels = getattr(self, name)
             if any(not isinstance(c, int) or c < 1 for c in channels) or len(set(channels)) != len(channels):
                 raise ValueError(f"MedformerConfig.{name} must be distinct positive integers, got {channels!r}.")
+        for name, length in (("image_size_2d", 2), ("image_size_3d", 3)):
+            size = getattr(self, name)
+            if size is not None and (len(size) != length or not all(_is_int(side) and side >= 1 for side in size)):
+                raise ValueError(f"MedformerConfig.{name} must be {length} positive integers or None, got {size!r}.")
         if self.weight_init not in WEIGHT_INITS:
             raise ValueError(
                 f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}."

@@ -209,7 +209,8 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def training_processor(config: MedformerConfig, args: argparse.Namespace) -> MedformerImageProcessor:
-    """The processor a run trains with and saves: it brings images of any size to the run's input sizes.
+    """The processor a run trains with and saves: it brings images of any size to the run's input sizes, which it
+    also records in `config` (`image_size_2d` / `image_size_3d`), so the checkpoint knows them without its processor.
 
     A size not given (`--input_size_2d` / `--input_size_3d`) is what the `--init_from` checkpoint's processor records
     (the size its weights were trained at), else `--size`, the files' own.
@@ -226,7 +227,8 @@ def training_processor(config: MedformerConfig, args: argparse.Namespace) -> Med
         side = getattr(args, f"input_size_{dims}d")
         if side is not None:
             sizes[f"size_{dims}d"] = [side] * dims
-    return MedformerImageProcessor.from_model_config(config, **sizes)
+    config.image_size_2d, config.image_size_3d = sizes["size_2d"], sizes["size_3d"]
+    return MedformerImageProcessor.from_model_config(config)
 
 
 def describe_input_size(size: int, processor: MedformerImageProcessor) -> str:

@@ -129,6 +129,9 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     arguments = argparse.Namespace(size=28, input_size_2d=56, input_size_3d=None)
     processor = training_processor(config, arguments)
     assert (processor.size_2d, processor.size_3d) == ([56, 56], [28, 28, 28])  # 3D keeps the files' size
+    # The config records them too, so a processor built from the saved config alone resizes the same way.
+    assert (config.image_size_2d, config.image_size_3d) == ([56, 56], [28, 28, 28])
+    assert MedformerImageProcessor.from_model_config(MedformerConfig.from_dict(config.to_dict())).size_2d == [56, 56]
     data = build_multitask_dataset(["breastmnist"], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
     policies = []
     monkeypatch.setattr(multitask, "augment", lambda pixels, policy: policies.append(policy) or pixels)

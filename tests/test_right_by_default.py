@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from medformer_hf import (
+    MedformerConfig,
     MedformerForImageClassification,
     MedformerForMultiTask,
     MedformerForPreTraining,
@@ -471,6 +472,23 @@ def test_the_medical_pipeline_reads_a_picture_path_as_the_picture(tmp_path):
     classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
     from_path = classify(str(tmp_path / "xray.png"), task="pneumoniamnist")
     assert from_path == classify(image, task="pneumoniamnist")
+
+
+def test_a_processor_built_from_the_released_config_alone_feeds_the_model_its_training_size():
+    """The released weights learned 2D images at 84 px: the config records it, so `from_model_config` (a folder
+    without its processor) resizes a 28 px image to 84 as the saved processor does, not leaving it at 28."""
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    config = MedformerConfig.from_pretrained(folder)
+    from_config = MedformerImageProcessor.from_model_config(config)
+    saved = MedformerImageProcessor.from_pretrained(folder)
+    assert (from_config.size_2d, from_config.size_3d) == (saved.size_2d, saved.size_3d) == ([84, 84], [28, 28, 28])
+    image = list(np.load(DATA_DIR / "breastmnist.npz")["test_images"][:2])  # two 28 px images
+    torch.testing.assert_close(
+        from_config(image, spatial_dims=2).pixel_values, saved(image, spatial_dims=2).pixel_values
+    )
+    assert MedformerImageProcessor.from_model_config(config, size_2d=[28, 28]).size_2d == [28, 28]  # asked for
+    with pytest.raises(ValueError, match="image_size_3d must be 3 positive integers"):
+        MedformerConfig(image_size_3d=[28, 28])
 
 
 def test_the_medical_pipeline_answers_every_image_of_an_array_batch_in_order():

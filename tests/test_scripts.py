@@ -430,6 +430,21 @@ def test_evaluations_never_overwrite_each_other(tmp_path, flags, message):
     assert sorted(path.name for path in model.iterdir()) == ["config.json"]
 
 
+def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tmp_path):
+    """A processor that resizes to 64 px, a MedMNIST file size: evaluating on 28 px files without saying so would
+    quietly measure another protocol, so --size must be given; the released 84 px model (not a file size) needs none."""
+    from medformer_hf import MedformerImageProcessor
+
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
+    MedformerImageProcessor(size_2d=[64, 64], size_3d=[64, 64, 64]).save_pretrained(model)
+    result = run_script(tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR))
+    assert result.returncode == 2
+    assert "pass --size 64 to evaluate on those files, or --size 28" in result.stderr.strip().splitlines()[-1]
+    assert not (model / "metrics.json").exists() and not (model / "README.md").exists()
+
+
 @pytest.mark.parametrize(
     "script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py", "extract_task.py", "average_weights.py"]
 )

@@ -147,13 +147,17 @@ class MedformerImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_model_config(cls, config: Any, training_size: int | None = None, **kwargs) -> MedformerImageProcessor:
-        """A processor whose vocabularies are the model config's, so names map to the ids the model was trained on.
+        """A processor whose vocabularies are the model config's, so names map to the ids the model was trained on,
+        and whose sizes are the ones the config records its weights were trained at (`image_size_2d` /
+        `image_size_3d`), so images of any size reach the model at those.
 
-        `training_size` (the side of the training images) sets `size_2d` / `size_3d`, so that the processor saved
-        with the checkpoint brings images of any size to it.
+        `training_size` (the side of the training images) sets `size_2d` / `size_3d` instead; `size_2d=` /
+        `size_3d=` override either.
         """
+        sizes = {"size_2d": getattr(config, "image_size_2d", None), "size_3d": getattr(config, "image_size_3d", None)}
         if training_size is not None:
-            kwargs = {"size_2d": [training_size] * 2, "size_3d": [training_size] * 3, **kwargs}
+            sizes = {"size_2d": [training_size] * 2, "size_3d": [training_size] * 3}
+        kwargs = {**{key: size for key, size in sizes.items() if size is not None}, **kwargs}
         return cls(modality_names=config.modality_names, body_part_names=config.body_part_names, **kwargs)
 
     # ------------------------------------------------------------------------------------------ settings
