@@ -147,6 +147,83 @@ def test_a_dicom_series_and_a_nifti_file_of_one_scan_give_one_array(tmp_path):
     assert nifti.spacing == dicom.spacing == (2.0, 1.0, 1.0)
 
 
+def _ct_dataset(rows: int = 4, columns: int = 4) -> pydicom.Dataset:
+    """A minimal signed 16-bit CT dataset that pydicom can write and read back."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta, dataset.SOPClassUID, dataset.SOPInstanceUID = meta, CTImageStorage, generate_uid()
+    dataset.Modality, dataset.Rows, dataset.Columns = "CT", rows, columns
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+    return dataset
+
+
+def test_a_folder_of_two_series_or_of_repeated_positions_is_refused(tmp_path):
+    """Two reconstructions of one scan (soft-tissue and lung kernels) at the same positions would interleave into a
+    volume twice as deep with spacing 0: refused, naming both series; so are repeats of a position in one series."""
+    from pydicom.uid import generate_uid
+
+    series = {"soft tissue": generate_uid(), "lung": generate_uid()}
+    for description, uid in series.items():
+        for index in range(3):
+            dataset = _ct_dataset()
+            dataset.SeriesInstanceUID, dataset.SeriesDescription = uid, description
+            dataset.ImagePositionPatient, dataset.ImageOrientationPatient = [0.0, 0.0, float(index)], [1, 0, 0, 0, 1, 0]
+            dataset.PixelData = np.full((4, 4), 100 if description == "lung" else -900, np.int16).tobytes()
+            dataset.save_as(tmp_path / f"{description}_{index}.dcm", enforce_file_format=True)
+    with pytest.raises(ValueError, match="holds 2 DICOM series") as error:
+        load_dicom(tmp_path)
+    assert "(soft tissue): 3 files" in str(error.value) and "(lung): 3 files" in str(error.value)
+    for file in tmp_path.glob("lung_*.dcm"):  # one series left: it loads
+        file.unlink()
+    assert load_dicom(tmp_path).array.shape == (3, 4, 4)
+    repeat = pydicom.dcmread(tmp_path / "soft tissue_0.dcm")
+    repeat.SOPInstanceUID = generate_uid()
+    repeat.save_as(tmp_path / "soft tissue_0_echo2.dcm", enforce_file_format=True)
+    with pytest.raises(ValueError, match=r"several share a slice position \(\[0.0\]\)"):
+        load_dicom(tmp_path)
+
+
+def test_an_enhanced_multi_frame_ct_comes_out_in_hounsfield_units_sorted_by_position(tmp_path):
+    """Enhanced CT keeps its rescale and plane positions in functional groups, not at the top level: water stored as
+    1024 must read 0 HU, and frames stored out of order come back inferior to superior with their spacing."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def item(**attributes) -> Dataset:
+        entry = Dataset()
+        for name, value in attributes.items():
+            setattr(entry, name, value)
+        return entry
+
+    depths = [5.0, 0.0, 10.0]  # frame k stored at these z positions
+    stored = np.stack([np.full((4, 4), 1024 + int(z), np.int16) for z in depths])  # HU = z after the rescale
+    dataset = _ct_dataset()
+    dataset.NumberOfFrames = len(depths)
+    dataset.PixelData = stored.tobytes()
+    dataset.SharedFunctionalGroupsSequence = Sequence(
+        [
+            item(
+                PixelValueTransformationSequence=Sequence([item(RescaleIntercept=-1024, RescaleSlope=1)]),
+                PlaneOrientationSequence=Sequence([item(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])]),
+                PixelMeasuresSequence=Sequence([item(PixelSpacing=[0.5, 0.5], SliceThickness=5.0)]),
+            )
+        ]
+    )
+    dataset.PerFrameFunctionalGroupsSequence = Sequence(
+        [item(PlanePositionSequence=Sequence([item(ImagePositionPatient=[0.0, 0.0, z])])) for z in depths]
+    )
+    dataset.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    volume = load_dicom(tmp_path / "enhanced.dcm")
+    assert volume.spatial_dims == 3 and volume.array[:, 0, 0].tolist() == [0.0, 5.0, 10.0]
+    assert volume.spacing == (5.0, 0.5, 0.5)
+
+
 @pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")
 @pytest.mark.parametrize("name", ["ch2.nii.gz", "ch2better.nii.gz", "inia19-t1-brain.nii.gz"])
 def test_mricron_brain_templates_load_and_run(name):

@@ -695,8 +695,40 @@ def _dicom_slice(dataset: Any) -> np.ndarray:
     return pixels * slope + intercept
 
 
+def _frame_attribute(dataset: Any, frame: int, sequence: str, attribute: str) -> Any:
+    """An attribute of an enhanced (multi-frame) DICOM's functional groups: the frame's own, else the shared one."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    for group in (per_frame[frame] if per_frame else None, shared[0] if shared else None):
+        if group is not None and sequence in group and attribute in group[sequence][0]:
+            return group[sequence][0][attribute].value
+    return None
+
+
+def _enhanced_frames(dataset: Any) -> tuple[np.ndarray, float | None]:
+    """The frames of an enhanced (multi-frame) DICOM, each rescaled by its functional groups' slope/intercept (where
+    Enhanced CT keeps them, so it comes out in Hounsfield units) and sorted by position along the slice normal, and
+    the spacing of the frames (None without plane positions)."""
+    frames = dataset.pixel_array.astype(np.float32)
+    for index in range(len(frames)):
+        slope = _frame_attribute(dataset, index, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _frame_attribute(dataset, index, "PixelValueTransformationSequence", "RescaleIntercept")
+        frames[index] = frames[index] * float(slope or 1) + float(intercept or 0)
+    positions = [
+        _frame_attribute(dataset, i, "PlanePositionSequence", "ImagePositionPatient") for i in range(len(frames))
+    ]
+    orientation = _frame_attribute(dataset, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if orientation is None or any(position is None for position in positions):
+        return frames, None
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    depths = np.asarray([float(np.dot(normal, np.asarray(position, float))) for position in positions])
+    order = np.argsort(depths, kind="stable")
+    return frames[order], abs(float(depths[order[1]] - depths[order[0]]))
+
+
 def load_dicom(path: str | os.PathLike) -> MedicalImage:
-    """Read one DICOM file, or a folder of single-slice files stacked into a volume sorted by slice position.
+    """Read one DICOM file (an enhanced multi-frame file is a volume), or a folder of one series' single-slice files
+    stacked into a volume sorted by slice position (several series, or slices that share a position, are refused).
 
     Rows and columns stay as stored; slices run along the slice normal. For the usual axial series that is what
     `load_nifti` gives for the same scan: inferior to superior, anterior to posterior, patient's right to left.
@@ -714,6 +746,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         datasets = [dataset for dataset in datasets if "PixelData" in dataset]
         if not datasets:
             raise ValueError(f"{path} holds no DICOM files with pixel data.")
+        _check_one_series(path, datasets)
         datasets.sort(key=_slice_position)
         array = np.stack([_dicom_slice(dataset) for dataset in datasets])
         first, spatial_dims = datasets[0], 3
@@ -723,13 +756,19 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         first = _read_dicom(pydicom, path)
         if "PixelData" not in first:
             raise ValueError(f"{path} has no pixel data (is it a report or a structure set?).")
-        array = _dicom_slice(first)
         spatial_dims = 3 if int(getattr(first, "NumberOfFrames", 1) or 1) > 1 else 2
+        enhanced = spatial_dims == 3 and (
+            "PerFrameFunctionalGroupsSequence" in first or "SharedFunctionalGroupsSequence" in first
+        )
+        array, frame_spacing = _enhanced_frames(first) if enhanced else (_dicom_slice(first), None)
     if getattr(first, "PhotometricInterpretation", "") == "MONOCHROME1":
         array = array.max() - array  # MONOCHROME1 shows low values as white
     spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
     if path.is_dir() and len(datasets) > 1:
         spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing
+    elif not path.is_dir() and frame_spacing is not None:
+        pixel_spacing = _frame_attribute(first, 0, "PixelMeasuresSequence", "PixelSpacing") or []
+        spacing = [frame_spacing] + [float(side) for side in pixel_spacing] if pixel_spacing else []
     return MedicalImage(
         array=array,
         spatial_dims=spatial_dims,
@@ -751,6 +790,33 @@ def _read_dicom(pydicom: Any, file: Path) -> Any:
             f"{file} is not a DICOM file ({error}). Pass PNG/JPEG/TIFF images as arrays or PIL images (the medical "
             "pipeline also takes their paths), NIfTI as .nii/.nii.gz; in a DICOM series folder, move other files out."
         ) from error
+
+
+def _check_one_series(path: Path, datasets: list[Any]) -> None:
+    """A folder is read as one volume: refuse several series (kernels, phases) and slices that share a position, which
+    stacking would interleave into one scan."""
+    series: dict[str, list[Any]] = {}
+    for dataset in datasets:
+        series.setdefault(str(getattr(dataset, "SeriesInstanceUID", "") or "(no SeriesInstanceUID)"), []).append(
+            dataset
+        )
+    if len(series) > 1:
+        described = "; ".join(
+            f"{uid} ({getattr(members[0], 'SeriesDescription', '') or 'no description'}): {len(members)} files"
+            for uid, members in series.items()
+        )
+        raise ValueError(
+            f"{path} holds {len(series)} DICOM series, and a folder is read as one volume: {described}. Move each "
+            "series into a folder of its own and load the one you mean."
+        )
+    positions = sorted(_slice_position(dataset) for dataset in datasets)
+    shared = sorted({low for low, high in zip(positions, positions[1:], strict=False) if low == high})
+    if shared:
+        raise ValueError(
+            f"{path}: {len(datasets)} files but several share a slice position ({shared[:3]}): echoes, phases or "
+            "repeats of one series (or slices without ImagePositionPatient and InstanceNumber). Put one image per "
+            "position in a folder (e.g. split by EchoNumbers or TemporalPositionIdentifier) and load that."
+        )
 
 
 def _slice_position(dataset: Any) -> float:
