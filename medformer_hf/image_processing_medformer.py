@@ -654,8 +654,9 @@ def load_nifti(
     posterior, z to superior), so a scan gives the same array whatever axis order and direction it was stored in (left
     stays left), and the same array as `load_dicom` gives for its axial DICOM series: slices from inferior to superior,
     rows from anterior to posterior, columns from the patient's right to left (the radiological view). A single slice
-    (one axis of size 1, in any plane) is a 2D image. NIfTI has no modality tag: pass `modality=` (e.g. "mri") when
-    you know it. For a 4D series (fMRI, DWI), `volume` picks the volume.
+    (one axis of size 1, in any plane) is a 2D image, shown as a radiologist sees it: a coronal or sagittal slice has
+    its rows from superior to inferior (head at the top, as its DICOM is stored). NIfTI has no modality tag: pass
+    `modality=` (e.g. "mri") when you know it. For a 4D series (fMRI, DWI), `volume` picks the volume.
     """
     nibabel = _import_optional("nibabel")
     path = Path(path)
@@ -675,8 +676,11 @@ def load_nifti(
     if array.ndim not in (2, 3):
         raise ValueError(f"{path} holds a {array.ndim}-D array {array.shape}; pass volume=<index> to pick one volume.")
     spacing = tuple(float(image.header.get_zooms()[axis]) for axis in axes)
+    array = array.transpose()
+    if array.ndim == 2 and axes[-1] == 2:  # a coronal or sagittal slice: rows superior to inferior, as it is shown
+        array = array[::-1]
     return MedicalImage(
-        array=np.ascontiguousarray(array.transpose()),
+        array=np.ascontiguousarray(array),
         spatial_dims=array.ndim,
         modality=modality,
         body_part=body_part,

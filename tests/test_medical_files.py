@@ -115,6 +115,16 @@ def test_a_nifti_scan_gives_the_same_array_in_any_storage_order(tmp_path):
         image = load_nifti(tmp_path / "slice.nii.gz")
         assert image.spatial_dims == 2 and image.array.shape == one_slice.squeeze(axis).transpose().shape
         assert image.spacing == expected_spacing
+    # A coronal slice with a mark at its most superior voxel (highest z in RAS and LPS): the top row, head up.
+    coronal = np.zeros((6, 1, 4), np.float32)
+    coronal[:, 0, -1] = 1.0
+    nibabel.save(nibabel.Nifti1Image(coronal, np.eye(4)), tmp_path / "coronal.nii.gz")
+    image = load_nifti(tmp_path / "coronal.nii.gz")
+    assert image.array.shape == (4, 6) and image.array[0].tolist() == [1.0] * 6 and image.array[1:].sum() == 0
+    sagittal = np.zeros((1, 5, 4), np.float32)
+    sagittal[0, :, -1] = 1.0
+    nibabel.save(nibabel.Nifti1Image(sagittal, np.eye(4)), tmp_path / "sagittal.nii.gz")
+    assert load_nifti(tmp_path / "sagittal.nii.gz").array[0].tolist() == [1.0] * 5
 
 
 def test_a_dicom_series_and_a_nifti_file_of_one_scan_give_one_array(tmp_path):
