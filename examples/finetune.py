@@ -42,6 +42,10 @@ from medformer_hf.training import (
 )
 from medformer_hf.visualization import save_confusion_matrix
 
+# --train modes whose Main Body is frozen and must run as at inference (no stochastic depth). With adapters it
+# trains (the new task's adapters sit in it), so `new_heads_and_adapters` keeps the checkpoint's rate.
+FROZEN_BODY_MODES = ("output_and_heads", "new_heads", "new_heads_and_output")
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
@@ -112,8 +116,8 @@ def parse_args() -> argparse.Namespace:
     args.adapter_rank = 8 if args.adapter_rank is None else args.adapter_rank
     if args.adapter_rank < 1:
         parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
-    if args.drop_path_rate is not None and args.train == "output_and_heads":
-        parser.error("--drop_path_rate regularises the Main Body, which --train output_and_heads freezes; drop it.")
+    if args.drop_path_rate is not None and args.train in FROZEN_BODY_MODES:
+        parser.error(f"--drop_path_rate regularises the Main Body, which --train {args.train} freezes; drop it.")
     if args.layer_decay < 1.0 and args.train in ("output_and_heads", "new_heads", "new_heads_and_output"):
         parser.error(f"--layer_decay changes nothing with --train {args.train} (the encoder is frozen); drop it.")
     if args.init_from is not None:
@@ -134,7 +138,7 @@ def build_model(args: argparse.Namespace) -> tuple[MedformerForMultiTask, list[s
     lacks (appended, so its tasks keep their ids). Also returns the checkpoint's own tasks (empty from scratch)."""
     tasks = {name: CATALOGUE[name].task_spec() for name in args.datasets}
     regularisation = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
-    if args.train == "output_and_heads":  # a frozen encoder runs as it will at inference, without stochastic depth
+    if args.train in FROZEN_BODY_MODES:  # a frozen Main Body runs as it will at inference, without stochastic depth
         regularisation = {"drop_path_rate": 0.0}
     if args.init_from is None:
         return MedformerForMultiTask(MedformerConfig(**model_config_kwargs(args), **regularisation, tasks=tasks)), []

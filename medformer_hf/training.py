@@ -213,9 +213,11 @@ def training_processor(config: MedformerConfig, args: argparse.Namespace) -> Med
     also records in `config` (`image_size_2d` / `image_size_3d`), so the checkpoint knows them without its processor.
 
     A size not given (`--input_size_2d` / `--input_size_3d`) is what the `--init_from` checkpoint's processor records
-    (the size its weights were trained at), else `--size`, the files' own.
+    (the size its weights were trained at), else what its config records, else `--size`, the files' own.
     """
     sizes = {"size_2d": [args.size] * 2, "size_3d": [args.size] * 3}
+    recorded = {"size_2d": config.image_size_2d, "size_3d": config.image_size_3d}  # set when loaded from a checkpoint
+    sizes.update({key: size for key, size in recorded.items() if size is not None})
     init_from = getattr(args, "init_from", None)
     if init_from is not None:
         try:

@@ -148,6 +148,10 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     assert training_processor(config, from_checkpoint).size_2d == [56, 56]
     from_checkpoint.input_size_2d = 28
     assert training_processor(config, from_checkpoint).size_2d == [28, 28]
+    # A checkpoint saved without its processor: its config's record, not the files' size.
+    without_processor = MedformerConfig(**MODEL_SIZES["tiny"], image_size_2d=[56, 56], image_size_3d=[28, 28, 28])
+    from_checkpoint = argparse.Namespace(size=28, input_size_2d=None, input_size_3d=None, init_from=tmp_path / "none")
+    assert training_processor(without_processor, from_checkpoint).size_2d == [56, 56]
     assert describe_input_size(28, processor) == "28 px, 2D resized to 56x56 px"
 
 

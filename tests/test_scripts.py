@@ -1,5 +1,6 @@
 """The example scripts end to end on the real MedMNIST files: tiny model, few steps, CPU."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -277,6 +278,22 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
     assert set(json.loads((grown / "metrics.json").read_text())["metrics"]) == set(DATASETS)
 
 
+@pytest.mark.parametrize(
+    ("train", "rate"), [("new_heads", 0.0), ("new_heads_and_output", 0.0), ("new_heads_and_adapters", 0.1)]
+)
+def test_a_frozen_main_body_trains_new_heads_without_stochastic_depth(train, rate):
+    """The released checkpoint has stochastic depth 0.1: heads grown on its frozen body must see the features it gives
+    at inference, not randomly dropped ones; adapters train inside the body, so there the rate stays."""
+    spec = importlib.util.spec_from_file_location("finetune_script", EXAMPLES / "finetune.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    released = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    arguments = dict(datasets=["dermamnist"], drop_path_rate=None, init_from=str(released), adapter_rank=8)
+    model, old_tasks = script.build_model(argparse.Namespace(**arguments, train=train, adapt_input=False))
+    assert "dermamnist" in model.config.tasks and "dermamnist" not in old_tasks
+    assert model.config.drop_path_rate == rate
+
+
 def test_two_processes_pretrain_and_evaluate_like_one(pretrained, workdir):
     two = workdir / "pretrain_2proc"
     checked(run_script(workdir, "pretrain.py", *SMALL_RUN, "--max_steps", "2", "--output_dir", str(two), processes=2))
@@ -397,6 +414,12 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
             + ["--drop_path_rate", "0.1"],
             "which --train output_and_heads freezes",
+        ),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads"]
+            + ["--drop_path_rate", "0.1"],
+            "which --train new_heads freezes",
         ),
     ],
 )
