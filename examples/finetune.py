@@ -27,6 +27,7 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
+    describe_batch,
     describe_input_size,
     evaluate_tasks,
     export_model_folder,
@@ -328,8 +329,8 @@ def main() -> None:
     if accelerator.is_main_process:
         training = (
             f"Multi-task fine-tuning on {', '.join(args.datasets)} at {describe_input_size(args.size, processor)} "
-            f"({args.label_fraction:.0%} of the training labels) from {args.init_from or 'scratch'}: "
-            f"{args.max_steps} steps of {args.batch_size} x {accelerator.num_processes} images, learning rate "
+            f"({args.label_fraction * 100:.3g}% of the training labels) from {args.init_from or 'scratch'}: "
+            f"{args.max_steps} steps of {describe_batch(args, accelerator.num_processes)}, learning rate "
             f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"
             f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}"
             f"{f'label smoothing {args.label_smoothing}, ' if args.label_smoothing else ''}"
@@ -340,13 +341,19 @@ def main() -> None:
             f"the checkpoint with the best mean validation AUC ({state.best_metric:.4f}; ties broken by mean "
             f"validation ACC) was kept."
         )
+        # Test metrics beside the model describe these weights (an export of new ones removes them), e.g. when a
+        # finished run is resumed to push it: the card keeps them.
+        recorded = output_dir / "metrics.json"
+        evaluation = json.loads(recorded.read_text()) if recorded.is_file() else {}
         write_model_card(
             output_dir,
             repo_id=args.hub_model_id,
+            metrics=evaluation.get("metrics"),
             datasets=args.datasets,
             base_model=args.init_from if args.init_from and not Path(args.init_from).exists() else None,
             tasks=task_names,
             training=training,
+            split=evaluation.get("split", "test"),
         )
         accelerator.print(f"best mean validation AUC {state.best_metric:.4f}; model folder: {output_dir.resolve()}")
         if args.push_to_hub:

@@ -26,6 +26,7 @@ from medformer_hf.training import (
     create_accelerator,
     create_ema,
     create_optimizer,
+    describe_batch,
     describe_input_size,
     export_model_folder,
     exported_state_dict,
@@ -164,7 +165,7 @@ def main() -> None:
             f"Self-supervised pre-training ({' + '.join(task.replace('_', ' ') for task in args.ssl_tasks)}"
             f"{', augmented views' if args.augment else ''}) on the train splits of "
             f"{', '.join(args.datasets)} at {describe_input_size(args.size, processor)}: {args.max_steps} steps of "
-            f"{args.batch_size} x {accelerator.num_processes} images, learning rate {args.learning_rate}, seed "
+            f"{describe_batch(args, accelerator.num_processes)}, learning rate {args.learning_rate}, seed "
             f"{args.seed}."
         )
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)

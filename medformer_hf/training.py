@@ -320,6 +320,15 @@ def create_optimizer(model: torch.nn.Module, args: argparse.Namespace, num_proce
     return optimizer, scheduler
 
 
+def describe_batch(args: argparse.Namespace, num_processes: int) -> str:
+    """The images of one optimizer step, for a model card: per process x processes (x accumulated micro-batches)."""
+    factors = [args.batch_size, num_processes] + [args.gradient_accumulation_steps] * (
+        args.gradient_accumulation_steps > 1
+    )
+    total = math.prod(factors)
+    return f"{' x '.join(map(str, factors))}{f' = {total}' if len(factors) > 2 else ''} images"
+
+
 def resolve_budget(accelerator: Accelerator, args: argparse.Namespace, loader: torch.utils.data.DataLoader) -> None:
     """Turn `--num_train_epochs` into `args.max_steps` and print how many epochs of each set the budget gives.
 

@@ -24,6 +24,7 @@ from medformer_hf.training import (
     average_weights,
     create_ema,
     create_optimizer,
+    describe_batch,
     describe_input_size,
     mix_within_tasks,
     predict,
@@ -153,6 +154,13 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     from_checkpoint = argparse.Namespace(size=28, input_size_2d=None, input_size_3d=None, init_from=tmp_path / "none")
     assert training_processor(without_processor, from_checkpoint).size_2d == [56, 56]
     assert describe_input_size(28, processor) == "28 px, 2D resized to 56x56 px"
+
+
+def test_the_card_states_the_images_of_an_optimizer_step():
+    plain = argparse.Namespace(batch_size=64, gradient_accumulation_steps=1)
+    assert describe_batch(plain, 1) == "64 x 1 images"
+    accumulated = argparse.Namespace(batch_size=64, gradient_accumulation_steps=4)
+    assert describe_batch(accumulated, 2) == "64 x 2 x 4 = 512 images"
 
 
 def test_shift_and_jitter_keep_shape_and_change_pixels():

@@ -102,25 +102,9 @@ def test_pretrain_writes_a_hub_ready_folder_and_pictures(pretrained):
 
 def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     finetuned = workdir / "finetune"
-    finetuning = checked(
-        run_script(
-            workdir,
-            "finetune.py",
-            *SMALL_RUN,
-            "--max_steps",
-            "6",
-            "--checkpointing_steps",
-            "3",
-            "--init_from",
-            str(pretrained),
-            "--label_fraction",
-            "0.5",
-            "--mixup_alpha",
-            "0.2",
-            "--output_dir",
-            str(finetuned),
-        )
-    )
+    run = [*SMALL_RUN, "--max_steps", "6", "--checkpointing_steps", "3", "--init_from", str(pretrained)]
+    run += ["--label_fraction", "0.5", "--mixup_alpha", "0.2", "--output_dir", str(finetuned)]
+    finetuning = checked(run_script(workdir, "finetune.py", *run))
     validation = json.loads((finetuned / "validation_metrics.json").read_text())
     assert set(validation["metrics"]) == set(DATASETS)
     # Each validation is one console line; the end says where the model went.
@@ -165,6 +149,10 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert set(json.loads((finetuned / "validation" / "metrics.json").read_text())["metrics"]) == {"breastmnist"}
     assert json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
+    # Resuming the finished run (to push it, say) keeps the card's test metrics: they are of the same weights.
+    checked(run_script(workdir, "finetune.py", *run, "--resume_from_checkpoint", "latest"))
+    assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
+    assert "(50% of the training labels)" in (finetuned / "README.md").read_text()
     # The exported folder loads where medformer_hf cannot be imported.
     pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
     loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
