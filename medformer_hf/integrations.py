@@ -105,19 +105,29 @@ def row_image(pixels: Any) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def medmnist_compute_metrics(task_type: str) -> Callable[[Any], dict[str, float]]:
+def medmnist_compute_metrics(task_type: str, num_labels: int | None = None) -> Callable[[Any], dict[str, float]]:
     """A Trainer `compute_metrics` giving MedMNIST ACC/AUC (the official definitions) from the model's raw logits.
 
     Binary tasks work with one logit (`MedformerForMultiTask`) or two (`MedformerForImageClassification`, whose
-    softmax gives the class-1 score the evaluator reads).
+    softmax gives the class-1 score the evaluator reads). Ordinal tasks need `num_labels` K: K - 1 logits are the
+    multi-task head's cumulative ones, K a classifier's class logits (read by softmax).
     """
+    if task_type == "ordinal" and num_labels is None:
+        raise ValueError(
+            "An ordinal task's logits are K - 1 cumulative ones (MedformerForMultiTask) or K class logits "
+            "(MedformerForImageClassification): pass num_labels=K, e.g. len(CATALOGUE[name].labels)."
+        )
     metric = load_medmnist_metric(task_type)
-    logits_type = "multiclass" if task_type == "binary" else task_type
 
     def compute_metrics(evaluation: Any) -> dict[str, float]:
         logits = evaluation.predictions[0] if isinstance(evaluation.predictions, tuple) else evaluation.predictions
         logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
-        scores = task_probabilities(logits, "binary" if logits.shape[-1] == 1 else logits_type)
+        if task_type == "binary":
+            scores = task_probabilities(logits, "binary" if logits.shape[-1] == 1 else "multiclass")
+        elif task_type == "ordinal" and logits.shape[-1] == num_labels:
+            scores = task_probabilities(logits, "multiclass")
+        else:
+            scores = task_probabilities(logits, task_type, num_labels)
         return metric.compute(predictions=scores.tolist(), references=np.asarray(evaluation.label_ids).tolist())
 
     return compute_metrics

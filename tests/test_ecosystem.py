@@ -44,6 +44,23 @@ def trainer_for(model, dataset, collator, task_type, output_dir) -> Trainer:
     )
 
 
+def test_ordinal_metrics_read_a_classifier_s_class_logits_and_the_multi_task_cumulative_ones():
+    """RetinaMNIST's 5 grades: a classifier gives 5 class logits, the multi-task head 4 cumulative ones; both right
+    and confident must score ACC 1 and AUC 1, not be read as 6 classes."""
+    from transformers import EvalPrediction
+
+    labels = np.array([0, 1, 2, 3, 4, 2])
+    class_logits = 10.0 * np.eye(5)[labels]
+    cumulative = np.where(labels[:, None] > np.arange(4), 10.0, -10.0)  # logit k: P(grade > k)
+    compute = medmnist_compute_metrics("ordinal", num_labels=5)
+    for logits in (class_logits, cumulative):
+        assert compute(EvalPrediction(predictions=logits, label_ids=labels)) == {"acc": 1.0, "auc": 1.0}
+    with pytest.raises(ValueError, match="has 4 logits, got 3"):
+        compute(EvalPrediction(predictions=cumulative[:, :3], label_ids=labels))
+    with pytest.raises(ValueError, match="pass num_labels=K"):
+        medmnist_compute_metrics("ordinal")
+
+
 def test_trainer_trains_and_evaluates_image_classification(breast, tmp_path):
     info = CATALOGUE["breastmnist"]
     config = make_tiny_config(tasks=None, id2label=dict(enumerate(info.labels)))
