@@ -196,7 +196,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             "--overwrite_output_dir to write over it, or another --output_dir."
         )
     positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "input_size_2d")
-    for name in (*positive, "input_size_3d"):
+    for name in (*positive, "input_size_3d", "checkpoints_total_limit"):  # a limit of 0 would keep every checkpoint
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_train_epochs is not None and not args.num_train_epochs > 0:
@@ -439,8 +439,9 @@ class CheckpointManager:
         ema: torch.optim.swa_utils.AveragedModel | None = None,
         arguments: dict[str, Any] | None = None,
     ):
-        """`arguments` (`run_arguments(args)`): saved with every checkpoint; a resume with other values is refused,
-        since the optimizer, schedule and data order come back from the checkpoint whatever the new flags say."""
+        """`arguments` (`run_arguments(args, num_processes)`): saved with every checkpoint; a resume with other values
+        is refused, since the optimizer, schedule and data order come back from the checkpoint whatever the new flags
+        say."""
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.total_limit = total_limit
@@ -458,7 +459,8 @@ class CheckpointManager:
     ) -> CheckpointManager:
         """A script's manager: `<output_dir>/checkpoints`, `--checkpoints_total_limit`, the run's arguments recorded."""
         directory = Path(args.output_dir) / "checkpoints"
-        return cls(accelerator, directory, args.checkpoints_total_limit, state, ema, arguments=run_arguments(args))
+        arguments = run_arguments(args, accelerator.num_processes)
+        return cls(accelerator, directory, args.checkpoints_total_limit, state, ema, arguments=arguments)
 
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -562,9 +564,11 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def run_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """What a script's checkpoints record of its arguments (for `CheckpointManager`): all but `RESUME_MAY_CHANGE`."""
-    return {name: value for name, value in sorted(vars(args).items()) if name not in RESUME_MAY_CHANGE}
+def run_arguments(args: argparse.Namespace, num_processes: int) -> dict[str, Any]:
+    """What a script's checkpoints record of its arguments (for `CheckpointManager`): all but `RESUME_MAY_CHANGE`,
+    and the process count (accelerate's `--num_processes`), which sets the global batch and the schedule's length."""
+    recorded = {name: value for name, value in vars(args).items() if name not in RESUME_MAY_CHANGE}
+    return dict(sorted({**recorded, "num_processes": num_processes}.items()))
 
 
 def exported_state_dict(

@@ -98,15 +98,22 @@ def test_a_resume_with_other_training_arguments_is_refused_and_with_the_same_one
     with pytest.raises(ValueError, match=r"--datasets \['breastmnist'\] -> .*--learning_rate 0.001 -> 0.5"):
         resumed.resume("latest")
     assert state.step == 0  # nothing was loaded
+    resumed.arguments = {**arguments, "num_processes": 2}  # recorded at 1 process (manager.arguments above)
+    manager.arguments = {**arguments, "num_processes": 1}
+    manager.save(4)
+    with pytest.raises(ValueError, match="--num_processes 1 -> 2"):
+        resumed.resume("latest")
     # A flag that only one version has (added or removed by an upgrade) is not compared.
     resumed.arguments = {**{k: v for k, v in arguments.items() if k != "seed"}, "mixup_alpha": 0.0}
     resumed.resume("latest")
     assert state.step == 4
 
 
-def test_run_arguments_leave_out_where_things_go_and_the_hub_token():
+def test_run_arguments_leave_out_where_things_go_and_the_hub_token_and_keep_the_process_count():
+    """The process count sets the global batch and the schedule: a resume on another count would replay the learning
+    rate at the wrong pace, so it is recorded like a training flag."""
     args = argparse.Namespace(learning_rate=0.001, output_dir="a", data_dir="b", hub_token="secret", num_workers=2)
-    assert training.run_arguments(args) == {"learning_rate": 0.001}
+    assert training.run_arguments(args, num_processes=2) == {"learning_rate": 0.001, "num_processes": 2}
 
 
 def test_a_training_state_saved_before_the_accuracy_tie_break_still_resumes(saved_checkpoint, tmp_path):

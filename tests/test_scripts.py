@@ -384,6 +384,11 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--max_grad_norm", "-1"], "0 turns clipping off"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--input_size_2d", "0"], "--input_size_2d must be >= 1, got 0"),
+        (
+            "pretrain.py",
+            ["--data_dir", str(DATA_DIR), "--checkpoints_total_limit", "0"],
+            "--checkpoints_total_limit must be >= 1, got 0",
+        ),
         ("finetune.py", ["--datasets", "breastmnist", "BreastMNIST"], "names ['breastmnist'] more than once"),
         (
             "pretrain.py",
