@@ -580,9 +580,16 @@ def exported_state_dict(
 
 
 # Files of a model folder that describe the weights they were written with (the card, evaluate.py's metrics).
-DESCRIBES_OLD_WEIGHTS = ("README.md", "metrics.json", "metrics.md", TEST_TIME_FLIPS_FOLDER) + tuple(
-    split for split in EVALUATION_SPLITS if split != "test"
-)
+DESCRIBES_OLD_WEIGHTS = (
+    "README.md",
+    "metrics.json",
+    "metrics.md",
+    TEST_TIME_FLIPS_FOLDER,
+    "confusion_matrices",
+    "validation_metrics.json",
+    "validation_metrics.md",
+    "old_tasks_validation.md",
+) + tuple(split for split in EVALUATION_SPLITS if split != "test")
 
 
 def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:

@@ -168,9 +168,17 @@ def test_new_weights_never_sit_beside_the_test_metrics_of_old_ones(tmp_path):
     for folder in ("test_time_flips", "validation"):  # evaluate.py's other records (flip-averaged, other splits)
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "metrics.json").write_text(f"{folder} metrics of the first weights")
+    # A fine-tune's validation record, confusion matrices and old-task report (say, before --overwrite_output_dir).
+    for name in ("validation_metrics.json", "validation_metrics.md", "old_tasks_validation.md"):
+        (tmp_path / name).write_text("of the first weights")
+    (tmp_path / "confusion_matrices").mkdir()
+    (tmp_path / "confusion_matrices" / "breastmnist_test.png").write_text("of the first weights")
     export_model_folder(tmp_path, lambda partial: (partial / "config.json").write_text("second"))
-    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "README.md").exists()
-    assert not (tmp_path / "test_time_flips").exists() and not (tmp_path / "validation").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
 
 def test_an_export_killed_while_moving_files_leaves_no_loadable_model(tmp_path, monkeypatch):
