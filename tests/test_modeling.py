@@ -130,6 +130,19 @@ def test_multilabel_loss_matches_hand_computation():
 def test_regression_loss_matches_hand_computation():
     loss = task_loss(torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 4.0]]), "regression", 2)
     assert loss.item() == pytest.approx((1 + 4) / 2)
+    # Under bf16 autocast the targets keep their float32 values (bf16 would make 150.3 into 150.0).
+    targets = torch.tensor([[150.3, 37.2]])
+    loss = task_loss(torch.tensor([[150.0, 37.0]], dtype=torch.bfloat16), targets, "regression", 2)
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx((0.3**2 + 0.2**2) / 2, rel=1e-3)
+
+
+def test_a_mask_ratio_outside_0_1_is_refused_and_one_given_is_used(tiny_config):
+    model = MedformerModel(tiny_config)
+    pixels = torch.randn(2, 1, 16, 16)
+    for ratio in (0.0, 1.0):
+        with pytest.raises(ValueError, match="mask_ratio must be in \\(0, 1\\)"):
+            model(pixels, mask_ratio=ratio)
+    assert model(pixels, mask_ratio=0.25).mask.float().mean().item() == pytest.approx(0.25)
 
 
 def test_ordinal_probabilities_are_a_distribution():
@@ -202,6 +215,12 @@ def test_add_task_on_a_loaded_checkpoint_keeps_every_weight(tiny_config, tmp_pat
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
     assert model(torch.randn(2, 3, 28, 28), task="derma").logits.shape == (2, 7)
+    # A private Output Adaptformer added to a frozen model trains (a copy of the frozen shared one would not).
+    model.requires_grad_(False)
+    model.add_task("path", private_output=True, type="multiclass", num_labels=9, modality="pathology")
+    private = model.private_output_adaptformers["path"]
+    assert all(parameter.requires_grad for parameter in private.parameters())
+    assert not any(parameter.requires_grad for parameter in model.output_adaptformer.parameters())
     # The grown model saves and reloads with its new task.
     model.save_pretrained(tmp_path / "grown")
     reloaded = MedformerForMultiTask.from_pretrained(tmp_path / "grown")

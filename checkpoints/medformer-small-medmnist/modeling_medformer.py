@@ -456,7 +456,7 @@ def task_loss(
     if task_type == "multiclass":
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     if task_type == "regression":
-        return F.mse_loss(logits, labels.to(logits.dtype))
+        return F.mse_loss(logits.float(), labels.float())  # in float32: bf16 would round the targets
     if task_type == "binary":
         logits, targets = logits[:, 0], labels.to(logits.dtype)
     elif task_type == "ordinal":  # cumulative link: logit k predicts P(label > k)
@@ -1026,12 +1026,14 @@ class MedformerModel(MedformerPreTrainedModel):
         adaptformer = self.input_adaptformer
 
         mask = None
+        if mask_ratio is not None and not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio!r}; leave it out (None) for no masking.")
         if mask_ratio is not None or noise is not None:
             patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
             keep_indices, mask = random_masking(
                 pixel_values.shape[0],
                 tuple(size // patch_size for size in pixel_values.shape[2:]),
-                mask_ratio or self.config.mask_ratio,
+                self.config.mask_ratio if mask_ratio is None else mask_ratio,
                 noise,
                 pixel_values.device,
                 self.config.mask_unit,
@@ -1151,7 +1153,8 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         if adapter_rank:
             self.medformer.task_adapters[name] = initialised(self.medformer.new_task_adapter(name))
         if private_output:
-            self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer)
+            # A copy of the shared one that trains, even when the shared one was frozen before the task was added.
+            self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer).requires_grad_(True)
 
     def output_adaptformer_of(self, task: str) -> MedformerOutputAdaptformer:
         """The Output Adaptformer a task reads the latents with: its own (`config.private_output_tasks`) or the
