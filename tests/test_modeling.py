@@ -221,6 +221,9 @@ def test_add_task_on_a_loaded_checkpoint_keeps_every_weight(tiny_config, tmp_pat
     private = model.private_output_adaptformers["path"]
     assert all(parameter.requires_grad for parameter in private.parameters())
     assert not any(parameter.requires_grad for parameter in model.output_adaptformer.parameters())
+    # New labels through from_pretrained would change no head (and AutoModelForImageClassification resolves here).
+    with pytest.raises(ValueError, match=r"\['id2label', 'num_labels'\] change no head of a MedformerForMultiTask"):
+        MedformerForMultiTask.from_pretrained(tmp_path, num_labels=3, id2label={0: "a", 1: "b", 2: "c"})
     # The grown model saves and reloads with its new task.
     model.save_pretrained(tmp_path / "grown")
     reloaded = MedformerForMultiTask.from_pretrained(tmp_path / "grown")

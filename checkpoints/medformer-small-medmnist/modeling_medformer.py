@@ -893,6 +893,13 @@ class MedformerPreTrainedModel(PreTrainedModel):
         `MedformerForImageClassification.from_multi_task(path, task=...)`.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        relabelling = sorted(key for key in ("num_labels", "id2label", "label2id", "problem_type") if key in kwargs)
+        if cls.__name__ == "MedformerForMultiTask" and relabelling:
+            raise ValueError(
+                f"{relabelling} change no head of a MedformerForMultiTask: each task's labels live in config.tasks. "
+                "For new labels add a task (model.add_task(name, type=..., labels=[...]), or finetune.py --datasets), "
+                "or fine-tune one task as a classifier (MedformerForImageClassification.from_multi_task(path, task))."
+            )
         with _quiet_transformers():
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
