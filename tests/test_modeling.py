@@ -341,6 +341,19 @@ def test_a_task_with_its_own_output_adaptformer_changes_no_other_task(tiny_confi
         torch.testing.assert_close(classifier(pixels).logits, model(pixels, task="derma").logits)
 
 
+def test_a_classifier_reloaded_with_new_labels_drops_its_old_task_entry(tiny_config, tmp_path):
+    """A taken-out task (CT organs, 11 classes) re-headed for 5 new labels: the old entry would keep conditioning on CT
+    and checking the old task's images; it goes, with a warning. Reloaded as it is, the entry stays."""
+    classifier = MedformerForImageClassification.from_multi_task(MedformerForMultiTask(tiny_config), "organ")
+    classifier.save_pretrained(tmp_path)
+    assert list(MedformerForImageClassification.from_pretrained(tmp_path).config.tasks) == ["organ"]
+    labels = {index: f"grade {index}" for index in range(5)}
+    relabelled = MedformerForImageClassification.from_pretrained(
+        tmp_path, num_labels=5, id2label=labels, ignore_mismatched_sizes=True
+    )
+    assert relabelled.config.tasks == {} and relabelled(torch.randn(2, 1, 16, 16, 16)).logits.shape == (2, 5)
+
+
 def _latents_and_context(model, pixels):
     output = model.medformer(
         pixels,

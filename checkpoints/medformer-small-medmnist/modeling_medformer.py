@@ -917,6 +917,15 @@ class MedformerPreTrainedModel(PreTrainedModel):
                 "as a multi-task model its trained head would go unused and its task's head would be random. Load it "
                 "with MedformerForImageClassification or AutoModelForImageClassification."
             )
+        if cls.__name__ == "MedformerForImageClassification" and relabelling and model.config.tasks:
+            (name, spec), config = next(iter(model.config.tasks.items())), model.config
+            if spec["num_labels"] != config.num_labels or spec["id2label"] != config.id2label:
+                logger.warning(
+                    f"{pretrained_model_name_or_path}: new labels, so its task entry {name!r} (modality, body part, "
+                    "image checks, label-safe flips) no longer describes the head and is dropped; pass modality= and "
+                    "body_part= to the processor for the new data."
+                )
+                config.tasks = {}
         new, unused = _module_names(set(info["missing_keys"])), _module_names(set(info["unexpected_keys"]))
         if new:
             logger.warning(
