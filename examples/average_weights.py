@@ -13,7 +13,7 @@ from pathlib import Path
 import medformer_hf
 from medformer_hf import MedformerConfig, MedformerImageProcessor
 from medformer_hf.hub import write_model_card
-from medformer_hf.training import HelpFormatter, average_weights, export_model_folder
+from medformer_hf.training import RECORDED_INPUT_SIZES, HelpFormatter, average_weights, export_model_folder
 
 
 def main() -> None:
@@ -40,6 +40,8 @@ def main() -> None:
         parser.error(str(error))
     soup = models[0]
     soup.load_state_dict(weights)
+    for key in RECORDED_INPUT_SIZES:  # the sizes any of them records (older configs have none)
+        setattr(soup.config, key, next((getattr(m.config, key) for m in models if getattr(m.config, key)), None))
 
     def write(folder: Path) -> None:
         soup.save_pretrained(folder)

@@ -624,6 +624,8 @@ def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]
 
 # Config fields that only act during training: models that differ in them alone can still be averaged.
 TRAINING_ONLY_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob")
+# Config fields that record the input sizes of the weights; a config from before they were recorded has None.
+RECORDED_INPUT_SIZES = ("image_size_2d", "image_size_3d")
 
 
 def average_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
@@ -642,7 +644,12 @@ def average_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
         if type(model) is not type(first):
             raise ValueError(f"model {index} is a {type(model).__name__}, model 0 a {type(first).__name__}.")
         config = {key: value for key, value in model.config.to_dict().items() if key not in ignored}
-        differing = sorted(key for key in reference.keys() | config.keys() if reference.get(key) != config.get(key))
+        differing = sorted(
+            key
+            for key in reference.keys() | config.keys()
+            if reference.get(key) != config.get(key)
+            and not (key in RECORDED_INPUT_SIZES and None in (reference.get(key), config.get(key)))  # not recorded
+        )
         if differing:
             raise ValueError(
                 f"model {index}'s config differs from model 0's in {differing}: only fine-tunes of one architecture "

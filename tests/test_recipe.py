@@ -217,6 +217,11 @@ def test_averaged_weights_are_the_element_wise_mean_and_only_of_one_architecture
         average_weights([models[0], wider])
     with pytest.raises(ValueError, match="at least two models, got 1"):
         average_weights(models[:1])
+    models[1].config.image_size_2d = [84, 84]  # recorded by one, not by the other (an older config): compatible
+    average_weights(models)
+    models[0].config.image_size_2d = [56, 56]
+    with pytest.raises(ValueError, match="image_size_2d"):
+        average_weights(models)
 
 
 def test_default_recipe_learns_a_separable_task_on_real_data():
