@@ -43,8 +43,8 @@ from medformer_hf.training import (
 )
 from medformer_hf.visualization import save_confusion_matrix
 
-# --train modes whose Main Body is frozen and must run as at inference (no stochastic depth). With adapters it
-# trains (the new task's adapters sit in it), so `new_heads_and_adapters` keeps the checkpoint's rate.
+# --train modes whose Main Body is frozen: it runs as at inference (no stochastic depth) and has no layer-wise rates to
+# decay. With adapters it trains (the new task's adapters sit in it), so `new_heads_and_adapters` is not one.
 FROZEN_BODY_MODES = ("output_and_heads", "new_heads", "new_heads_and_output")
 
 
@@ -119,7 +119,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--adapter_rank must be a positive integer, got {args.adapter_rank}.")
     if args.drop_path_rate is not None and args.train in FROZEN_BODY_MODES:
         parser.error(f"--drop_path_rate regularises the Main Body, which --train {args.train} freezes; drop it.")
-    if args.layer_decay < 1.0 and args.train in ("output_and_heads", "new_heads", "new_heads_and_output"):
+    if args.layer_decay < 1.0 and args.train in FROZEN_BODY_MODES:
         parser.error(f"--layer_decay changes nothing with --train {args.train} (the encoder is frozen); drop it.")
     if args.init_from is not None:
         given = given_model_flags(args)

@@ -724,8 +724,7 @@ def _enhanced_frames(dataset: Any) -> tuple[np.ndarray, float | None]:
     orientation = _frame_attribute(dataset, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     if orientation is None or any(position is None for position in positions):
         return frames, None
-    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-    depths = np.asarray([float(np.dot(normal, np.asarray(position, float))) for position in positions])
+    depths = np.asarray([_along_normal(position, orientation) for position in positions])
     order = np.argsort(depths, kind="stable")
     return frames[order], abs(float(depths[order[1]] - depths[order[0]]))
 
@@ -744,6 +743,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No DICOM file or folder at {path}.")
+    frame_spacing = None  # an enhanced multi-frame file's, from its functional groups
     if path.is_dir():  # hidden files (.DS_Store) are not slices; any other file must be DICOM
         files = [file for file in sorted(path.iterdir()) if file.is_file() and not file.name.startswith(".")]
         datasets = [_read_dicom(pydicom, file) for file in files]
@@ -770,9 +770,9 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
     spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
     if path.is_dir() and len(datasets) > 1:
         spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing
-    elif not path.is_dir() and frame_spacing is not None:
-        pixel_spacing = _frame_attribute(first, 0, "PixelMeasuresSequence", "PixelSpacing") or []
-        spacing = [frame_spacing] + [float(side) for side in pixel_spacing] if pixel_spacing else []
+    elif frame_spacing is not None:
+        pixel_spacing = _frame_attribute(first, 0, "PixelMeasuresSequence", "PixelSpacing")
+        spacing = [frame_spacing, *map(float, pixel_spacing)] if pixel_spacing else []
     return MedicalImage(
         array=array,
         spatial_dims=spatial_dims,
@@ -828,9 +828,14 @@ def _slice_position(dataset: Any) -> float:
     position = getattr(dataset, "ImagePositionPatient", None)
     orientation = getattr(dataset, "ImageOrientationPatient", None)
     if position is not None and orientation is not None:
-        normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
-        return float(np.dot(normal, np.asarray(position, float)))
+        return _along_normal(position, orientation)
     return float(getattr(dataset, "InstanceNumber", 0))
+
+
+def _along_normal(position: Any, orientation: Any) -> float:
+    """A DICOM ImagePositionPatient projected on the normal of its ImageOrientationPatient (row x column cosines)."""
+    normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:], float))
+    return float(np.dot(normal, np.asarray(position, float)))
 
 
 MedformerImageProcessor.register_for_auto_class()
