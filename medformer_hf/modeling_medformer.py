@@ -1145,7 +1145,28 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         self.task_heads = nn.ModuleDict(
             {name: MedformerTaskHead(config, config.task_output_size(name)) for name in config.tasks}
         )
+        self._label_the_logits()
         self.post_init()
+
+    def _label_the_logits(self) -> None:
+        """With one task, `logits` is that task's: its labels go to the top-level `id2label` / `problem_type`, which
+        transformers' `pipeline("image-classification")` reads (with several, `task=` is needed and forward asks).
+        Sigmoid outputs are labelled by what their probability is of: a binary logit by the positive class, an
+        ordinal logit k by "> label k" (P(label > k))."""
+        if len(self.config.tasks) != 1:
+            return
+        spec = next(iter(self.config.tasks.values()))
+        names = [spec["id2label"][index] for index in sorted(spec["id2label"], key=int)]
+        labels, problem_type = {
+            "multiclass": (names, "single_label_classification"),
+            "multilabel": (names, "multi_label_classification"),
+            "regression": (names, "regression"),
+            "binary": (names[1:], "multi_label_classification"),
+            "ordinal": ([f"> {name}" for name in names[:-1]], "multi_label_classification"),
+        }[spec["type"]]
+        self.config.id2label = dict(enumerate(labels))
+        self.config.label2id = {label: index for index, label in self.config.id2label.items()}
+        self.config.problem_type = problem_type
 
     def add_task(
         self, name: str, private_output: bool = False, adapter_rank: int = 0, adapt_input: bool = False, **spec
@@ -1171,6 +1192,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         if private_output:
             # A copy of the shared one that trains, even when the shared one was frozen before the task was added.
             self.private_output_adaptformers[name] = copy.deepcopy(self.output_adaptformer).requires_grad_(True)
+        self._label_the_logits()
 
     def output_adaptformer_of(self, task: str) -> MedformerOutputAdaptformer:
         """The Output Adaptformer a task reads the latents with: its own (`config.private_output_tasks`) or the

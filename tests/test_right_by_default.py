@@ -22,7 +22,7 @@ from medformer_hf import (
 from medformer_hf.data import CATALOGUE
 from medformer_hf.integrations import export_onnx, lora_config
 
-from .conftest import DATA_DIR, REPO_ROOT, make_tiny_config
+from .conftest import DATA_DIR, REPO_ROOT, TASKS, make_tiny_config
 from .test_remote_code import run_code_without_the_package
 
 pydicom_data = pytest.importorskip("pydicom.data")
@@ -440,6 +440,34 @@ def test_the_image_classification_pipeline_reads_a_grayscale_pil_image_right():
         scores = {entry["label"]: entry["score"] for entry in pipe(Image.fromarray(image))}
         found = [scores[classifier.config.id2label[index]] for index in range(2)]
         torch.testing.assert_close(torch.tensor(found), probabilities, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["pneumonia", "organ", "retina", "chest"])
+def test_a_one_task_multi_task_model_is_labelled_right_in_the_image_classification_pipeline(task):
+    """A one-task folder (finetune.py --datasets <one set>) in transformers' plain pipeline used to be read with the
+    default LABEL_0 / LABEL_1 and a softmax over one binary logit (always 1.0). Each score must be the probability
+    its label names; the ordinal one P(label > k)."""
+    from transformers import pipeline
+
+    torch.manual_seed(0)
+    model = MedformerForMultiTask(make_tiny_config(tasks={task: TASKS[task]})).eval()
+    processor = MedformerImageProcessor.from_model_config(model.config, training_size=28)
+    image = np.load(DATA_DIR / "pneumoniamnist.npz")["test_images"][0]
+    with torch.no_grad():
+        logits = model(**processor(image)).logits[0]
+    spec = model.config.tasks[task]
+    names = [spec["id2label"][index] for index in range(spec["num_labels"])]
+    labelled = {  # label names and the probabilities they stand for
+        "binary": (names[1:], logits.sigmoid()),
+        "multiclass": (names, logits.softmax(-1)),
+        "ordinal": ([f"> {name}" for name in names[:-1]], logits.sigmoid()),
+        "multilabel": (names, logits.sigmoid()),
+    }
+    expected = dict(zip(*labelled[spec["type"]], strict=True))
+    scores = pipeline("image-classification", model=model, image_processor=processor)(image, top_k=len(expected))
+    assert {entry["label"] for entry in scores} == set(expected)
+    for entry in scores:
+        assert entry["score"] == pytest.approx(expected[entry["label"]].item(), abs=1e-5)
 
 
 def test_task_kinds_are_recorded_whole_and_within_the_input_channels():
