@@ -33,6 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_medformer import UNSPECIFIED_ID, MedformerConfig, num_task_outputs
 
@@ -993,6 +994,7 @@ class MedformerModel(MedformerPreTrainedModel):
         """Adapters shaped for `task` as `config.adapter_tasks` / `config.input_adapter_tasks` ask (untrained)."""
         return MedformerTaskAdapter(self.config, task, self.main_body.layers, self.input_adaptformer.layers)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1228,6 +1230,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             raise ValueError(f"Task ids must be in 0..{len(names) - 1} (the order of config.tasks: {names}).")
         return task
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1275,6 +1278,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             body_part_ids=body_part_ids,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,  # read by name below, whatever config.return_dict says
             adapter_rows={names[i]: rows for i, rows in task_rows.items() if names[i] in self.config.adapter_tasks},
         )
         latents, context = outputs.last_hidden_state, outputs.context_embedding
@@ -1295,7 +1299,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
 
         return MedformerMultiTaskOutput(
             loss=loss,
-            logits=task_logits[names[present[0]]] if single_task else None,
+            logits=task_logits[names[present[0]]] if len(present) == 1 else None,
             task_logits=task_logits,
             task_indices=task_indices,
             task_losses=task_losses,
@@ -1382,6 +1386,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         model.load_state_dict(state, strict=True)
         return model.eval() if not multi_task.training else model
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1408,6 +1413,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
             body_part_ids=body_part_ids,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self._read_task(
             self.classifier, self.output_adaptformer, outputs.last_hidden_state, outputs.context_embedding
@@ -1479,6 +1485,7 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         patch_size = patch_size_for(self.config, pixel_values.ndim - 2)
         return unpatchify(logits * std + mean, tuple(pixel_values.shape), patch_size)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1531,6 +1538,7 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             noise=noise,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         predicted = self.decoder(outputs.last_hidden_state, outputs.context_embedding, tuple(views.shape))
         target, _, _ = self.reconstruction_target(views)
@@ -1545,7 +1553,10 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             with_slices = "slice_consistency" in self.config.ssl_tasks and pixel_values.ndim == 5
             if with_slices:
                 slices = self.medformer(
-                    random_slices(pixel_values), modality_ids=modality_ids, body_part_ids=body_part_ids
+                    random_slices(pixel_values),
+                    modality_ids=modality_ids,
+                    body_part_ids=body_part_ids,
+                    return_dict=True,
                 )
                 pooled = torch.cat([pooled, slices.pooler_output])
             # One projector call: its BatchNorm sees 2D and 3D rows together, so it cannot normalise away the

@@ -180,6 +180,40 @@ def test_multitask_output_widths(tiny_config):
         assert model(torch.randn(2, 1, 28, 28), task=name).logits.shape == (2, width)
 
 
+def test_per_sample_task_ids_of_one_task_give_its_logits(tiny_config):
+    model = MedformerForMultiTask(tiny_config).eval()
+    pixels = torch.randn(3, 1, 28, 28)
+    by_name = model(pixels, task="organ").logits
+    by_ids = model(pixels, task=torch.full((3,), list(tiny_config.tasks).index("organ")))
+    torch.testing.assert_close(by_ids.logits, by_name)
+    mixed = model(pixels, task=torch.tensor([0, 1, 1]))
+    assert mixed.logits is None and set(mixed.task_logits) == {"pneumonia", "organ"}
+
+
+@pytest.mark.parametrize("in_config", [False, True])
+@pytest.mark.parametrize(
+    "model_class", [MedformerModel, MedformerForMultiTask, MedformerForImageClassification, MedformerForPreTraining]
+)
+def test_return_dict_false_gives_transformers_tuples(model_class, in_config):
+    """As every transformers model: `return_dict=False` (or `config.return_dict = False`) gives
+    `output.to_tuple()`; the models that wrap `MedformerModel` still read its output by name."""
+    torch.manual_seed(0)
+    model = model_class(make_tiny_config()).eval()
+    inputs = {"pixel_values": torch.rand(2, 1, 28, 28)}
+    if model_class is MedformerForMultiTask:
+        inputs.update(task="pneumonia", labels=torch.tensor([0, 1]))
+    if model_class is MedformerForImageClassification:
+        inputs["labels"] = torch.tensor([0, 1])
+    if model_class is MedformerForPreTraining:
+        inputs["noise"] = torch.rand(4, 49)  # two masked views of each image
+    expected = model(**inputs).to_tuple()
+    if in_config:
+        model.config.return_dict = False
+    outputs = model(**inputs) if in_config else model(**inputs, return_dict=False)
+    assert isinstance(outputs, tuple) and len(outputs) == len(expected)
+    torch.testing.assert_close(outputs[0], expected[0])
+
+
 def test_multitask_defaults_context_to_the_task(tiny_config):
     model = MedformerForMultiTask(tiny_config).eval()
     pixels = torch.randn(2, 1, 28, 28)
