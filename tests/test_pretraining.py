@@ -2,6 +2,7 @@
 2D/3D slice-consistency pretext computes what it says on a case checked by hand."""
 
 import math
+import socket
 
 import pytest
 import torch
@@ -54,6 +55,44 @@ def test_info_nce_by_hand():
     # Swapped partners: the right one scores 0, the wrong one 1/T.
     swapped = info_nce(first, first.flip(0), temperature)
     torch.testing.assert_close(swapped, torch.tensor(math.log(1 + math.exp(1 / temperature))))
+
+
+def _info_nce_on_one_process_of_two(rank: int, port: int, first, second, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rows = slice(rank * 3, rank * 3 + 3)
+    mine_first, mine_second = first[rows].clone().requires_grad_(), second[rows].clone().requires_grad_()
+    loss = info_nce(mine_first, mine_second, 0.2)
+    loss.backward()
+    with torch.no_grad():
+        local = info_nce(mine_first, mine_second, 0.2)
+    found = (loss.detach(), mine_first.grad / 2, mine_second.grad / 2, local)  # / 2: DDP's average
+    results.put((rank, *(value.numpy() for value in found)))  # as arrays: a tensor's memory ends with its process
+    dist.destroy_process_group()
+
+
+def test_info_nce_takes_every_process_rows_as_candidates_when_training():
+    """Two processes with 3 rows each give the loss (mean over processes) and the gradients (averaged, as DDP does)
+    of one process with all 6 rows; under no_grad (previews on the main process only) each scores its own rows."""
+    torch.manual_seed(0)
+    first, second = torch.randn(6, 8), torch.randn(6, 8)
+    whole_first, whole_second = first.clone().requires_grad_(), second.clone().requires_grad_()
+    expected = info_nce(whole_first, whole_second, 0.2)
+    expected.backward()
+    context = torch.multiprocessing.get_context("fork")
+    results = context.SimpleQueue()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(
+        _info_nce_on_one_process_of_two, args=(port, first, second, results), nprocs=2, start_method="fork"
+    )
+    by_rank = {rank: [torch.from_numpy(value) for value in rest] for rank, *rest in (results.get() for _ in range(2))}
+    torch.testing.assert_close((by_rank[0][0] + by_rank[1][0]) / 2, expected.detach())
+    torch.testing.assert_close(torch.cat([by_rank[0][1], by_rank[1][1]]), whole_first.grad)
+    torch.testing.assert_close(torch.cat([by_rank[0][2], by_rank[1][2]]), whole_second.grad)
+    torch.testing.assert_close(by_rank[1][3], info_nce(first[3:], second[3:], 0.2))
 
 
 def cut_of(plane: torch.Tensor) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from torch import nn
@@ -226,12 +227,41 @@ def random_masking(
     return keep_indices, mask
 
 
+class GatherRows(torch.autograd.Function):
+    """Every process's rows in rank order (`all_gather`), with gradients: each process's rows get the sum of their
+    gradients over the processes that used them (an `all_reduce`, which gloo and NCCL both have)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, rows.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.contiguous()
+        dist.all_reduce(gradient)
+        return gradient.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of `first` must pick row i of `second` among the batch, and vice versa."""
+    """Symmetric InfoNCE: row i of `first` must pick row i of `second` among the batch, and vice versa.
+
+    In a distributed training step (a process group of several processes, gradients on) the candidates are every
+    process's rows, gathered with gradients, as in SimCLR: the loss and the DDP-averaged gradients are those of one
+    process with the whole global batch, not of a batch per process. Under `torch.no_grad` (previews, evaluation,
+    which may run on one process only) each process scores its own rows.
+    """
     first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
-    similarity = first @ second.T / temperature
-    targets = torch.arange(first.shape[0], device=first.device)
-    return (F.cross_entropy(similarity, targets) + F.cross_entropy(similarity.T, targets)) / 2
+    candidates_first, candidates_second, offset = first, second, 0
+    if torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        candidates_first, candidates_second = GatherRows.apply(first), GatherRows.apply(second)
+        offset = dist.get_rank() * first.shape[0]  # the processes' batches are of one size (`TaskBatchSampler`)
+    targets = torch.arange(first.shape[0], device=first.device) + offset
+    return (
+        F.cross_entropy(first @ candidates_second.T / temperature, targets)
+        + F.cross_entropy(second @ candidates_first.T / temperature, targets)
+    ) / 2
 
 
 def random_slices(volumes: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
