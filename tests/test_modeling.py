@@ -180,16 +180,6 @@ def test_multitask_output_widths(tiny_config):
         assert model(torch.randn(2, 1, 28, 28), task=name).logits.shape == (2, width)
 
 
-def test_per_sample_task_ids_of_one_task_give_its_logits(tiny_config):
-    model = MedformerForMultiTask(tiny_config).eval()
-    pixels = torch.randn(3, 1, 28, 28)
-    by_name = model(pixels, task="organ").logits
-    by_ids = model(pixels, task=torch.full((3,), list(tiny_config.tasks).index("organ")))
-    torch.testing.assert_close(by_ids.logits, by_name)
-    mixed = model(pixels, task=torch.tensor([0, 1, 1]))
-    assert mixed.logits is None and set(mixed.task_logits) == {"pneumonia", "organ"}
-
-
 @pytest.mark.parametrize("in_config", [False, True])
 @pytest.mark.parametrize(
     "model_class", [MedformerModel, MedformerForMultiTask, MedformerForImageClassification, MedformerForPreTraining]

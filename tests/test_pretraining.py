@@ -63,18 +63,24 @@ def _info_nce_on_one_process_of_two(rank: int, port: int, first, second, results
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     rows = slice(rank * 3, rank * 3 + 3)
     mine_first, mine_second = first[rows].clone().requires_grad_(), second[rows].clone().requires_grad_()
-    loss = info_nce(mine_first, mine_second, 0.2)
+    loss = info_nce(mine_first, mine_second, 0.2, across_processes=True)
     loss.backward()
-    with torch.no_grad():
-        local = info_nce(mine_first, mine_second, 0.2)
-    found = (loss.detach(), mine_first.grad / 2, mine_second.grad / 2, local)  # / 2: DDP's average
-    results.put((rank, *(value.numpy() for value in found)))  # as arrays: a tensor's memory ends with its process
+    local = info_nce(mine_first, mine_second, 0.2)  # a preview or evaluation, maybe on this process only
+    found = (loss.detach(), mine_first.grad / 2, mine_second.grad / 2, local.detach())  # / 2: DDP's average
+    try:  # batches of other sizes would give wrong targets (or hang on NCCL): refused on every process
+        info_nce(mine_first[rank:], mine_second[rank:], 0.2, across_processes=True)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    # As arrays: a tensor's shared memory ends with its process.
+    results.put((rank, *(value.numpy() for value in found), refused))
     dist.destroy_process_group()
 
 
 def test_info_nce_takes_every_process_rows_as_candidates_when_training():
     """Two processes with 3 rows each give the loss (mean over processes) and the gradients (averaged, as DDP does)
-    of one process with all 6 rows; under no_grad (previews on the main process only) each scores its own rows."""
+    of one process with all 6 rows; outside a training step (previews on the main process only) each scores its own
+    rows."""
     torch.manual_seed(0)
     first, second = torch.randn(6, 8), torch.randn(6, 8)
     whole_first, whole_second = first.clone().requires_grad_(), second.clone().requires_grad_()
@@ -88,7 +94,9 @@ def test_info_nce_takes_every_process_rows_as_candidates_when_training():
     torch.multiprocessing.start_processes(
         _info_nce_on_one_process_of_two, args=(port, first, second, results), nprocs=2, start_method="fork"
     )
-    by_rank = {rank: [torch.from_numpy(value) for value in rest] for rank, *rest in (results.get() for _ in range(2))}
+    received = [results.get() for _ in range(2)]
+    by_rank = {rank: [torch.from_numpy(value) for value in arrays] for rank, *arrays, _ in received}
+    assert all("batches of one size on every process, got [3, 2]" in refused for *_, refused in received)
     torch.testing.assert_close((by_rank[0][0] + by_rank[1][0]) / 2, expected.detach())
     torch.testing.assert_close(torch.cat([by_rank[0][1], by_rank[1][1]]), whole_first.grad)
     torch.testing.assert_close(torch.cat([by_rank[0][2], by_rank[1][2]]), whole_second.grad)

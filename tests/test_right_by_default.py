@@ -470,6 +470,24 @@ def test_a_one_task_multi_task_model_is_labelled_right_in_the_image_classificati
         assert entry["score"] == pytest.approx(expected[entry["label"]].item(), abs=1e-5)
 
 
+def test_top_level_labels_follow_the_task_count(tmp_path):
+    """Only a one-task model's top-level labels name its task: adding a second task (finetune.py --init_from a
+    backbone adds its sets one by one) returns them to transformers' defaults, so a multi-task config never claims
+    one task's labels, and folders saved with stale ones load right."""
+    defaults = MedformerConfig()
+    model = MedformerForMultiTask(make_tiny_config(tasks={}))
+    assert model.config.id2label == defaults.id2label and model.config.problem_type is None
+    model.add_task("pneumonia", **TASKS["pneumonia"])
+    assert model.config.id2label == {0: "pneumonia"}
+    model.add_task("organ", **TASKS["organ"])
+    assert model.config.id2label == defaults.id2label and model.config.problem_type is None
+    stale = make_tiny_config(tasks={name: TASKS[name] for name in ("pneumonia", "organ")})
+    stale.id2label, stale.problem_type = {0: "pneumonia"}, "multi_label_classification"
+    MedformerForMultiTask(stale).save_pretrained(tmp_path)
+    saved = MedformerConfig.from_pretrained(tmp_path)
+    assert saved.id2label == defaults.id2label and saved.problem_type is None
+
+
 def test_task_kinds_are_recorded_whole_and_within_the_input_channels():
     with pytest.raises(ValueError, match="give both"):
         make_tiny_config(tasks={"organ": {"type": "binary", "num_labels": 2, "spatial_dims": 3}})

@@ -80,7 +80,8 @@ class MedformerMultiTaskOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             Mean over the batch of each sample's task loss (returned when `labels` is given).
         logits (`torch.FloatTensor` of shape `(batch_size, num_outputs)`, *optional*):
-            Raw logits when the whole batch is one task (see `task_logits` for mixed batches).
+            Raw logits when the task is given by name (or the model has one task); per-sample task ids, even all of
+            one task, give `task_logits` only, so the output's fields do not depend on the batch.
         task_logits (`dict[str, torch.FloatTensor]`, *optional*):
             Logits per task present in the batch, each for the samples listed in `task_indices`.
         task_indices (`dict[str, torch.LongTensor]`, *optional*):
@@ -233,30 +234,40 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.contiguous()
+        counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor([len(rows)], device=rows.device))
+        if len({int(count) for count in counts}) > 1:
+            raise ValueError(
+                f"The contrastive pretexts need batches of one size on every process, got {[int(c) for c in counts]}: "
+                "use the package's TaskBatchSampler (examples/pretrain.py does) or equal per-process batches."
+            )
         gathered = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, rows.contiguous())
+        dist.all_gather(gathered, rows)
         return torch.cat(gathered)
 
     @staticmethod
     def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
-        gradient = gradient.contiguous()
+        gradient = gradient.contiguous().clone()
         dist.all_reduce(gradient)
         return gradient.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+def info_nce(
+    first: torch.Tensor, second: torch.Tensor, temperature: float, across_processes: bool = False
+) -> torch.Tensor:
     """Symmetric InfoNCE: row i of `first` must pick row i of `second` among the batch, and vice versa.
 
-    In a distributed training step (a process group of several processes, gradients on) the candidates are every
-    process's rows, gathered with gradients, as in SimCLR: the loss and the DDP-averaged gradients are those of one
-    process with the whole global batch, not of a batch per process. Under `torch.no_grad` (previews, evaluation,
-    which may run on one process only) each process scores its own rows.
+    `across_processes` (a training step, which every process runs in step): in a process group of several processes
+    the candidates are every process's rows, gathered with gradients, as in SimCLR, so the loss and the DDP-averaged
+    gradients are those of one process with the whole global batch. Otherwise (previews and evaluation, which may run
+    on one process only) each process scores its own rows.
     """
     first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
     candidates_first, candidates_second, offset = first, second, 0
-    if torch.is_grad_enabled() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         candidates_first, candidates_second = GatherRows.apply(first), GatherRows.apply(second)
-        offset = dist.get_rank() * first.shape[0]  # the processes' batches are of one size (`TaskBatchSampler`)
+        offset = dist.get_rank() * first.shape[0]  # the processes' batches are of one size (checked)
     targets = torch.arange(first.shape[0], device=first.device) + offset
     return (
         F.cross_entropy(first @ candidates_second.T / temperature, targets)
@@ -1182,20 +1193,20 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
 
     def _label_the_logits(self) -> None:
         """With one task, `logits` is that task's: its labels go to the top-level `id2label` / `problem_type`, which
-        transformers' `pipeline("image-classification")` reads (with several, `task=` is needed and forward asks).
-        Sigmoid outputs are labelled by what their probability is of: a binary logit by the positive class, an
-        ordinal logit k by "> label k" (P(label > k))."""
-        if len(self.config.tasks) != 1:
-            return
-        spec = next(iter(self.config.tasks.values()))
-        names = [spec["id2label"][index] for index in sorted(spec["id2label"], key=int)]
-        labels, problem_type = {
-            "multiclass": (names, "single_label_classification"),
-            "multilabel": (names, "multi_label_classification"),
-            "regression": (names, "regression"),
-            "binary": (names[1:], "multi_label_classification"),
-            "ordinal": ([f"> {name}" for name in names[:-1]], "multi_label_classification"),
-        }[spec["type"]]
+        transformers' `pipeline("image-classification")` reads. Sigmoid outputs are labelled by what their probability
+        is of: a binary logit by the positive class, an ordinal logit k by "> label k" (P(label > k)). With no task or
+        several (`task=` is needed, and forward asks for it) they are transformers' defaults, whatever was there."""
+        labels, problem_type = ["LABEL_0", "LABEL_1"], None
+        if len(self.config.tasks) == 1:
+            spec = next(iter(self.config.tasks.values()))
+            names = [spec["id2label"][index] for index in sorted(spec["id2label"], key=int)]
+            labels, problem_type = {
+                "multiclass": (names, "single_label_classification"),
+                "multilabel": (names, "multi_label_classification"),
+                "regression": (names, "regression"),
+                "binary": (names[1:], "multi_label_classification"),
+                "ordinal": ([f"> {name}" for name in names[:-1]], "multi_label_classification"),
+            }[spec["type"]]
         self.config.id2label = dict(enumerate(labels))
         self.config.label2id = {label: index for index, label in self.config.id2label.items()}
         self.config.problem_type = problem_type
@@ -1329,7 +1340,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
 
         return MedformerMultiTaskOutput(
             loss=loss,
-            logits=task_logits[names[present[0]]] if len(present) == 1 else None,
+            logits=task_logits[names[present[0]]] if single_task else None,
             task_logits=task_logits,
             task_indices=task_indices,
             task_losses=task_losses,
@@ -1594,12 +1605,13 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
             embeddings = self.projector(pooled)
             views_embeddings = embeddings[: batch_size * num_views].unflatten(0, (batch_size, num_views))
             temperature = self.config.agreement_temperature
+            training = self.training and torch.is_grad_enabled()  # every process runs a training step
             if num_views > 1:
-                agreement_loss = info_nce(views_embeddings[:, 0], views_embeddings[:, 1], temperature)
+                agreement_loss = info_nce(views_embeddings[:, 0], views_embeddings[:, 1], temperature, training)
                 loss = loss + weights["view_agreement"] * agreement_loss
             if with_slices:
                 slice_embeddings = embeddings[batch_size * num_views :]
-                slice_consistency_loss = info_nce(views_embeddings[:, 0], slice_embeddings, temperature)
+                slice_consistency_loss = info_nce(views_embeddings[:, 0], slice_embeddings, temperature, training)
                 loss = loss + weights["slice_consistency"] * slice_consistency_loss
 
         return MedformerForPreTrainingOutput(
