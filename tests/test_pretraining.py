@@ -2,7 +2,10 @@
 2D/3D slice-consistency pretext computes what it says on a case checked by hand."""
 
 import math
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from medformer_hf import MedformerForPreTraining
 from medformer_hf.data import AugmentationPolicy, augment
 from medformer_hf.modeling_medformer import info_nce, random_slices
 
-from .conftest import load_npz_images, make_tiny_config
+from .conftest import REPO_ROOT, load_npz_images, make_tiny_config
 
 ALL_PRETEXTS = ["masked_reconstruction", "view_agreement", "slice_consistency"]
 
@@ -57,50 +60,43 @@ def test_info_nce_by_hand():
     torch.testing.assert_close(swapped, torch.tensor(math.log(1 + math.exp(1 / temperature))))
 
 
-def _info_nce_on_one_process_of_two(rank: int, port: int, first, second, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    rows = slice(rank * 3, rank * 3 + 3)
-    mine_first, mine_second = first[rows].clone().requires_grad_(), second[rows].clone().requires_grad_()
-    loss = info_nce(mine_first, mine_second, 0.2, across_processes=True)
-    loss.backward()
-    local = info_nce(mine_first, mine_second, 0.2)  # a preview or evaluation, maybe on this process only
-    found = (loss.detach(), mine_first.grad / 2, mine_second.grad / 2, local.detach())  # / 2: DDP's average
-    try:  # batches of other sizes would give wrong targets (or hang on NCCL): refused on every process
-        info_nce(mine_first[rank:], mine_second[rank:], 0.2, across_processes=True)
-        refused = ""
-    except ValueError as error:
-        refused = str(error)
-    # As arrays: a tensor's shared memory ends with its process.
-    results.put((rank, *(value.numpy() for value in found), refused))
-    dist.destroy_process_group()
-
-
-def test_info_nce_takes_every_process_rows_as_candidates_when_training():
+def test_info_nce_takes_every_process_rows_as_candidates_when_training(tmp_path):
     """Two processes with 3 rows each give the loss (mean over processes) and the gradients (averaged, as DDP does)
     of one process with all 6 rows; outside a training step (previews on the main process only) each scores its own
     rows."""
     torch.manual_seed(0)
-    first, second = torch.randn(6, 8), torch.randn(6, 8)
+    first, second = torch.randn(6, 8), torch.randn(6, 8)  # what tests/info_nce_worker.py draws
     whole_first, whole_second = first.clone().requires_grad_(), second.clone().requires_grad_()
     expected = info_nce(whole_first, whole_second, 0.2)
     expected.backward()
-    context = torch.multiprocessing.get_context("fork")
-    results = context.SimpleQueue()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    torch.multiprocessing.start_processes(
-        _info_nce_on_one_process_of_two, args=(port, first, second, results), nprocs=2, start_method="fork"
-    )
-    received = [results.get() for _ in range(2)]
-    by_rank = {rank: [torch.from_numpy(value) for value in arrays] for rank, *arrays, _ in received}
-    assert all("batches of one size on every process, got [3, 2]" in refused for *_, refused in received)
-    torch.testing.assert_close((by_rank[0][0] + by_rank[1][0]) / 2, expected.detach())
-    torch.testing.assert_close(torch.cat([by_rank[0][1], by_rank[1][1]]), whole_first.grad)
-    torch.testing.assert_close(torch.cat([by_rank[0][2], by_rank[1][2]]), whole_second.grad)
-    torch.testing.assert_close(by_rank[1][3], info_nce(first[3:], second[3:], 0.2))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO_ROOT / "tests" / "info_nce_worker.py"),
+                str(rank),
+                str(port),
+                str(tmp_path / f"{rank}.pt"),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-3000:]
+    found = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    assert all("batches of one size on every process, got [3, 2]" in each["refused"] for each in found)
+    torch.testing.assert_close((found[0]["loss"] + found[1]["loss"]) / 2, expected.detach())
+    torch.testing.assert_close(torch.cat([each["first_grad"] for each in found]), whole_first.grad)
+    torch.testing.assert_close(torch.cat([each["second_grad"] for each in found]), whole_second.grad)
+    torch.testing.assert_close(found[1]["local"], info_nce(first[3:], second[3:], 0.2))
 
 
 def cut_of(plane: torch.Tensor) -> tuple[int, int]:
