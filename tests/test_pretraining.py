@@ -3,7 +3,6 @@
 
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from medformer_hf.data import AugmentationPolicy, augment
 from medformer_hf.modeling_medformer import info_nce, random_slices
 
 from .conftest import REPO_ROOT, load_npz_images, make_tiny_config
+from .test_distributed import _free_port
 
 ALL_PRETEXTS = ["masked_reconstruction", "view_agreement", "slice_consistency"]
 
@@ -69,9 +69,7 @@ def test_info_nce_takes_every_process_rows_as_candidates_when_training(tmp_path)
     whole_first, whole_second = first.clone().requires_grad_(), second.clone().requires_grad_()
     expected = info_nce(whole_first, whole_second, 0.2)
     expected.backward()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     workers = [
         subprocess.Popen(
