@@ -266,7 +266,8 @@ def info_nce(
     first, second = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
     candidates_first, candidates_second, offset = first, second, 0
     if across_processes and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        candidates_first, candidates_second = GatherRows.apply(first), GatherRows.apply(second)
+        # One gather (and one batch-size check) for both sides: the rows are pairs.
+        candidates_first, candidates_second = GatherRows.apply(torch.stack([first, second], dim=1)).unbind(1)
         offset = dist.get_rank() * first.shape[0]  # the processes' batches are of one size (checked)
     targets = torch.arange(first.shape[0], device=first.device) + offset
     return (
@@ -1199,7 +1200,7 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
         labels, problem_type = ["LABEL_0", "LABEL_1"], None
         if len(self.config.tasks) == 1:
             spec = next(iter(self.config.tasks.values()))
-            names = [spec["id2label"][index] for index in sorted(spec["id2label"], key=int)]
+            names = [spec["id2label"][index] for index in range(spec["num_labels"])]  # keys 0..n-1 (config checks)
             labels, problem_type = {
                 "multiclass": (names, "single_label_classification"),
                 "multilabel": (names, "multi_label_classification"),
