@@ -3,11 +3,12 @@
     python benchmarks/speed_vs_vit.py                                   # CPU, float32
     python benchmarks/speed_vs_vit.py --device cuda --dtype bfloat16    # GPU: also model FLOPs utilisation
     python benchmarks/speed_vs_vit.py --num_latents 16 --shapes 1x28x28 # fewer latents for small inputs
+    python benchmarks/speed_vs_vit.py --config checkpoints/medformer-small-medmnist  # a checkpoint's architecture
 
 The ViT is transformers' ViTModel (SDPA attention) with the same hidden size, layers, heads, MLP width and patch size
-as the default MedformerConfig; volumes go through a Conv3d patch embedding into the same ViT encoder. Each case runs
-in its own process; peak memory is the training step's peak above the memory held before the first step (CPU: RSS;
-GPU: allocated memory). Ratios are taken within one run.
+as the default MedformerConfig (or the one given with --config); volumes go through a Conv3d patch embedding into the
+same ViT encoder. Each case runs in its own process; peak memory is the training step's peak above the memory held
+before the first step (CPU: RSS; GPU: allocated memory). Ratios are taken within one run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import ViTConfig, ViTModel
 
 from medformer_hf import MedformerConfig, MedformerModel
 
-CASES = [("1x28x28", 64), ("1x64x64", 64), ("1x28x28x28", 32), ("1x64x64x64", 4)]
+CASES = [("1x28x28", 64), ("1x64x64", 64), ("1x84x84", 64), ("1x28x28x28", 32), ("1x64x64x64", 4)]
 
 
 class PlainViT(nn.Module):
@@ -66,6 +67,11 @@ class PlainViT(nn.Module):
         return self.vit.layernorm(tokens)[:, 0]
 
 
+def medformer_config(folder: str | None) -> MedformerConfig:
+    """The architecture measured: a model folder's config, or the defaults."""
+    return MedformerConfig.from_pretrained(folder) if folder else MedformerConfig()
+
+
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize()
@@ -102,7 +108,8 @@ def stage_seconds_per_image(model: MedformerModel, pixels: torch.Tensor, repeats
 def run_case(model_name: str, shape: tuple[int, ...], batch_size: int, args: argparse.Namespace) -> dict[str, float]:
     """One model on one input shape: median step time and peak memory above the pre-step baseline."""
     torch.manual_seed(0)
-    config = MedformerConfig(num_latents=args.num_latents)
+    config = medformer_config(args.config)
+    config.num_latents = args.num_latents
     if model_name == "medformer":
         model = MedformerModel(config)
         pooled = lambda pixels: model(pixels).pooler_output  # noqa: E731
@@ -157,10 +164,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--num_latents", type=int, default=MedformerConfig().num_latents, help="Medformer latents")
+    parser.add_argument("--config", help="a Medformer model folder whose architecture to measure (default: defaults)")
+    parser.add_argument("--num_latents", type=int, help="Medformer latents (default: the config's)")
     parser.add_argument("--shapes", nargs="+", choices=[shape for shape, _ in CASES], help="default: all")
     parser.add_argument("--case", nargs=3, metavar=("MODEL", "SHAPE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.num_latents is None:
+        args.num_latents = medformer_config(args.config).num_latents
     if args.case:
         model_name, shape, batch = args.case
         print(json.dumps(run_case(model_name, tuple(int(v) for v in shape.split("x")), int(batch), args)))
@@ -174,6 +184,7 @@ def main() -> None:
         for model_name in ("medformer", "vit"):
             command = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype]
             command += ["--repeats", str(args.repeats), "--num_latents", str(args.num_latents)]
+            command += ["--config", args.config] if args.config else []
             command += ["--case", model_name, shape, str(batch)]
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             row[model_name] = json.loads(output.strip().splitlines()[-1])
@@ -183,6 +194,7 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}",
         "torch": torch.__version__,
+        "config": args.config or "MedformerConfig()",
         "num_latents": args.num_latents,
         "cases": table,
     }

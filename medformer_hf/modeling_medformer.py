@@ -960,15 +960,6 @@ class MedformerPreTrainedModel(PreTrainedModel):
                 "as a multi-task model its trained head would go unused and its task's head would be random. Load it "
                 "with MedformerForImageClassification or AutoModelForImageClassification."
             )
-        if cls.__name__ == "MedformerForImageClassification" and relabelling and model.config.tasks:
-            (name, spec), config = next(iter(model.config.tasks.items())), model.config
-            if spec["num_labels"] != config.num_labels or spec["id2label"] != config.id2label:
-                logger.warning(
-                    f"{pretrained_model_name_or_path}: new labels, so its task entry {name!r} (modality, body part, "
-                    "image checks, label-safe flips) no longer describes the head and is dropped; pass modality= and "
-                    "body_part= to the processor for the new data."
-                )
-                config.tasks = {}
         new, unused = _module_names(set(info["missing_keys"])), _module_names(set(info["unexpected_keys"]))
         if new:
             logger.warning(
@@ -1353,7 +1344,13 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
 
 class MedformerForImageClassification(MedformerPreTrainedModel):
     """One task from `config.num_labels` / `config.problem_type` / `config.id2label`, with transformers' standard
-    `ImageClassifierOutput`, so `AutoModelForImageClassification` and `pipeline("image-classification")` work."""
+    `ImageClassifierOutput`, so `AutoModelForImageClassification` and `pipeline("image-classification")` work.
+
+    Record the task in `config.tasks` (e.g. `MedformerConfig(tasks={"breastmnist": CATALOGUE["breastmnist"]
+    .task_spec()})`): its labels and problem type then come from it, and the saved model knows the images it was
+    trained on, so any pipeline feeds a grayscale image as one channel and fills in its modality and body part.
+    Without it, a pipeline that makes RGB of every image feeds three channels and "unknown" metadata.
+    """
 
     _problem_to_task_type = {
         "single_label_classification": "multiclass",
@@ -1363,10 +1360,33 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
 
     def __init__(self, config: MedformerConfig):
         super().__init__(config)
+        if len(config.tasks) == 1:
+            self._label_by_task(config)
         self.medformer = MedformerModel(config)
         self.output_adaptformer = MedformerOutputAdaptformer(config)
         self.classifier = MedformerTaskHead(config, config.num_labels)
         self.post_init()
+
+    @classmethod
+    def _label_by_task(cls, config: MedformerConfig) -> None:
+        """Labels and problem type of the one task the config records, where the config has transformers' default
+        labels. A binary task gets two class logits, an ordinal one a logit per grade (softmax; cumulative logits are
+        `MedformerForMultiTask`'s). Other labels (a re-headed classifier: `from_pretrained(path, id2label=...)`) mean
+        the entry no longer describes the head: it is dropped, with a warning."""
+        name, spec = next(iter(config.tasks.items()))
+        labels = {int(index): label for index, label in spec["id2label"].items()}
+        if config.id2label == {0: "LABEL_0", 1: "LABEL_1"}:
+            problem_types = {task_type: problem for problem, task_type in cls._problem_to_task_type.items()}
+            problem_types["binary"] = problem_types["ordinal"] = problem_types["multiclass"]
+            config.id2label, config.problem_type = labels, problem_types[spec["type"]]
+            config.label2id = {label: index for index, label in labels.items()}
+        elif config.id2label != labels:
+            logger.warning(
+                f"New labels {list(config.id2label.values())}, so the task entry {name!r} (labels "
+                f"{list(labels.values())}, modality, body part, image checks, label-safe flips) no longer describes "
+                "the head and is dropped; pass modality= and body_part= to the processor for the new data."
+            )
+            config.tasks = {}
 
     @classmethod
     def from_multi_task(
@@ -1386,9 +1406,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         if task not in tasks:
             raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
         spec = tasks[task]
-        problem_types = {task_type: problem for problem, task_type in cls._problem_to_task_type.items()}
-        problem_types["binary"] = problem_types["multiclass"]  # as the two logits [0, z]
-        if spec["type"] not in problem_types:
+        if spec["type"] == "ordinal":
             raise ValueError(
                 f"Task {task!r} is {spec['type']}: its cumulative logits are not a single-task classifier's. Use the "
                 "multi-task model with task=, or pipeline('medical-image-classification') (which reads them right)."
@@ -1396,9 +1414,8 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         config = MedformerConfig.from_dict(multi_task.config.to_dict())
         config.tasks, config.private_output_tasks, config.adapter_tasks = {task: spec}, [], {}
         config.input_adapter_tasks = []
-        config.id2label = {int(index): name for index, name in spec["id2label"].items()}
-        config.label2id = {name: index for index, name in config.id2label.items()}
-        config.problem_type = problem_types[spec["type"]]
+        config.id2label, config.problem_type = {0: "LABEL_0", 1: "LABEL_1"}, None  # the task's, from _label_by_task
+        cls._label_by_task(config)
         config.architectures = [cls.__name__]
         renamed = {  # the task's head becomes the classifier; the Output Adaptformer it reads with, the only one
             f"task_heads.{task}.": "classifier.",

@@ -103,9 +103,12 @@ class MedicalImageClassificationPipeline(Pipeline):
         return flip_views(spec["label_safe_flips"])
 
     def _probabilities(self, logits: torch.Tensor, task: str | None) -> torch.Tensor:
-        if task is None:  # single-task classifier: transformers' conventions
-            multi_label = self.model.config.problem_type == "multi_label_classification"
-            return logits.sigmoid() if multi_label else logits.softmax(-1)
+        if task is None:  # single-task classifier: transformers' conventions, except that regression values stay raw
+            config = self.model.config
+            if config.problem_type == "regression":
+                return task_probabilities(logits, "regression")
+            sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
+            return task_probabilities(logits, "multilabel" if sigmoid else "multiclass")
         spec = self.model.config.tasks[task]
         return task_probabilities(logits, spec["type"], spec["num_labels"])
 

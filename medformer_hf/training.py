@@ -213,24 +213,29 @@ def training_processor(config: MedformerConfig, args: argparse.Namespace) -> Med
     also records in `config` (`image_size_2d` / `image_size_3d`), so the checkpoint knows them without its processor.
 
     A size not given (`--input_size_2d` / `--input_size_3d`) is what the `--init_from` checkpoint's processor records
-    (the size its weights were trained at), else what its config records, else `--size`, the files' own.
+    (the size its weights were trained at), else what its config records, else `--size`, the files' own. The
+    normalisation (`normalization`, `modality_statistics`) is the checkpoint's too: its weights learned inputs on that
+    scale. How raw intensities reach [0, 1] (`window`, `rescale_range`) belongs to the data, so it is not inherited.
     """
     sizes = {"size_2d": [args.size] * 2, "size_3d": [args.size] * 3}
     recorded = {"size_2d": config.image_size_2d, "size_3d": config.image_size_3d}  # set when loaded from a checkpoint
     sizes.update({key: size for key, size in recorded.items() if size is not None})
     init_from = getattr(args, "init_from", None)
+    scale = {}
     if init_from is not None:
         try:
             saved = MedformerImageProcessor.from_pretrained(init_from)
         except OSError:  # a checkpoint saved without its processor
             saved = None
         sizes.update({key: getattr(saved, key) for key in sizes if getattr(saved, key, None) is not None})
+        if saved is not None:
+            scale = {key: getattr(saved, key) for key in ("normalization", "modality_statistics")}
     for dims in (2, 3):
         side = getattr(args, f"input_size_{dims}d")
         if side is not None:
             sizes[f"size_{dims}d"] = [side] * dims
     config.image_size_2d, config.image_size_3d = sizes["size_2d"], sizes["size_3d"]
-    return MedformerImageProcessor.from_model_config(config)
+    return MedformerImageProcessor.from_model_config(config, **scale)
 
 
 def describe_input_size(size: int, processor: MedformerImageProcessor) -> str:

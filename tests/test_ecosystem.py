@@ -62,10 +62,17 @@ def test_ordinal_metrics_read_a_classifier_s_class_logits_and_the_multi_task_cum
 
 
 def test_trainer_trains_and_evaluates_image_classification(breast, tmp_path):
+    """The README's route: the task recorded in the config gives the labels, and the saved classifier scores a
+    grayscale image in transformers' own pipeline (which makes RGB of it, with no metadata) as it was trained."""
+    from PIL import Image
+    from transformers import pipeline
+
     info = CATALOGUE["breastmnist"]
-    config = make_tiny_config(tasks=None, id2label=dict(enumerate(info.labels)))
+    config = make_tiny_config(tasks={"breastmnist": info.task_spec()})
     model = MedformerForImageClassification(config)
-    collator = MedformerDataCollator(MedformerImageProcessor.from_model_config(config))
+    assert model.config.id2label == dict(enumerate(info.labels))
+    processor = MedformerImageProcessor.from_model_config(config, training_size=28)
+    collator = MedformerDataCollator(processor)
     trainer = trainer_for(model, breast, collator, info.task_type, tmp_path)
     before = model.classifier.projection.weight.detach().clone()
     result = trainer.train()
@@ -75,6 +82,15 @@ def test_trainer_trains_and_evaluates_image_classification(breast, tmp_path):
     assert 0.0 <= metrics["eval_auc"] <= 1.0 and 0.0 <= metrics["eval_acc"] <= 1.0
     assert np.isfinite(metrics["eval_loss"])
     assert trainer.label_names == ["labels"]
+    model.eval().save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    images = list(np.asarray(breast["test"][:2]["pixel_values"], dtype=np.uint8).reshape(2, 28, 28))
+    with torch.no_grad():
+        as_trained = model(**processor(images, modality="ultrasound", body_part="breast")).logits.softmax(-1)
+    scores = pipeline("image-classification", model=str(tmp_path / "model"))([Image.fromarray(i) for i in images])
+    for answer, probabilities in zip(scores, as_trained, strict=True):
+        found = {entry["label"]: entry["score"] for entry in answer}
+        assert found == pytest.approx({info.labels[k]: float(p) for k, p in enumerate(probabilities)}, abs=1e-5)
 
 
 def test_trainer_with_the_multitask_model_and_its_binary_logit(breast, tmp_path):

@@ -61,7 +61,16 @@ def _bad_options():
         yield f"window={window}", {"window": window}, "window"
     for bounds in [[1, 0], [0, 0], [0, NAN], [NAN, 1], [0, INF], [0, 1, 2], [5]]:
         yield f"rescale_range={bounds}", {"rescale_range": bounds}, "rescale_range"
-    for statistics in [{"default": [0.5, 0.0]}, {"default": [0.5, -1.0]}, {"default": [NAN, 0.5]}, {"ct": [0, INF]}]:
+    for statistics in [
+        {"default": [0.5, 0.0]},
+        {"default": [0.5, -1.0]},
+        {"default": [NAN, 0.5]},
+        {"ct": [0, INF]},
+        {"xray": [0.3, 0.2]},
+        {"default": [0.5, 0.5], "x-ray": [0.3, 0.2]},
+        {"default": [0.5]},
+        [0.5, 0.5],
+    ]:
         yield f"modality_statistics={statistics}", {"modality_statistics": statistics}, "modality_statistics"
     for normalization in ["zscore", "Image", "", None]:
         yield f"normalization={normalization}", {"normalization": normalization}, "normalization"
@@ -69,9 +78,9 @@ def _bad_options():
         yield f"spatial_dims={dims}", {"spatial_dims": dims}, "spatial_dims"
     for data_format in ["first", "NCHW", "channels-last"]:
         yield f"input_data_format={data_format}", {"input_data_format": data_format}, "input_data_format"
-    for size in [[0, 28], [28], [28, 28, 28], [-1, 28], [28.5, 28], [100000, 100000]]:
+    for size in [[0, 28], [28], [28, 28, 28], [-1, 28], [28.5, 28], [100000, 100000], 28]:
         yield f"size_2d={size}", {"size_2d": size}, "size_2d"
-    for size in [[0, 8, 8], [8, 8], [8, 8, 8, 8], [8, -8, 8], [2000, 2000, 2000]]:
+    for size in [[0, 8, 8], [8, 8], [8, 8, 8, 8], [8, -8, 8], [2000, 2000, 2000], 8]:
         yield f"size_3d={size}", {"size_3d": size}, "size_3d"
     for field in ["modality", "body_part"]:
         for name in ["CT", "x-ray", "liver", "", "unknown_thing"]:

@@ -202,3 +202,19 @@ def test_processor_output_feeds_the_model_2d_and_3d():
 def test_bad_input_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call(MedformerImageProcessor())
+
+
+@pytest.mark.parametrize(
+    "option, equivalent",
+    [("do_resize", "size_2d"), ("size", "size_2d"), ("do_normalize", "normalization"), ("image_mean", "modality_stat")],
+)
+def test_transformers_usual_options_are_refused_naming_what_does_their_job(tmp_path, option, equivalent):
+    """They would be stored and saved, and change nothing: the processor's own options do their job."""
+    MedformerImageProcessor().save_pretrained(tmp_path)
+    for make in (
+        lambda: MedformerImageProcessor(**{option: False}),
+        lambda: AutoImageProcessor.from_pretrained(tmp_path, **{option: False}),
+        lambda: MedformerImageProcessor()(GRAY, **{option: False}),
+    ):
+        with pytest.raises(ValueError, match=rf"Unknown option.*{option}.*{equivalent}.*Its options: .*'size_3d'"):
+            make()

@@ -258,3 +258,25 @@ def test_a_file_that_is_not_dicom_is_named(tmp_path):
         load_dicom(tmp_path)
     with pytest.raises(ValueError, match=r"notes.txt is not a DICOM file.*the medical pipeline also takes their paths"):
         load_dicom(tmp_path / "notes.txt")
+
+
+def test_monochrome1_is_inverted_within_the_stored_range_not_each_image_own(tmp_path):
+    """An X-ray stored as MONOCHROME1 (low values white) reads as MONOCHROME2 would: mirrored within its 12 bits, so
+    one stored value gives one intensity whatever else the image holds (one bright marker pixel changes nothing)."""
+    from pydicom.uid import DigitalXRayImageStorageForPresentation
+
+    anatomy = np.array([[3000, 3000], [500, 500]], np.uint16)  # air, then bone (white: low values)
+    with_marker = anatomy.copy()
+    with_marker[0, 0] = 4095
+    loaded = []
+    for name, pixels in (("plain", anatomy), ("marker", with_marker)):
+        dataset = _ct_dataset(rows=2, columns=2)
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+        dataset.Modality, dataset.PhotometricInterpretation = "DX", "MONOCHROME1"
+        dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 12, 11, 0
+        dataset.PixelData = pixels.tobytes()
+        dataset.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        loaded.append(load_dicom(tmp_path / f"{name}.dcm").array)
+    np.testing.assert_array_equal(loaded[0], [[1095, 1095], [3595, 3595]])  # 4095 - stored: bone bright
+    np.testing.assert_array_equal(loaded[1][1], loaded[0][1])
+    assert loaded[1][0].tolist() == [0, 1095]

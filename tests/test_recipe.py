@@ -156,6 +156,23 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     assert describe_input_size(28, processor) == "28 px, 2D resized to 56x56 px"
 
 
+def test_fine_tuning_from_a_checkpoint_keeps_the_normalisation_its_weights_learned(tmp_path):
+    """Sizes and normalisation come from the `--init_from` processor; the raw data's window is not inherited."""
+    config = MedformerConfig(**MODEL_SIZES["tiny"])
+    statistics = {"default": [0.5, 0.5], "ct": [0.3, 0.25]}
+    MedformerImageProcessor(size_2d=[56, 56], modality_statistics=statistics, window="lung").save_pretrained(tmp_path)
+    arguments = argparse.Namespace(size=28, input_size_2d=None, input_size_3d=None, init_from=tmp_path)
+    processor = training_processor(config, arguments)
+    assert (processor.size_2d, processor.modality_statistics, processor.normalization) == (
+        [56, 56],
+        statistics,
+        "modality",
+    )
+    assert processor.window is None
+    MedformerImageProcessor(normalization="image").save_pretrained(tmp_path)
+    assert training_processor(config, arguments).normalization == "image"
+
+
 def test_the_card_states_the_images_of_an_optimizer_step():
     plain = argparse.Namespace(batch_size=64, gradient_accumulation_steps=1)
     assert describe_batch(plain, 1) == "64 x 1 images"

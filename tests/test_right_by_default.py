@@ -615,3 +615,21 @@ def test_picture_paths_are_read_as_displayed_and_multi_page_files_are_refused(mu
     pages[0].save(tmp_path / "pages.tif", save_all=True, append_images=pages[1:])
     with pytest.raises(ValueError, match="holds 2 pages"):
         classify(str(tmp_path / "pages.tif"), task="pneumonia")
+
+
+@pytest.mark.parametrize(("problem_type", "expected"), [(None, torch.sigmoid), ("regression", lambda logits: logits)])
+def test_the_medical_pipeline_scores_a_one_logit_classifier_by_sigmoid_and_regression_raw(problem_type, expected):
+    """A softmax over one logit is 1.0 for every image: one logit is read by sigmoid (as transformers' own pipeline
+    does) and a regression head's values are the answer, not probabilities."""
+    from transformers import pipeline
+
+    config = make_tiny_config(tasks={}, id2label={0: "malignancy"}, problem_type=problem_type)
+    model = MedformerForImageClassification(config).eval()
+    processor = MedformerImageProcessor.from_model_config(config, training_size=28)
+    images = list(np.load(DATA_DIR / "breastmnist.npz")["test_images"][:3])
+    with torch.no_grad():
+        logits = model(**processor(images, spatial_dims=2)).logits[:, 0]
+    classify = pipeline("medical-image-classification", model=model, image_processor=processor)
+    scores = [answer[0]["score"] for answer in classify(images)]
+    assert scores == pytest.approx(expected(logits).tolist(), abs=1e-6)
+    assert len(set(scores)) == 3

@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 # Index 0 of every vocabulary is "unknown". A sample whose modality or body part was not given at all carries
 # UNSPECIFIED_ID instead: the model then uses its task's registered one (or "unknown" where there is no task).
@@ -287,8 +288,8 @@ class MedformerConfig(PretrainedConfig):
         self.conv_stem_blocks = conv_stem_blocks
         self.input_channels_2d = list(input_channels_2d) if input_channels_2d is not None else [1, 3]
         self.input_channels_3d = list(input_channels_3d) if input_channels_3d is not None else [1]
-        self.image_size_2d = list(image_size_2d) if image_size_2d is not None else None
-        self.image_size_3d = list(image_size_3d) if image_size_3d is not None else None
+        self.image_size_2d = _listed(image_size_2d)
+        self.image_size_3d = _listed(image_size_3d)
         self.num_position_bands = num_position_bands
         self.max_position_frequency = max_position_frequency
         self.modality_names = list(modality_names) if modality_names is not None else list(DEFAULT_MODALITY_NAMES)
@@ -392,8 +393,15 @@ class MedformerConfig(PretrainedConfig):
                 raise ValueError(f"MedformerConfig.{name} must be distinct positive integers, got {channels!r}.")
         for name, length in (("image_size_2d", 2), ("image_size_3d", 3)):
             size = getattr(self, name)
-            if size is not None and (len(size) != length or not all(_is_int(side) and side >= 1 for side in size)):
+            if size is not None and (
+                not isinstance(size, list) or len(size) != length or not all(_is_int(s) and s >= 1 for s in size)
+            ):
                 raise ValueError(f"MedformerConfig.{name} must be {length} positive integers or None, got {size!r}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"MedformerConfig.hidden_act must be one of transformers' activations {sorted(ACT2FN)}, got "
+                f"{self.hidden_act!r}."
+            )
         if self.weight_init not in WEIGHT_INITS:
             raise ValueError(
                 f"MedformerConfig.weight_init must be one of {list(WEIGHT_INITS)}, got {self.weight_init!r}."
@@ -549,6 +557,11 @@ class MedformerConfig(PretrainedConfig):
         """Number of logits the head of task `name` produces."""
         task = self.tasks[name]
         return num_task_outputs(task["type"], task["num_labels"])
+
+
+def _listed(value: Any) -> Any:
+    """A list or tuple as a list; anything else as it is, for the validation to name."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _is_int(value: Any) -> bool:

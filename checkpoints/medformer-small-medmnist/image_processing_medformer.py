@@ -47,6 +47,33 @@ MAX_RESIZE_VOXELS = 2**27
 # Float images without a window or range are taken as already in [0, 1]; this much rounding slack is tolerated.
 UNIT_RANGE_SLACK = 1e-3
 
+# Keys transformers writes into a saved preprocessor_config.json besides the settings.
+SAVED_METADATA_KEYS = frozenset({"image_processor_type", "auto_map"})
+# transformers' usual image-processor options, and what does their job here.
+HF_OPTION_EQUIVALENTS = {
+    "do_resize": "size_2d=[H, W] / size_3d=[D, H, W] (None: no resize)",
+    "size": "size_2d=[H, W] / size_3d=[D, H, W]",
+    "resample": "nothing (bilinear 2D / trilinear 3D)",
+    "do_center_crop": "nothing: crop before processing",
+    "crop_size": "nothing: crop before processing",
+    "do_rescale": "rescale_range=[low, high] or window= (intensities reach [0, 1] by dtype otherwise)",
+    "rescale_factor": "rescale_range=[low, high]",
+    "do_normalize": "normalization='modality' | 'image' | 'none'",
+    "image_mean": "modality_statistics={'default': [mean, std], <modality>: [mean, std]}",
+    "image_std": "modality_statistics={'default': [mean, std], <modality>: [mean, std]}",
+}
+
+
+def unknown_options_message(unknown: set[str], options: list[str]) -> str:
+    """Names the options that do not exist, what does the job of transformers' usual ones, and the real ones."""
+    hints = "; ".join(
+        f"for {name} use {HF_OPTION_EQUIVALENTS[name]}" for name in sorted(unknown & HF_OPTION_EQUIVALENTS.keys())
+    )
+    return (
+        f"Unknown option(s) {sorted(unknown)} for MedformerImageProcessor{f' ({hints})' if hints else ''}. "
+        f"Its options: {options}."
+    )
+
 
 class MedformerImageProcessorKwargs(ImagesKwargs, total=False):
     """Per-call options of `MedformerImageProcessor` (also its saved attributes)."""
@@ -128,6 +155,9 @@ class MedformerImageProcessor(BaseImageProcessor):
         body_part_names: list[str] | None = None,
         **kwargs,
     ):
+        unknown = set(kwargs) - SAVED_METADATA_KEYS
+        if unknown:
+            raise ValueError(unknown_options_message(unknown, self._setting_names()))
         super().__init__(**kwargs)
         self.window = window
         self.rescale_range = rescale_range
@@ -164,6 +194,21 @@ class MedformerImageProcessor(BaseImageProcessor):
 
     def _check_settings(self, settings: dict[str, Any]) -> None:
         window = settings["window"]
+        statistics = settings["modality_statistics"]
+        if not isinstance(statistics, dict) or "default" not in statistics:
+            raise ValueError(
+                "modality_statistics must be a dict of [mean, std] pairs with a 'default' entry (for images of any "
+                f"other modality), got {statistics!r}."
+            )
+        misspelt = sorted(set(statistics) - {"default", *settings["modality_names"]})
+        if misspelt:
+            raise ValueError(
+                f"modality_statistics has entries for unknown modalities {misspelt}; the modalities are "
+                f"{settings['modality_names']} (or 'default')."
+            )
+        for name, values in statistics.items():
+            if not isinstance(values, (list, tuple)) or len(values) != 2:
+                raise ValueError(f"modality_statistics[{name!r}] must be [mean, std], got {values!r}.")
         numeric_options = {
             "window": [] if window is None or isinstance(window, str) else window,
             "rescale_range": settings["rescale_range"] or [],
@@ -194,7 +239,9 @@ class MedformerImageProcessor(BaseImageProcessor):
             size = settings[key]
             if size is None:
                 continue
-            if len(size) != length or not all(isinstance(side, numbers.Integral) and side >= 1 for side in size):
+            if not isinstance(size, (list, tuple)) or len(size) != length:
+                raise ValueError(f"{key} must be a list of {length} positive integers, got {size!r}.")
+            if not all(isinstance(side, numbers.Integral) and side >= 1 for side in size):
                 raise ValueError(f"{key} must be {length} positive integers, got {size!r}.")
             if math.prod(size) > MAX_RESIZE_VOXELS:
                 raise ValueError(
@@ -212,7 +259,7 @@ class MedformerImageProcessor(BaseImageProcessor):
         return_tensors = kwargs.pop("return_tensors", None)
         unknown = set(kwargs) - set(self._setting_names())
         if unknown:
-            raise ValueError(f"Unknown option(s) {sorted(unknown)} for MedformerImageProcessor.")
+            raise ValueError(unknown_options_message(unknown, self._setting_names()))
         settings = {key: kwargs.get(key, getattr(self, key)) for key in self._setting_names()}
         self._check_settings(settings)
 
@@ -699,6 +746,17 @@ def _dicom_slice(dataset: Any) -> np.ndarray:
     return pixels * slope + intercept
 
 
+def _monochrome1_inverted(array: np.ndarray, dataset: Any) -> np.ndarray:
+    """MONOCHROME1 shows low values as white: mirror the values within the range the stored bits can hold (after the
+    rescale), so one stored value maps to one intensity in every image, whatever else the image holds."""
+    bits = int(getattr(dataset, "BitsStored", 0) or getattr(dataset, "BitsAllocated", 0) or 16)
+    signed = int(getattr(dataset, "PixelRepresentation", 0) or 0) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
+    return (slope * (low + high) + 2 * intercept - array).astype(array.dtype)
+
+
 def _frame_attribute(dataset: Any, frame: int, sequence: str, attribute: str) -> Any:
     """An attribute of an enhanced (multi-frame) DICOM's functional groups: the frame's own, else the shared one."""
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
@@ -766,7 +824,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         )
         array, frame_spacing = _enhanced_frames(first) if enhanced else (_dicom_slice(first), None)
     if getattr(first, "PhotometricInterpretation", "") == "MONOCHROME1":
-        array = array.max() - array  # MONOCHROME1 shows low values as white
+        array = _monochrome1_inverted(array, first)
     spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
     if path.is_dir() and len(datasets) > 1:
         spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing
