@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
-from medformer_hf.data.medmnist import find_local
+from medformer_hf.data.medmnist import find_local, search_folders
 from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
 from medformer_hf.training import HelpFormatter, evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
@@ -79,7 +79,9 @@ def parse_args() -> argparse.Namespace:
         parser.error(
             f"the model has no head for {missing} (its tasks are {list(tasks)})."
             if missing
-            else f"none of the model's tasks {list(tasks)} has a MedMNIST file in {args.data_dir}; pass --datasets."
+            else f"none of the model's tasks {list(tasks)} has a {args.size} px MedMNIST file in "
+            f"{', '.join(map(str, search_folders(args.data_dir)))}: pass --data_dir <folder of the .npz files> (or set "
+            "$MEDMNIST_ROOT), or name the sets in --datasets to download them."
         )
     model_folder = Path(args.model).resolve()
     default = evaluation_folder(model_folder, args.split, args.test_time_flips)

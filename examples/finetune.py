@@ -23,6 +23,7 @@ from medformer_hf.training import (
     TrainState,
     add_common_arguments,
     add_model_arguments,
+    carry_best_model,
     check_common_arguments,
     create_accelerator,
     create_ema,
@@ -240,8 +241,8 @@ def main() -> None:
     state = TrainState()
     ema = create_ema(accelerator, model, args.ema_decay)
     checkpoints = CheckpointManager.for_run(accelerator, args, state, ema)
-    checkpoints.resume(args.resume_from_checkpoint)
     output_dir = Path(args.output_dir)
+    carry_best_model(accelerator, checkpoints.resume(args.resume_from_checkpoint), output_dir)
     model_config = accelerator.unwrap_model(model).config
 
     def compute_loss(model, batch):
@@ -334,7 +335,7 @@ def main() -> None:
             f"{args.learning_rate}, {'label-safe augmentation, ' if args.augment else ''}"
             f"{f'EMA {args.ema_decay}, ' if args.ema_decay else ''}"
             f"{f'label smoothing {args.label_smoothing}, ' if args.label_smoothing else ''}"
-            f"{f'stochastic depth {args.drop_path_rate}, ' if args.drop_path_rate else ''}"
+            f"{f'stochastic depth {model_config.drop_path_rate}, ' if model_config.drop_path_rate else ''}"
             f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "

@@ -28,6 +28,8 @@ UPLOAD_IGNORE = [
 TEST_TIME_FLIPS_FOLDER = "test_time_flips"
 # Splits `evaluate.py` evaluates; the test split's single-view metrics are the model folder's own (and its card's).
 EVALUATION_SPLITS = ("test", "validation")
+# The temporary folder a model is written into before it replaces the real one (`training.export_model_folder`).
+EXPORT_PARTIAL = ".export-partial"
 
 
 def evaluation_folder(model_folder: str | os.PathLike, split: str, test_time_flips: bool) -> Path:
@@ -70,7 +72,11 @@ def write_model_card(
 ) -> ModelCard:
     """Write `README.md` into `folder`: Hub metadata (license, tags, datasets, base model, `model-index` with every
     metric) plus the card body. `ModelCard.load` parses the metrics back as `card.data.eval_results`."""
-    name = repo_id or Path(folder).resolve().name
+    folder = Path(folder).resolve()
+    name = repo_id or (folder.parent if folder.name == EXPORT_PARTIAL else folder).name  # the folder it becomes
+    saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    classifier = "MedformerForImageClassification" in (saved.get("architectures") or [])
+    dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()} if tasks else {2, 3}
     training = training or _previous_section(Path(folder) / "README.md", "Training")
     eval_results = [
         EvalResult(
@@ -89,7 +95,11 @@ def write_model_card(
         library_name="transformers",
         pipeline_tag="image-classification",
         license="apache-2.0",
-        tags=["medical-imaging", "medmnist", "3d", "self-supervised-learning", "multi-task", "custom_code"],
+        tags=["medical-imaging", "medmnist"]
+        + [f"{d}d" for d in (2, 3) if d in dims]
+        + ["self-supervised-learning"]
+        + (["multi-task"] if len(tasks or []) > 1 else [])
+        + ["custom_code"],
         datasets=[f"medmnist/{dataset}" for dataset in datasets or []] or None,
         base_model=base_model,
         metrics=["accuracy", "roc_auc"] if metrics else None,
@@ -110,6 +120,7 @@ def write_model_card(
         model_name=name,
         repo_id=repo_id or "<repo>",
         tasks=", ".join(tasks or []),
+        classifier=classifier,
         training=training or "See the training configuration saved with the checkpoint.",
         evaluation=evaluation,
     )

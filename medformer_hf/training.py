@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS, MedformerConfig
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
 from .data.medmnist import find_local, local_datasets, search_folders
-from .hub import EVALUATION_SPLITS, TEST_TIME_FLIPS_FOLDER
+from .hub import EVALUATION_SPLITS, EXPORT_PARTIAL, TEST_TIME_FLIPS_FOLDER
 from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
 from .modeling_medformer import mean_over_flips, task_probabilities
@@ -190,6 +190,16 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--resume_from_checkpoint continues a run and --overwrite_output_dir starts over: pass one.")
     if args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
+    checkpoints = output_dir / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(
+        p.name.startswith(CheckpointManager.prefix) for p in checkpoints.iterdir()
+    )
+    if resume == "latest" and not has_checkpoint and (output_dir / "config.json").is_file():
+        parser.error(
+            f"--output_dir {output_dir} holds a model but no checkpoint of a run to continue, so "
+            "--resume_from_checkpoint latest would train a new model over it: pass another --output_dir, or "
+            "--overwrite_output_dir to replace it."
+        )
     if output_dir.is_dir() and any(output_dir.iterdir()) and resume is None and not args.overwrite_output_dir:
         parser.error(
             f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
@@ -597,6 +607,25 @@ DESCRIBES_OLD_WEIGHTS = (
 ) + tuple(split for split in EVALUATION_SPLITS if split != "test")
 
 
+def carry_best_model(accelerator: Accelerator, resumed: Path | None, output_dir: str | os.PathLike) -> None:
+    """A run resumed from another folder's checkpoint remembers the best validation score so far, whose model was
+    exported in that folder: copy it (without checkpoints and logs) into `output_dir`, which has none, so the run's
+    result is there even when no later validation beats it."""
+    output_dir = Path(output_dir)
+    if resumed is None or (output_dir / "config.json").is_file():
+        return
+    source = resumed.resolve().parent.parent
+    if not (source / "config.json").is_file():
+        raise ValueError(
+            f"{resumed} is a checkpoint of {source}, whose best model so far is no longer there (no config.json), so "
+            f"{output_dir} would end without one. Resume in {source}, or start a new run with --init_from <a model "
+            "folder>."
+        )
+    if accelerator.is_main_process:
+        shutil.copytree(source, output_dir, ignore=shutil.ignore_patterns("checkpoints", "runs"), dirs_exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
 def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Write the Hub-ready model folder complete-or-absent (call on the main process only).
 
@@ -606,7 +635,7 @@ def export_model_folder(folder: str | os.PathLike, write: Callable[[Path], None]
     metrics of earlier weights are removed unless `write` replaces them).
     """
     folder = Path(folder)
-    partial = folder / ".export-partial"
+    partial = folder / EXPORT_PARTIAL
     shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
     partial.mkdir(parents=True)
     write(partial)

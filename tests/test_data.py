@@ -368,3 +368,9 @@ def test_multilabel_subset_keeps_every_label():
 def test_label_fraction_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"label_fraction must be in \(0, 1\], got 1.5"):
         build_multitask_dataset(["breastmnist"], label_fraction=1.5, data_dir=DATA_DIR)
+
+
+@pytest.mark.parametrize("split", ["val", "valid", "Test"])
+def test_an_unknown_split_names_the_splits_before_any_file_is_read(split, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown split .*\['train', 'validation', 'test'\]"):
+        build_multitask_dataset(["breastmnist"], split=split, data_dir=tmp_path / "absent")

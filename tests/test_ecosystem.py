@@ -275,6 +275,11 @@ def test_extract_task_writes_a_carded_classifier_and_never_over_another_model(tm
     card = card_metrics(ModelCard.load(target / "README.md"))
     assert card == {"breastmnist": {"acc": round(recorded["acc"], 4), "auc": round(recorded["auc"], 4)}}
     assert MedformerForImageClassification.from_pretrained(target).config.num_labels == 2
+    # The card is titled by the folder, and tells how to call a one-task 2D classifier (no task=).
+    card = ModelCard.load(target / "README.md")
+    assert card.data.model_name == "breast" and "\n# breast\n" in card.text
+    assert "task=<name>" not in card.text and 'pipeline("image-classification"' in card.text
+    assert "2d" in card.data.tags and not {"3d", "multi-task"} & set(card.data.tags)
 
 
 def test_average_weights_writes_the_mean_model_and_refuses_other_inputs(tmp_path):

@@ -23,6 +23,7 @@ from .conftest import DATA_DIR, REPO_ROOT
 from .test_remote_code import run_without_the_package
 
 EXAMPLES = REPO_ROOT / "examples"
+RELEASED = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
 DATASETS = ["breastmnist", "vesselmnist3d"]
 SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
 
@@ -153,6 +154,16 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     checked(run_script(workdir, "finetune.py", *run, "--resume_from_checkpoint", "latest"))
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
     assert "(50% of the training labels)" in (finetuned / "README.md").read_text()
+    # Resumed from its last checkpoint into another folder, the run keeps its best model so far there too.
+    moved = workdir / "finetune_moved"
+    last = sorted((finetuned / "checkpoints").iterdir())[-1]
+    resumed = run_script(
+        workdir, "finetune.py", *run, "--resume_from_checkpoint", str(last), "--output_dir", str(moved)
+    )
+    checked(resumed)
+    assert load_file(moved / "model.safetensors").keys() == load_file(finetuned / "model.safetensors").keys()
+    for name, value in load_file(moved / "model.safetensors").items():
+        assert torch.equal(value, load_file(finetuned / "model.safetensors")[name])
     # The exported folder loads where medformer_hf cannot be imported.
     pixels = {"pixel_values": torch.rand(2, 1, 28, 28, 28)}
     loaded = run_without_the_package(finetuned, "base", pixels, tmp_path)
@@ -396,6 +407,12 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             "--push_to_hub needs a Hugging Face token",
         ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--output_dir", str(RELEASED), "--resume_from_checkpoint", "latest"],
+            "holds a model but no checkpoint of a run to continue",
+        ),
+        ("evaluate.py", ["--model", str(RELEASED)], "pass --data_dir <folder of the .npz files>"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
             "finetune.py",

@@ -21,7 +21,7 @@ from accelerate import PartialState
 
 from ..image_processing_medformer import MedformerImageProcessor
 from .augmentation import augment
-from .catalogue import MedMNISTInfo, dataset_info
+from .catalogue import SPLITS, MedMNISTInfo, dataset_info
 from .medmnist import load_medmnist
 
 
@@ -114,6 +114,8 @@ def build_multitask_dataset(
     """
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}.")
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; the splits are {list(SPLITS)} (MedMNIST's 'val' is 'validation').")
     infos = {dataset_info(name).name: dataset_info(name) for name in names}
     if len(infos) != len(names):
         raise ValueError(f"Dataset names repeat: {names}.")
