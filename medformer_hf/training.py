@@ -615,6 +615,8 @@ def carry_best_model(accelerator: Accelerator, resumed: Path | None, output_dir:
     if resumed is None or (output_dir / "config.json").is_file():
         return
     source = resumed.resolve().parent.parent
+    if source == output_dir.resolve():  # the run's own folder: its model is where it was left
+        return
     if not (source / "config.json").is_file():
         raise ValueError(
             f"{resumed} is a checkpoint of {source}, whose best model so far is no longer there (no config.json), so "

@@ -195,3 +195,23 @@ def test_an_export_killed_while_moving_files_leaves_no_loadable_model(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         _export(tmp_path, "second")
     assert not (tmp_path / "config.json").exists()  # absent: from_pretrained refuses it, nothing half-old loads
+
+
+def test_a_run_resumed_elsewhere_carries_its_best_model_and_at_home_touches_nothing(tmp_path):
+    """Resumed into another folder, the run's best model so far comes along (not its checkpoints or logs); resumed in
+    its own folder nothing is copied, even before its first export; a source that lost its model is refused."""
+    accelerator = Accelerator(cpu=True)
+    source = tmp_path / "run"
+    checkpoint = source / "checkpoints" / "step_00000006"
+    checkpoint.mkdir(parents=True)
+    (source / "runs").mkdir()
+    training.carry_best_model(accelerator, checkpoint, source)  # at home, no model yet: nothing to do
+    assert sorted(path.name for path in source.iterdir()) == ["checkpoints", "runs"]
+    with pytest.raises(ValueError, match="no longer there"):
+        training.carry_best_model(accelerator, checkpoint, tmp_path / "moved")
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_text("weights")
+    training.carry_best_model(accelerator, checkpoint, tmp_path / "moved")
+    assert sorted(path.name for path in (tmp_path / "moved").iterdir()) == ["config.json", "model.safetensors"]
+    training.carry_best_model(accelerator, None, tmp_path / "fresh")  # not resumed: nothing
+    assert not (tmp_path / "fresh").exists()
