@@ -47,8 +47,8 @@ MAX_RESIZE_VOXELS = 2**27
 # Float images without a window or range are taken as already in [0, 1]; this much rounding slack is tolerated.
 UNIT_RANGE_SLACK = 1e-3
 
-# Keys transformers writes into a saved preprocessor_config.json besides the settings.
-SAVED_METADATA_KEYS = frozenset({"image_processor_type", "auto_map"})
+# Keys transformers writes (or once wrote) into a saved preprocessor_config.json besides the settings.
+SAVED_METADATA_KEYS = frozenset({"image_processor_type", "auto_map", "processor_class", "feature_extractor_type"})
 # transformers' usual image-processor options, and what does their job here.
 HF_OPTION_EQUIVALENTS = {
     "do_resize": "size_2d=[H, W] / size_3d=[D, H, W] (None: no resize)",
