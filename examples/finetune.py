@@ -242,7 +242,7 @@ def main() -> None:
     ema = create_ema(accelerator, model, args.ema_decay)
     checkpoints = CheckpointManager.for_run(accelerator, args, state, ema)
     output_dir = Path(args.output_dir)
-    carry_best_model(accelerator, checkpoints.resume(args.resume_from_checkpoint), output_dir)
+    carry_best_model(accelerator, checkpoints.resume(args.resume_from_checkpoint), output_dir, state, args.max_steps)
     model_config = accelerator.unwrap_model(model).config
 
     def compute_loss(model, batch):
@@ -321,7 +321,7 @@ def main() -> None:
         best = MedformerForMultiTask.from_pretrained(output_dir, dtype="float32").to(accelerator.device)
         old_after, _ = evaluate_tasks(accelerator, best, old_validation, old_collators, args.batch_size)
         before_file = output_dir / "old_tasks_before.json"
-        if accelerator.is_main_process and not before_file.is_file():  # resumed from another run's checkpoint
+        if accelerator.is_main_process and not before_file.is_file():  # resumed from a copied checkpoint folder
             accelerator.print(f"no {before_file.name} from this run's start: the before/after report is skipped")
         elif accelerator.is_main_process:
             report = old_tasks_report(json.loads(before_file.read_text()), old_after)

@@ -76,7 +76,8 @@ def write_model_card(
     name = repo_id or (folder.parent if folder.name == EXPORT_PARTIAL else folder).name  # the folder it becomes
     saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     classifier = "MedformerForImageClassification" in (saved.get("architectures") or [])
-    dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()} if tasks else {2, 3}
+    dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()}
+    dims = dims if tasks and dims and None not in dims else {2, 3}  # unrecorded: it may take either
     training = training or _previous_section(Path(folder) / "README.md", "Training")
     eval_results = [
         EvalResult(

@@ -190,11 +190,7 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--resume_from_checkpoint continues a run and --overwrite_output_dir starts over: pass one.")
     if args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
-    checkpoints = output_dir / "checkpoints"
-    has_checkpoint = checkpoints.is_dir() and any(
-        p.name.startswith(CheckpointManager.prefix) for p in checkpoints.iterdir()
-    )
-    if resume == "latest" and not has_checkpoint and (output_dir / "config.json").is_file():
+    if resume == "latest" and not checkpoints_in(output_dir / "checkpoints") and (output_dir / "config.json").is_file():
         parser.error(
             f"--output_dir {output_dir} holds a model but no checkpoint of a run to continue, so "
             "--resume_from_checkpoint latest would train a new model over it: pass another --output_dir, or "
@@ -430,6 +426,16 @@ class TrainState:
             setattr(self, name, value)
 
 
+def checkpoints_in(directory: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in a run's checkpoint folder, oldest first (saves in progress have another name)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        path for path in directory.iterdir() if path.is_dir() and path.name.startswith(CheckpointManager.prefix)
+    )
+
+
 class CheckpointManager:
     """`accelerator.save_state` into `<dir>/step_<n>`, written under a temporary name and renamed when complete, so
     a kill mid-write leaves the previous checkpoint as the latest usable one. Keeps the newest `total_limit`.
@@ -478,9 +484,7 @@ class CheckpointManager:
         return cls(accelerator, directory, args.checkpoints_total_limit, state, ema, arguments=arguments)
 
     def complete(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(path for path in self.directory.iterdir() if path.is_dir() and path.name.startswith(self.prefix))
+        return checkpoints_in(self.directory)
 
     def latest(self) -> Path | None:
         checkpoints = self.complete()
@@ -607,24 +611,36 @@ DESCRIBES_OLD_WEIGHTS = (
 ) + tuple(split for split in EVALUATION_SPLITS if split != "test")
 
 
-def carry_best_model(accelerator: Accelerator, resumed: Path | None, output_dir: str | os.PathLike) -> None:
-    """A run resumed from another folder's checkpoint remembers the best validation score so far, whose model was
-    exported in that folder: copy it (without checkpoints and logs) into `output_dir`, which has none, so the run's
-    result is there even when no later validation beats it."""
+def carry_best_model(
+    accelerator: Accelerator, resumed: Path | None, output_dir: str | os.PathLike, state: TrainState, max_steps: int
+) -> None:
+    """A run resumed from a checkpoint outside `output_dir` remembers its best validation score so far, but the model
+    with that score is in the run's own folder: copy it (without checkpoints and logs) into `output_dir`. Where that
+    model is not there for this checkpoint (a copied checkpoint folder, or the run went on and exported a later one),
+    forget the score instead, so the next validation exports a model; a finished run has none left, so it is refused.
+    """
     output_dir = Path(output_dir)
-    if resumed is None or (output_dir / "config.json").is_file():
+    source = resumed.resolve().parent.parent if resumed is not None else None
+    move = source is not None and source != output_dir.resolve() and not (output_dir / "config.json").is_file()
+    accelerator.wait_for_everyone()  # every process has decided before the main one writes
+    if not move:
         return
-    source = resumed.resolve().parent.parent
-    if source == output_dir.resolve():  # the run's own folder: its model is where it was left
-        return
-    if not (source / "config.json").is_file():
+    kept = source / "validation_metrics.json"
+    kept_step = json.loads(kept.read_text()).get("step") if kept.is_file() else None
+    in_its_run = resumed.parent.name == "checkpoints" and (source / "config.json").is_file()
+    if in_its_run and kept_step is not None and kept_step <= state.step:
+        if accelerator.is_main_process:
+            shutil.copytree(
+                source, output_dir, ignore=shutil.ignore_patterns("checkpoints", "runs"), dirs_exist_ok=True
+            )
+    elif state.step < max_steps:
+        accelerator.print(f"the best model of {resumed}'s run is not beside it: the next validation exports one")
+        state.best_metric = state.best_accuracy = -math.inf
+    else:
         raise ValueError(
-            f"{resumed} is a checkpoint of {source}, whose best model so far is no longer there (no config.json), so "
-            f"{output_dir} would end without one. Resume in {source}, or start a new run with --init_from <a model "
-            "folder>."
+            f"{resumed} ends its run, and the best model of that run is not beside it, so {output_dir} would end "
+            "without a model: resume in the run's own folder, or start a new run with --init_from <a model folder>."
         )
-    if accelerator.is_main_process:
-        shutil.copytree(source, output_dir, ignore=shutil.ignore_patterns("checkpoints", "runs"), dirs_exist_ok=True)
     accelerator.wait_for_everyone()
 
 

@@ -197,21 +197,34 @@ def test_an_export_killed_while_moving_files_leaves_no_loadable_model(tmp_path, 
     assert not (tmp_path / "config.json").exists()  # absent: from_pretrained refuses it, nothing half-old loads
 
 
-def test_a_run_resumed_elsewhere_carries_its_best_model_and_at_home_touches_nothing(tmp_path):
-    """Resumed into another folder, the run's best model so far comes along (not its checkpoints or logs); resumed in
-    its own folder nothing is copied, even before its first export; a source that lost its model is refused."""
+def test_a_run_resumed_elsewhere_carries_its_best_model_or_forgets_a_best_it_cannot_carry(tmp_path):
+    """Resumed into another folder, the run's best model so far comes along (not its checkpoints or logs). At home
+    nothing is copied; where the run's folder holds no model of this checkpoint's best (a later export, or a copied
+    checkpoint folder) the score is forgotten so the next validation exports one, and a finished run is refused."""
     accelerator = Accelerator(cpu=True)
     source = tmp_path / "run"
     checkpoint = source / "checkpoints" / "step_00000006"
     checkpoint.mkdir(parents=True)
     (source / "runs").mkdir()
-    training.carry_best_model(accelerator, checkpoint, source)  # at home, no model yet: nothing to do
+
+    def resumed_state() -> TrainState:
+        return TrainState(step=6, best_metric=0.8, best_accuracy=0.7)
+
+    training.carry_best_model(accelerator, checkpoint, source, resumed_state(), max_steps=12)  # at home: nothing
     assert sorted(path.name for path in source.iterdir()) == ["checkpoints", "runs"]
-    with pytest.raises(ValueError, match="no longer there"):
-        training.carry_best_model(accelerator, checkpoint, tmp_path / "moved")
     (source / "config.json").write_text("{}")
-    (source / "model.safetensors").write_text("weights")
-    training.carry_best_model(accelerator, checkpoint, tmp_path / "moved")
-    assert sorted(path.name for path in (tmp_path / "moved").iterdir()) == ["config.json", "model.safetensors"]
-    training.carry_best_model(accelerator, None, tmp_path / "fresh")  # not resumed: nothing
+    (source / "validation_metrics.json").write_text('{"step": 6}')
+    state = resumed_state()
+    training.carry_best_model(accelerator, checkpoint, tmp_path / "moved", state, max_steps=12)
+    assert sorted(path.name for path in (tmp_path / "moved").iterdir()) == ["config.json", "validation_metrics.json"]
+    assert state.best_metric == 0.8
+    (source / "validation_metrics.json").write_text('{"step": 9}')  # the run went on and kept a later model
+    state = resumed_state()
+    training.carry_best_model(accelerator, checkpoint, tmp_path / "later", state, max_steps=12)
+    assert not (tmp_path / "later").exists() and state.best_metric == state.best_accuracy == -math.inf
+    copied = shutil.copytree(checkpoint, tmp_path / "backup" / "step_00000012")
+    finished = TrainState(step=12, best_metric=0.8, best_accuracy=0.7)
+    with pytest.raises(ValueError, match="ends its run"):
+        training.carry_best_model(accelerator, copied, tmp_path / "elsewhere", finished, max_steps=12)
+    training.carry_best_model(accelerator, None, tmp_path / "fresh", resumed_state(), max_steps=12)
     assert not (tmp_path / "fresh").exists()

@@ -280,3 +280,8 @@ def test_monochrome1_is_inverted_within_the_stored_range_not_each_image_own(tmp_
     np.testing.assert_array_equal(loaded[0], [[1095, 1095], [3595, 3595]])  # 4095 - stored: bone bright
     np.testing.assert_array_equal(loaded[1][1], loaded[0][1])
     assert loaded[1][0].tolist() == [0, 1095]
+    # With a rescale the mirror is of the stored values, before it: slope 2, intercept -100.
+    dataset = pydicom.dcmread(tmp_path / "plain.dcm")
+    dataset.RescaleSlope, dataset.RescaleIntercept = 2, -100
+    dataset.save_as(tmp_path / "rescaled.dcm", enforce_file_format=True)
+    np.testing.assert_array_equal(load_dicom(tmp_path / "rescaled.dcm").array, 2 * loaded[0] - 100)

@@ -23,7 +23,6 @@ from .conftest import DATA_DIR, REPO_ROOT
 from .test_remote_code import run_without_the_package
 
 EXAMPLES = REPO_ROOT / "examples"
-RELEASED = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
 DATASETS = ["breastmnist", "vesselmnist3d"]
 SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
 
@@ -407,12 +406,6 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
             "--push_to_hub needs a Hugging Face token",
         ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapter_rank", "4"], "add that, or drop it"),
-        (
-            "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--output_dir", str(RELEASED), "--resume_from_checkpoint", "latest"],
-            "holds a model but no checkpoint of a run to continue",
-        ),
-        ("evaluate.py", ["--model", str(RELEASED)], "pass --data_dir <folder of the .npz files>"),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
             "finetune.py",
@@ -442,6 +435,25 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, argument
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists()
     assert time.time() - started < 60
+
+
+def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named(tmp_path):
+    """`--resume_from_checkpoint latest` in a folder holding a model but no checkpoint would start a new run over it;
+    evaluating without local files names --data_dir. A copy of the released config stands in for the model."""
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
+    for script, arguments, message in [
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--output_dir", str(model), "--resume_from_checkpoint", "latest"],
+            "holds a model but no checkpoint of a run to continue",
+        ),
+        ("evaluate.py", ["--model", str(model)], "pass --data_dir <folder of the .npz files>"),
+    ]:
+        result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert [path.name for path in model.iterdir()] == ["config.json"]
 
 
 @pytest.mark.parametrize(

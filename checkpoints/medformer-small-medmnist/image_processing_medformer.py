@@ -740,21 +740,22 @@ def load_nifti(
 
 
 def _dicom_slice(dataset: Any) -> np.ndarray:
-    pixels = dataset.pixel_array.astype(np.float32)
+    pixels = _stored_pixels(dataset)
     slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
     intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
     return pixels * slope + intercept
 
 
-def _monochrome1_inverted(array: np.ndarray, dataset: Any) -> np.ndarray:
-    """MONOCHROME1 shows low values as white: mirror the values within the range the stored bits can hold (after the
-    rescale), so one stored value maps to one intensity in every image, whatever else the image holds."""
+def _stored_pixels(dataset: Any) -> np.ndarray:
+    """The stored values as float32, with MONOCHROME1 (low values shown white) mirrored within the range its stored
+    bits hold, before any rescale: one stored value then gives one intensity in every image and slice."""
+    pixels = dataset.pixel_array.astype(np.float32)
+    if getattr(dataset, "PhotometricInterpretation", "") != "MONOCHROME1":
+        return pixels
     bits = int(getattr(dataset, "BitsStored", 0) or getattr(dataset, "BitsAllocated", 0) or 16)
     signed = int(getattr(dataset, "PixelRepresentation", 0) or 0) == 1
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    slope = float(getattr(dataset, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(dataset, "RescaleIntercept", 0) or 0)
-    return (slope * (low + high) + 2 * intercept - array).astype(array.dtype)
+    return np.float32(low + high) - pixels
 
 
 def _frame_attribute(dataset: Any, frame: int, sequence: str, attribute: str) -> Any:
@@ -771,7 +772,7 @@ def _enhanced_frames(dataset: Any) -> tuple[np.ndarray, float | None]:
     """The frames of an enhanced (multi-frame) DICOM, each rescaled by its functional groups' slope/intercept (where
     Enhanced CT keeps them, so it comes out in Hounsfield units) and sorted by position along the slice normal, and
     the spacing of the frames (None without plane positions)."""
-    frames = dataset.pixel_array.astype(np.float32)
+    frames = _stored_pixels(dataset)
     for index in range(len(frames)):
         slope = _frame_attribute(dataset, index, "PixelValueTransformationSequence", "RescaleSlope")
         intercept = _frame_attribute(dataset, index, "PixelValueTransformationSequence", "RescaleIntercept")
@@ -823,8 +824,6 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
             "PerFrameFunctionalGroupsSequence" in first or "SharedFunctionalGroupsSequence" in first
         )
         array, frame_spacing = _enhanced_frames(first) if enhanced else (_dicom_slice(first), None)
-    if getattr(first, "PhotometricInterpretation", "") == "MONOCHROME1":
-        array = _monochrome1_inverted(array, first)
     spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
     if path.is_dir() and len(datasets) > 1:
         spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing

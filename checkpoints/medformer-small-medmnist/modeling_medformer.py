@@ -1372,7 +1372,8 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         """Labels and problem type of the one task the config records, where the config has transformers' default
         labels. A binary task gets two class logits, an ordinal one a logit per grade (softmax; cumulative logits are
         `MedformerForMultiTask`'s). Other labels (a re-headed classifier: `from_pretrained(path, id2label=...)`) mean
-        the entry no longer describes the head: it is dropped, with a warning."""
+        the entry no longer describes the head: it is dropped, with a warning. `LABEL_0` / `LABEL_1` count as not
+        given. The config is the model's, which is the caller's object (as in transformers): it changes too."""
         name, spec = next(iter(config.tasks.items()))
         labels = {int(index): label for index, label in spec["id2label"].items()}
         if config.id2label == {0: "LABEL_0", 1: "LABEL_1"}:
