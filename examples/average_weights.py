@@ -1,19 +1,58 @@
-"""Average the weights of fine-tunes of one pre-training into one model (a uniform "model soup", Wortsman et al. 2022).
+"""Average the weights of fine-tunes of one pre-training into one model (a "model soup", Wortsman et al. 2022).
 
     python examples/average_weights.py --models outputs/seed0 outputs/seed1 --output_dir outputs/soup
     accelerate launch examples/evaluate.py --model outputs/soup --split validation --data_dir ../shared/data/medmnist
 
-Keep the average only if its validation metrics beat each model's (finetune.py's `validation_metrics.json`): models
-that did not start from one pre-training, or moved far from it, can average to a worse model than either.
+The uniform average of every model can be worse than each (models that did not start from one pre-training, or moved
+far from it): keep it only if its validation metrics beat each model's. `--greedy --data_dir <folder>` makes that
+choice itself: the greedy soup adds the models best first, each only if the mean validation AUC of the average does
+not drop (multi-task models; the validation split of every task with a local MedMNIST file).
 """
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import torch
+from accelerate import Accelerator
+
 import medformer_hf
-from medformer_hf import MedformerConfig, MedformerImageProcessor
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
+from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import write_model_card
-from medformer_hf.training import RECORDED_INPUT_SIZES, HelpFormatter, average_weights, export_model_folder
+from medformer_hf.training import (
+    RECORDED_INPUT_SIZES,
+    HelpFormatter,
+    average_weights,
+    evaluate_tasks,
+    export_model_folder,
+    greedy_soup,
+)
+
+
+def validation_scorer(
+    model: MedformerForMultiTask, processor: MedformerImageProcessor, data_dir: str | None, size: int
+) -> Callable[[dict[str, torch.Tensor]], float]:
+    """Weights -> mean validation AUC of `model` carrying them, over its tasks with a local MedMNIST file."""
+    tasks = [name for name in model.config.tasks if name in CATALOGUE and find_local(CATALOGUE[name], size, data_dir)]
+    if not tasks:
+        raise SystemExit(
+            f"--greedy scores on validation images, but none of the tasks {list(model.config.tasks)} has a {size} px "
+            "MedMNIST file in --data_dir: pass the folder of the .npz files (or set $MEDMNIST_ROOT)."
+        )
+    datasets = {name: build_multitask_dataset([name], "validation", size=size, data_dir=data_dir) for name in tasks}
+    collators = {name: MedformerCollator(data, processor, list(model.config.tasks)) for name, data in datasets.items()}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+
+    def score(weights: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(weights)
+        metrics, _ = evaluate_tasks(accelerator, model.to(accelerator.device), datasets, collators, batch_size=128)
+        return float(np.mean([values["auc"] for values in metrics.values()]))
+
+    print(f"scoring on the validation split of {', '.join(tasks)}")
+    return score
 
 
 def main() -> None:
@@ -21,7 +60,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True, help="two or more model folders or Hub ids")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true", help="replace the model in a non-empty folder")
+    parser.add_argument(
+        "--greedy",
+        action="store_true",
+        help="greedy soup: models best first, each kept only if the mean validation AUC does not drop (needs the "
+        "validation images: --data_dir)",
+    )
+    parser.add_argument("--data_dir", help="folder of MedMNIST .npz files (with --greedy)")
+    parser.add_argument("--size", type=int, default=28, help="MedMNIST file size of the validation images (--greedy)")
     args = parser.parse_args()
+    if not args.greedy and (args.data_dir is not None or args.size != 28):
+        parser.error("--data_dir and --size choose the validation images of --greedy; add --greedy, or drop them.")
     output_dir = Path(args.output_dir)
     if any(Path(model).is_dir() and Path(model).resolve() == output_dir.resolve() for model in args.models):
         parser.error(f"--output_dir {output_dir} is one of --models: pass another folder.")
@@ -34,11 +83,21 @@ def main() -> None:
     for path in args.models[1:]:  # the average is only meaningful for models fed the same inputs
         if MedformerImageProcessor.from_pretrained(path).to_dict() != processor.to_dict():
             parser.error(f"{path}'s image processor differs from {args.models[0]}'s: its models saw other inputs.")
+    if args.greedy and architecture != "MedformerForMultiTask":
+        parser.error(f"--greedy scores multi-task models on their tasks; {args.models[0]} is a {architecture}.")
+    soup = model_class.from_pretrained(args.models[0])  # a copy to carry each candidate's weights
     try:
-        weights = average_weights(models)
+        if args.greedy:
+            score = validation_scorer(soup, processor, args.data_dir, args.size)
+            kept, weights, best = greedy_soup(models, score)
+            kept_models = ", ".join(args.models[index] for index in kept)
+            how = f"The greedy soup of {', '.join(args.models)}: {kept_models} kept (mean validation AUC {best:.4f})"
+            print(how)
+        else:
+            weights = average_weights(models)
+            how = f"The element-wise mean of the weights of {', '.join(args.models)}"
     except ValueError as error:
         parser.error(str(error))
-    soup = models[0]
     soup.load_state_dict(weights)
     for key in RECORDED_INPUT_SIZES:  # the sizes any of them records (older configs have none)
         setattr(soup.config, key, next((getattr(m.config, key) for m in models if getattr(m.config, key)), None))
@@ -49,12 +108,11 @@ def main() -> None:
         write_model_card(
             folder,
             tasks=list(soup.config.tasks),
-            training=f"The element-wise mean of the weights of {', '.join(args.models)} "
-            "(`examples/average_weights.py`).",
+            training=f"{how} (`examples/average_weights.py`).",
         )
 
     export_model_folder(output_dir, write)
-    print(f"saved the average of {len(models)} {architecture} models to {output_dir.resolve()}")
+    print(f"saved the average to {output_dir.resolve()}")
 
 
 if __name__ == "__main__":

@@ -720,6 +720,28 @@ def average_weights(models: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     return averaged
 
 
+def greedy_soup(
+    models: list[torch.nn.Module], score: Callable[[dict[str, torch.Tensor]], float]
+) -> tuple[list[int], dict[str, torch.Tensor], float]:
+    """Wortsman et al. 2022's greedy soup: the models in order of their own score (higher is better, e.g. mean
+    validation AUC), each kept in the average only if the average's score does not drop. Unlike the uniform average
+    it is never below the best single model on the score it was chosen by.
+
+    Returns the indices of the models kept (best first), their averaged weights and its score. Raises ValueError as
+    `average_weights` does, for every model, whether or not it would be kept.
+    """
+    average_weights(models)  # refuses incompatible models up front, not only when one is tried
+    own_scores = [score(model.state_dict()) for model in models]
+    order = sorted(range(len(models)), key=own_scores.__getitem__, reverse=True)
+    kept, weights, best = [order[0]], models[order[0]].state_dict(), own_scores[order[0]]
+    for index in order[1:]:
+        candidate = average_weights([models[i] for i in [*kept, index]])
+        candidate_score = score(candidate)
+        if candidate_score >= best:
+            kept, weights, best = [*kept, index], candidate, candidate_score
+    return kept, weights, best
+
+
 # ---------------------------------------------------------------------------------------------- training loop
 
 

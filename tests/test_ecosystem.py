@@ -307,6 +307,21 @@ def test_average_weights_writes_the_mean_model_and_refuses_other_inputs(tmp_path
     saved = MedformerImageProcessor.from_pretrained(folders[0]).to_dict()
     assert MedformerImageProcessor.from_pretrained(tmp_path / "soup").to_dict() == saved
     assert "element-wise mean" in (tmp_path / "soup" / "README.md").read_text()
+    # Greedy: scored on the real validation images; the soup is the best model alone or the mean of both, as it says.
+    greedy = [*script, "--greedy", "--data_dir", str(DATA_DIR), "--output_dir", str(tmp_path / "greedy")]
+    done = subprocess.run(greedy, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "scoring on the validation split of pneumoniamnist" in done.stdout
+    kept = done.stdout.split(f"{folders[1]}: ")[1].split(" kept (mean validation AUC")[0].split(", ")
+    greedy_soup = MedformerForMultiTask.from_pretrained(tmp_path / "greedy").state_dict()
+    states = {str(folder): state for folder, state in zip(folders, (first, second), strict=True)}
+    for name, value in greedy_soup.items():
+        torch.testing.assert_close(value, sum(states[folder][name] for folder in kept) / len(kept))
+    assert "greedy soup" in (tmp_path / "greedy" / "README.md").read_text()
+    stray = subprocess.run(
+        [*script, "--data_dir", str(DATA_DIR), "--output_dir", str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert stray.returncode == 2 and "add --greedy" in stray.stderr
     MedformerImageProcessor(size_2d=[84, 84]).save_pretrained(folders[1])
     refused = subprocess.run([*script, "--output_dir", str(tmp_path / "refused")], capture_output=True, text=True)
     assert refused.returncode == 2 and "image processor differs" in refused.stderr

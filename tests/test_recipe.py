@@ -26,6 +26,7 @@ from medformer_hf.training import (
     create_optimizer,
     describe_batch,
     describe_input_size,
+    greedy_soup,
     mix_within_tasks,
     predict,
     training_processor,
@@ -239,6 +240,34 @@ def test_averaged_weights_are_the_element_wise_mean_and_only_of_one_architecture
     models[0].config.image_size_2d = [56, 56]
     with pytest.raises(ValueError, match="image_size_2d"):
         average_weights(models)
+
+
+def test_greedy_soup_keeps_only_the_models_that_raise_the_score():
+    """Models join best first, each only if the average's score does not drop: two fine-tunes whose average is the
+    optimum are kept, a far-off third is left out, where the uniform average of all three scores worse."""
+    tasks = {"x": {"type": "binary", "num_labels": 2}}
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(MedformerForMultiTask(MedformerConfig(**MODEL_SIZES["tiny"], tasks=tasks)))
+    with torch.no_grad():
+        for parameter in models[2].parameters():
+            parameter.add_(1.0)  # far from the other two
+    name = "medformer.main_body.layers.0.mlp.fc1.weight"
+    optimum = (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2
+
+    def score(weights):
+        return -float((weights[name] - optimum).norm())
+
+    kept, weights, best = greedy_soup(models, score)
+    assert sorted(kept) == [0, 1] and kept[0] == max((0, 1), key=lambda i: score(models[i].state_dict()))
+    torch.testing.assert_close(weights[name], optimum)
+    assert best == pytest.approx(0.0, abs=1e-5)
+    assert score(average_weights(models)) < best
+    assert greedy_soup(models[2:] + models[:1], score)[0] == [1]  # alone it is the best; the other cannot help
+    with pytest.raises(ValueError, match="hidden_size"):  # refused up front, though it would not be kept
+        wider = MedformerForMultiTask(MedformerConfig(**{**MODEL_SIZES["tiny"], "hidden_size": 96}, tasks=tasks))
+        greedy_soup([*models, wider], score)
 
 
 def test_default_recipe_learns_a_separable_task_on_real_data():
