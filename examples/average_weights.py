@@ -71,6 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.greedy and (args.data_dir is not None or args.size != 28):
         parser.error("--data_dir and --size choose the validation images of --greedy; add --greedy, or drop them.")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
     output_dir = Path(args.output_dir)
     if any(Path(model).is_dir() and Path(model).resolve() == output_dir.resolve() for model in args.models):
         parser.error(f"--output_dir {output_dir} is one of --models: pass another folder.")
@@ -85,7 +87,7 @@ def main() -> None:
             parser.error(f"{path}'s image processor differs from {args.models[0]}'s: its models saw other inputs.")
     if args.greedy and architecture != "MedformerForMultiTask":
         parser.error(f"--greedy scores multi-task models on their tasks; {args.models[0]} is a {architecture}.")
-    soup = model_class.from_pretrained(args.models[0])  # a copy to carry each candidate's weights
+    soup = model_class.from_pretrained(args.models[0]) if args.greedy else models[0]  # greedy: a copy to score with
     try:
         if args.greedy:
             score = validation_scorer(soup, processor, args.data_dir, args.size)
@@ -112,7 +114,7 @@ def main() -> None:
         )
 
     export_model_folder(output_dir, write)
-    print(f"saved the average to {output_dir.resolve()}")
+    print(f"saved the model to {output_dir.resolve()}")
 
 
 if __name__ == "__main__":

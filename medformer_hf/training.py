@@ -727,13 +727,15 @@ def greedy_soup(
     validation AUC), each kept in the average only if the average's score does not drop. Unlike the uniform average
     it is never below the best single model on the score it was chosen by.
 
-    Returns the indices of the models kept (best first), their averaged weights and its score. Raises ValueError as
-    `average_weights` does, for every model, whether or not it would be kept.
+    Returns the indices of the models kept (best first), their averaged weights (new tensors) and its score. Raises
+    ValueError as `average_weights` does, for every model, whether or not it would be kept. `score` must leave the
+    models' weights unchanged.
     """
-    average_weights(models)  # refuses incompatible models up front, not only when one is tried
+    average_weights(models)  # a clear ValueError for incompatible models before any scoring pass
     own_scores = [score(model.state_dict()) for model in models]
     order = sorted(range(len(models)), key=own_scores.__getitem__, reverse=True)
-    kept, weights, best = [order[0]], models[order[0]].state_dict(), own_scores[order[0]]
+    best_weights = {name: tensor.detach().clone() for name, tensor in models[order[0]].state_dict().items()}
+    kept, weights, best = [order[0]], best_weights, own_scores[order[0]]
     for index in order[1:]:
         candidate = average_weights([models[i] for i in [*kept, index]])
         candidate_score = score(candidate)

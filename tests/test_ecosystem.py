@@ -307,7 +307,7 @@ def test_average_weights_writes_the_mean_model_and_refuses_other_inputs(tmp_path
     saved = MedformerImageProcessor.from_pretrained(folders[0]).to_dict()
     assert MedformerImageProcessor.from_pretrained(tmp_path / "soup").to_dict() == saved
     assert "element-wise mean" in (tmp_path / "soup" / "README.md").read_text()
-    # Greedy: scored on the real validation images; the soup is the best model alone or the mean of both, as it says.
+    # Greedy: scored on the real validation images; the saved weights are those of the models it says it kept.
     greedy = [*script, "--greedy", "--data_dir", str(DATA_DIR), "--output_dir", str(tmp_path / "greedy")]
     done = subprocess.run(greedy, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -322,6 +322,9 @@ def test_average_weights_writes_the_mean_model_and_refuses_other_inputs(tmp_path
         [*script, "--data_dir", str(DATA_DIR), "--output_dir", str(tmp_path / "x")], capture_output=True, text=True
     )
     assert stray.returncode == 2 and "add --greedy" in stray.stderr
+    absent = [*script, "--greedy", "--data_dir", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "x")]
+    missing = subprocess.run(absent, capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "x").exists()
     MedformerImageProcessor(size_2d=[84, 84]).save_pretrained(folders[1])
     refused = subprocess.run([*script, "--output_dir", str(tmp_path / "refused")], capture_output=True, text=True)
     assert refused.returncode == 2 and "image processor differs" in refused.stderr

@@ -243,8 +243,8 @@ def test_averaged_weights_are_the_element_wise_mean_and_only_of_one_architecture
 
 
 def test_greedy_soup_keeps_only_the_models_that_raise_the_score():
-    """Models join best first, each only if the average's score does not drop: two fine-tunes whose average is the
-    optimum are kept, a far-off third is left out, where the uniform average of all three scores worse."""
+    """Models join best first, each only if the average's score does not drop: the best model, then a second whose
+    average with it scores higher; a far-off third is left out, where the uniform average of all three scores worse."""
     tasks = {"x": {"type": "binary", "num_labels": 2}}
     models = []
     for seed in range(3):
@@ -253,20 +253,23 @@ def test_greedy_soup_keeps_only_the_models_that_raise_the_score():
     with torch.no_grad():
         for parameter in models[2].parameters():
             parameter.add_(1.0)  # far from the other two
+    wider = MedformerForMultiTask(MedformerConfig(**{**MODEL_SIZES["tiny"], "hidden_size": 96}, tasks=tasks))
     name = "medformer.main_body.layers.0.mlp.fc1.weight"
-    optimum = (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2
+    first, second = (models[index].state_dict()[name].clone() for index in (0, 1))
+    optimum = (2 * first + second) / 3  # model 0 is a third of the way from it, their mean a sixth, model 1 two thirds
 
     def score(weights):
         return -float((weights[name] - optimum).norm())
 
     kept, weights, best = greedy_soup(models, score)
-    assert sorted(kept) == [0, 1] and kept[0] == max((0, 1), key=lambda i: score(models[i].state_dict()))
-    torch.testing.assert_close(weights[name], optimum)
-    assert best == pytest.approx(0.0, abs=1e-5)
+    assert kept == [0, 1]
+    torch.testing.assert_close(weights[name], (first + second) / 2)
+    assert best == pytest.approx(-float((first - second).norm()) / 6, rel=1e-4)
     assert score(average_weights(models)) < best
-    assert greedy_soup(models[2:] + models[:1], score)[0] == [1]  # alone it is the best; the other cannot help
+    assert greedy_soup([models[2], models[1]], score)[0] == [1]  # the best alone: the other cannot help
+    weights[name].zero_()  # the result is a copy: changing it leaves the models as they were
+    torch.testing.assert_close(models[0].state_dict()[name], first)
     with pytest.raises(ValueError, match="hidden_size"):  # refused up front, though it would not be kept
-        wider = MedformerForMultiTask(MedformerConfig(**{**MODEL_SIZES["tiny"], "hidden_size": 96}, tasks=tasks))
         greedy_soup([*models, wider], score)
 
 
