@@ -2,9 +2,9 @@
 # Warm restarts of a fine-tuned multi-task model, then their greedy soup (BENCHMARKS.md, the released checkpoint).
 # Resumable: each restart resumes from its latest checkpoint (a finished one only re-writes its card); a finished soup
 # is kept.
-#   [RESTARTS="seed:pool_epochs:learning_rate ..."] bash benchmarks/run_restart_soup.sh <model folder> [data_dir] [output_dir]
-# 1. each restart: the released recipe (label smoothing 0.1, stochastic depth 0.1, every set drawn equally often, EMA,
-#    best mean validation AUC kept) on the model's own tasks, a short second cosine cycle from <model> with its own
+#   [RESTARTS="seed:pool_epochs:learning_rate ..."] [ALPHA=0] bash benchmarks/run_restart_soup.sh <model folder> [data_dir] [output_dir]
+# 1. each restart: the released recipe (label smoothing 0.1, stochastic depth 0.1, sets drawn with p ~ size^ALPHA:
+#    0 equally often; EMA, best mean validation AUC kept) on the model's own tasks, a short second cosine cycle from <model> with its own
 #    seed and peak rate
 # 2. the greedy soup of <model> and the restarts on the validation split (examples/average_weights.py --greedy): the
 #    best alone, or an average that scores higher; nothing here reads the test split
@@ -14,8 +14,9 @@ MODEL=${1:?usage: bash benchmarks/run_restart_soup.sh <model folder> [data_dir] 
 DATA=${2:-../shared/data/medmnist}
 OUT=${3:-outputs/restart_soup}
 RESTARTS=${RESTARTS:-"3:10:2e-4 4:10:2e-4 5:10:2e-4 6:20:3e-4 7:20:3e-4"}
+ALPHA=${ALPHA:-0}
 source "$(dirname "$0")/settings.sh"
-require_settings "$OUT" settings "model=$MODEL restarts=$RESTARTS"
+require_settings "$OUT" settings "model=$MODEL restarts=$RESTARTS$([ "$ALPHA" = 0 ] || echo " alpha=$ALPHA")"
 LAUNCH=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
 # The model's own tasks, in its order: another set in data_dir would grow a head, and models with other heads cannot
 # be averaged.
@@ -28,7 +29,7 @@ for restart in $RESTARTS; do
   run="$OUT/restart_seed${seed}_${epochs}x_lr${rate}"
   candidates+=("$run")
   "${LAUNCH[@]}" examples/finetune.py --data_dir "$DATA" --datasets "${TASKS[@]}" --init_from "$MODEL" \
-    --batch_size 64 --seed "$seed" --num_train_epochs "$epochs" --learning_rate "$rate" --sampling_alpha 0 \
+    --batch_size 64 --seed "$seed" --num_train_epochs "$epochs" --learning_rate "$rate" --sampling_alpha "$ALPHA" \
     --label_smoothing 0.1 --drop_path_rate 0.1 --checkpointing_steps 250 --resume_from_checkpoint latest \
     --output_dir "$run"
 done
