@@ -13,7 +13,6 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -29,6 +28,7 @@ from medformer_hf.training import (
     evaluate_tasks,
     export_model_folder,
     greedy_soup,
+    validation_score,
 )
 
 
@@ -49,7 +49,7 @@ def validation_scorer(
     def score(weights: dict[str, torch.Tensor]) -> float:
         model.load_state_dict(weights)
         metrics, _ = evaluate_tasks(accelerator, model.to(accelerator.device), datasets, collators, batch_size=128)
-        return float(np.mean([values["auc"] for values in metrics.values()]))
+        return validation_score(metrics)[0]  # fine-tuning's selection metric, the mean AUC
 
     print(f"scoring on the validation split of {', '.join(tasks)}")
     return score
