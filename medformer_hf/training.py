@@ -765,7 +765,12 @@ def train(
 
     `loader` must use a `TaskBatchSampler` (its epoch and start batch are set here, so a resumed run reads exactly the
     batches the interrupted one would have). `compute_loss(model, batch)` returns the loss and extra scalars to log.
+
+    A fresh run first saves its step-0 state: `on_checkpoint` may export a model before the first periodic checkpoint
+    is written, and a folder holding a model but no checkpoint is refused as a run to continue.
     """
+    if state.step == 0 and checkpoints.latest() is None:
+        checkpoints.save(0)
     sampler = loader.batch_sampler
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     model.train()

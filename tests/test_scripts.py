@@ -361,6 +361,28 @@ def test_killed_run_resumes_to_the_same_weights(workdir):
         assert torch.equal(expected[key], actual[key]), key
 
 
+def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(workdir):
+    """Validation exports the best model just before the periodic checkpoint is written; a kill in between once left a
+    folder with a model and no checkpoint, which `--resume_from_checkpoint latest` refuses. A fresh run's step-0
+    checkpoint closes that window: resumed from it, the run ends with the uninterrupted run's weights."""
+    arguments = [*SMALL_RUN, "--max_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
+    straight = workdir / "finetune_straight"
+    checked(run_script(workdir, "finetune.py", *arguments, "--output_dir", str(straight)))
+    checkpoints = sorted(path.name for path in (straight / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000000", "step_00000002", "step_00000004"]
+
+    killed = workdir / "finetune_killed_before_its_first_checkpoint"
+    shutil.copytree(straight, killed)
+    for name in checkpoints[1:]:  # what a kill after the first export, before its checkpoint, leaves: a model, step 0
+        shutil.rmtree(killed / "checkpoints" / name)
+    resume = ("--output_dir", str(killed), "--resume_from_checkpoint", "latest")
+    checked(run_script(workdir, "finetune.py", *arguments, *resume))
+    expected, actual = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
 @pytest.mark.parametrize(
     ("script", "arguments", "message"),
     [
