@@ -153,6 +153,15 @@ def test_ordinal_probabilities_are_a_distribution():
     assert torch.equal(task_probabilities(torch.tensor([[0.0]]), "binary"), torch.tensor([[0.5, 0.5]]))
 
 
+@pytest.mark.parametrize("task_type", ["binary-class", "multi-class", "ordinal-regression", "foo"])
+def test_task_probabilities_refuse_a_task_type_they_do_not_know(task_type):
+    """MedMNIST's own names ("binary-class", ...) once fell through to regression: logits passed as probabilities."""
+    with pytest.raises(ValueError, match=f"Unknown task type '{task_type}'; choose one of"):
+        task_probabilities(torch.tensor([[0.3, -1.0, 2.0]]), task_type)
+    with pytest.raises(ValueError, match="logits must be \\(batch, outputs\\), got shape \\(2,\\)"):
+        task_probabilities(torch.tensor([0.3, 0.5]), "binary")
+
+
 def test_multitask_loss_is_the_sample_weighted_mean_of_task_losses(tiny_config):
     model = MedformerForMultiTask(tiny_config).eval()
     pixels = torch.randn(5, 1, 28, 28)

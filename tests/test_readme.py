@@ -58,3 +58,16 @@ def test_readme_block_runs_as_written(block, readme_folder, monkeypatch):
         pytest.importorskip("peft")
     monkeypatch.chdir(readme_folder)
     exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+def test_the_readme_single_task_folder_carries_its_processor(readme_folder, monkeypatch):
+    """The `from_multi_task` block once saved the model alone: pipelines and AutoImageProcessor could not load the
+    folder, and a processor built by hand would feed the model another input size than it was trained at."""
+    from transformers import AutoImageProcessor
+
+    block = next(block for block in BLOCKS if '"organ-classifier"' in block)
+    monkeypatch.chdir(readme_folder)
+    exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+    loaded = AutoImageProcessor.from_pretrained(readme_folder / "organ-classifier")
+    released = AutoImageProcessor.from_pretrained(REPO_ROOT / "checkpoints" / "medformer-small-medmnist")
+    assert loaded.to_dict() == released.to_dict()

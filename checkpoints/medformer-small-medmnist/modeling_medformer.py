@@ -36,7 +36,7 @@ from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_medformer import UNSPECIFIED_ID, MedformerConfig, num_task_outputs
+from .configuration_medformer import TASK_TYPES, UNSPECIFIED_ID, MedformerConfig, num_task_outputs
 
 logger = hf_logging.get_logger(__name__)
 
@@ -541,7 +541,15 @@ def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | N
     multiclass: softmax; binary: `[1 - p, p]`; ordinal: class probabilities from the cumulative logits;
     multilabel: per-label sigmoid; regression: the logits themselves. `num_labels` (the task's), when given, is
     checked against the logits' width, so a binary task read as multiclass fails instead of scoring 1.0 everywhere.
+    Other names (MedMNIST's own "binary-class", "multi-class", ...) are refused: read as regression, their logits
+    would pass for probabilities.
     """
+    if task_type not in TASK_TYPES:
+        raise ValueError(
+            f"Unknown task type {task_type!r}; choose one of {list(TASK_TYPES)} (a task's config.tasks[name]['type'])."
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (batch, outputs), got shape {tuple(logits.shape)}.")
     if num_labels is not None and logits.shape[-1] != num_task_outputs(task_type, num_labels):
         raise ValueError(
             f"A {task_type} task of {num_labels} labels has {num_task_outputs(task_type, num_labels)} logits, got "
@@ -566,7 +574,7 @@ def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | N
         return probabilities / probabilities.sum(-1, keepdim=True).clamp_min(1e-12)
     if task_type == "multilabel":
         return logits.sigmoid()
-    return logits
+    return logits  # regression
 
 
 # ---------------------------------------------------------------------------------------------------------- layers
