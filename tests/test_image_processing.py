@@ -194,6 +194,9 @@ def test_processor_output_feeds_the_model_2d_and_3d():
         (lambda p: p(np.zeros((4, 4), np.complex64)), "complex64"),
         (lambda p: p(np.zeros((4, 4), np.int16)), "window="),
         (lambda p: p(np.zeros((3, 28, 1), np.uint8)), "input_data_format"),
+        # MedMNIST's own 2D layouts: the message names the fix for a stack and for a batch
+        (lambda p: p(np.zeros((8, 28, 28), np.uint8), spatial_dims=2), r"list\(images\)\), or as images\[:, None\]"),
+        (lambda p: p(np.zeros((8, 1, 28, 28), np.uint8)), r"a batch of 8 2D images .*Pass spatial_dims=2"),
         (lambda p: p(GRAY, window="kidney"), "Unknown CT window"),
         (lambda p: p(GRAY, colour="red"), "Unknown option"),
         (lambda p: p([GRAY, GRAY], modality=["ct"]), "1 names for 2 images"),

@@ -452,10 +452,18 @@ def _image_layout(shape: tuple[int, ...], spatial_dims: int | None, data_format:
         )
     if rank == 3 and spatial_dims is None:
         return "DHW"
+    if rank == 3:  # spatial_dims=2: MedMNIST stores 2D grayscale sets as such stacks
+        hint = (
+            f"a stack of {first} grayscale 2D images (N, H, W)? Pass them as a list (list(images)), or as "
+            "images[:, None] (N, 1, H, W) with spatial_dims=2"
+        )
+    else:
+        volumes = "give volumes without a channel axis as (D, H, W), several as a list or an (N, C, D, H, W) array"
+        batch = f"a batch of {first} 2D images (N, C, H, W) or (N, H, W, C)? Pass spatial_dims=2. Otherwise "
+        hint = (batch if spatial_dims is None else "") + volumes
     raise ValueError(
-        f"Shape {shape} has no 1- or 3-channel axis at either end. Pass input_data_format= to name the channel axis, "
-        "or give volumes without a channel axis as (D, H, W); several volumes are a list or a 5-axis (N, C, D, H, W) "
-        "array."
+        f"Shape {shape} has no 1- or 3-channel axis at either end: {hint}. Or pass input_data_format= to name the "
+        "channel axis."
     )
 
 
