@@ -7,7 +7,8 @@
 # plot. The 100% from-scratch runs are also single-task from-scratch baselines.
 # Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
 # JOBS (runs in parallel, default 1; each gets nproc/JOBS threads), INITS (default "ssl scratch"; "scratch" alone
-# runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs).
+# runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs), SEEDS
+# (default "0 1 2") and FRACTIONS (default "0.01 0.1 1.0"): a subset of the study, e.g. only seed 2.
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
@@ -26,9 +27,9 @@ source "$(dirname "$0")/settings.sh"
 require_settings "$OUT" settings "ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
 
 runs=()  # seed outermost, so a run cut short still covers every set
-for seed in 0 1 2; do
+for seed in ${SEEDS:-0 1 2}; do
   for name in "${DATASETS[@]}"; do
-    for fraction in 0.01 0.1 1.0; do
+    for fraction in ${FRACTIONS:-0.01 0.1 1.0}; do
       for init in ${INITS:-ssl scratch}; do runs+=("$name $fraction $seed $init"); done
     done
   done

@@ -25,6 +25,7 @@ from medformer_hf.training import (
     RECORDED_INPUT_SIZES,
     HelpFormatter,
     average_weights,
+    check_data_dir,
     evaluate_tasks,
     export_model_folder,
     greedy_soup,
@@ -71,8 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.greedy and (args.data_dir is not None or args.size != 28):
         parser.error("--data_dir and --size choose the validation images of --greedy; add --greedy, or drop them.")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+    check_data_dir(parser, args.data_dir)
     output_dir = Path(args.output_dir)
     if any(Path(model).is_dir() and Path(model).resolve() == output_dir.resolve() for model in args.models):
         parser.error(f"--output_dir {output_dir} is one of --models: pass another folder.")

@@ -22,7 +22,7 @@ from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import find_local, search_folders
 from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
-from medformer_hf.training import HelpFormatter, evaluate_tasks
+from medformer_hf.training import HelpFormatter, check_data_dir, evaluate_tasks
 from medformer_hf.visualization import save_confusion_matrix
 
 
@@ -52,8 +52,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+    check_data_dir(parser, args.data_dir)
     tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
     if args.size is None:  # 28, unless the model takes one of MedMNIST's larger file sizes: then it must be said
         saved = Path(args.model) / "preprocessor_config.json"

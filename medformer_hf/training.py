@@ -150,13 +150,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     hub.add_argument("--hub_private_repo", action="store_true")
 
 
+def check_data_dir(parser: argparse.ArgumentParser, data_dir: str | None) -> None:
+    """A mistyped --data_dir stops the script at once, not later as 'no such dataset' or a download attempt."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        parser.error(f"--data_dir {data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+
+
 def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     """Stop with a one-line error before anything is built; return the dataset names to use."""
     offline = any(
         os.environ.get(name, "0").lower() in ("1", "true") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )
-    if args.data_dir is not None and not Path(args.data_dir).is_dir():
-        parser.error(f"--data_dir {args.data_dir} does not exist; pass the folder that holds the MedMNIST .npz files.")
+    check_data_dir(parser, args.data_dir)
     if args.datasets is None:
         if args.data_dir is None:
             parser.error("pass --datasets (to download them) or --data_dir (a folder of MedMNIST .npz files).")

@@ -398,6 +398,16 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--ssl_loss_weights", "view_agreement=x"], "with a number"),
         ("evaluate.py", ["--model", "/nonexistent/model"], "has no config.json"),
+        (
+            "evaluate.py",
+            ["--model", str(REPO_ROOT / "checkpoints" / "medformer-small-medmnist"), "--data_dir", "/nonexistent/m"],
+            "--data_dir /nonexistent/m does not exist",
+        ),
+        (
+            "average_weights.py",
+            ["--models", "a", "b", "--output_dir", "soup", "--greedy", "--data_dir", "/nonexistent/m"],
+            "--data_dir /nonexistent/m does not exist",
+        ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
         (
             "finetune.py",
