@@ -460,7 +460,7 @@ def test_adapters_of_a_frozen_model_get_gradients_with_gradient_checkpointing(ti
     model.add_task("derma", adapter_rank=2, adapt_input=True, type="multiclass", num_labels=7)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith(("medformer.task_adapters.", "task_heads.derma."))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     model(torch.rand(3, 1, 28, 28), task="derma", labels=torch.tensor([0, 3, 6])).loss.backward()
     downs = [p.grad for n, p in model.named_parameters() if n.startswith("medformer.task_adapters.") and "up." in n]
