@@ -136,6 +136,27 @@ def test_normalization_matches_hand_computation():
     np.testing.assert_allclose(z_score, (scaled - scaled.mean()) / scaled.std(ddof=1), atol=1e-5)
 
 
+def test_a_missing_modality_under_per_modality_statistics_is_named_once():
+    """The processor normalises such images with the "default" entry while the task models read them as their
+    task's modality: a mismatch a user who leaves modality= out (as advised when unknown) must hear about."""
+    from transformers.testing_utils import CaptureLogger
+
+    from medformer_hf import image_processing_medformer
+
+    image = np.array([[0, 51], [102, 255]], dtype=np.uint8)
+    default_only = MedformerImageProcessor(modality_statistics={"default": [0.4, 0.3]})
+    with CaptureLogger(image_processing_medformer.logger) as quiet:
+        default_only(image)
+    per_modality = MedformerImageProcessor(modality_statistics={"default": [0.4, 0.3], "mri": [0.1, 0.2]})
+    with CaptureLogger(image_processing_medformer.logger) as named:
+        per_modality(image, modality="mri")
+    assert quiet.out == "" and named.out == ""
+    with CaptureLogger(image_processing_medformer.logger) as missing:
+        per_modality(image)
+        per_modality(image)
+    assert missing.out.count("Images without modality=") == 1 and "['mri']" in missing.out
+
+
 def test_grayscale_to_rgb_only_when_asked_and_resize():
     processor = MedformerImageProcessor()
     assert processor(GRAY).pixel_values.shape == (1, 1, 28, 28)

@@ -91,6 +91,10 @@ def test_bundled_nifti_loads_and_runs(tmp_path):
     assert series.array.ndim == 3 and series.modality == "unknown"
     with pytest.raises(ValueError, match="volume=<index>"):
         load_nifti(NIBABEL_DATA / "example4d.nii.gz")
+    with pytest.raises(ValueError, match=r"volume=9 is out of range: .* holds volumes 0 to 1"):
+        load_nifti(NIBABEL_DATA / "example4d.nii.gz", volume=9)
+    with pytest.raises(ValueError, match=r"volume=1 picks a volume of a 4D series, but .* holds one \(33, 41, 25\)"):
+        load_nifti(NIBABEL_DATA / "anatomical.nii", volume=1)  # a 3D file: volume= was silently ignored
     with pytest.raises(FileNotFoundError, match="No NIfTI file"):
         load_nifti(tmp_path / "missing.nii.gz")
 

@@ -9,7 +9,9 @@ a Hub id: the released checkpoint, with its remote code).
 import re
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import DATA_DIR, REPO_ROOT
 
@@ -71,3 +73,21 @@ def test_the_readme_single_task_folder_carries_its_processor(readme_folder, monk
     loaded = AutoImageProcessor.from_pretrained(readme_folder / "organ-classifier")
     released = AutoImageProcessor.from_pretrained(REPO_ROOT / "checkpoints" / "medformer-small-medmnist")
     assert loaded.to_dict() == released.to_dict()
+
+
+def test_the_readme_trainer_folder_loads_in_the_image_classification_pipeline(readme_folder, monkeypatch):
+    """The Trainer block once saved no processor and no training size: the pipeline could not load its folder, and a
+    processor built from its config fed the 28 px model any size without a warning."""
+    from transformers import pipeline
+
+    from medformer_hf.data import CATALOGUE
+
+    block = next(block for block in BLOCKS if "Trainer(" in block)
+    monkeypatch.chdir(readme_folder)
+    exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+    classify = pipeline("image-classification", model=str(readme_folder / "outputs" / "trainer"))
+    assert classify.image_processor.size_2d == [28, 28]
+    assert classify.model.config.image_size_2d == [28, 28]
+    scores = classify(Image.fromarray(np.zeros((224, 224), np.uint8)))
+    labels = CATALOGUE["breastmnist"].task_spec()["labels"]
+    assert sorted(score["label"] for score in scores) == sorted(labels)

@@ -20,8 +20,11 @@ import torch.nn.functional as F
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
+from transformers.utils import logging
 
 from .configuration_medformer import DEFAULT_BODY_PART_NAMES, DEFAULT_MODALITY_NAMES, UNSPECIFIED_ID
+
+logger = logging.get_logger(__name__)
 
 # Hounsfield-unit windows (level, width) used in radiology reading.
 CT_WINDOWS = {
@@ -377,6 +380,13 @@ class MedformerImageProcessor(BaseImageProcessor):
             return (pixels - mean) / std
         statistics = settings["modality_statistics"]
         names = settings["modality_names"]
+        per_modality = sorted(set(statistics) - {"default"})
+        if per_modality and bool((modality_ids == UNSPECIFIED_ID).any()):
+            logger.warning_once(
+                "Images without modality= are normalised with modality_statistics['default'], but this processor "
+                f"also holds statistics for {per_modality}, and the task models read a missing modality as their "
+                "task's: pass modality= so that the normalisation matches what the model assumes."
+            )
         table = torch.tensor([statistics.get(name, statistics["default"]) for name in names] + [statistics["default"]])
         rows = torch.where(modality_ids == UNSPECIFIED_ID, len(names), modality_ids)  # not given: "default"
         mean_std = table.to(pixels.dtype)[rows].reshape(-1, 2, *([1] * (pixels.ndim - 1)))
@@ -722,6 +732,10 @@ def load_nifti(
     to_lps = orientations.ornt_transform(orientations.io_orientation(image.affine), orientations.axcodes2ornt("LPS"))
     image = image.as_reoriented(to_lps)
     array = np.asarray(image.get_fdata(dtype=np.float32))
+    if volume is not None and array.ndim != 4:
+        raise ValueError(f"volume={volume} picks a volume of a 4D series, but {path} holds one {array.shape}: drop it.")
+    if volume is not None and not 0 <= volume < array.shape[-1]:
+        raise ValueError(f"volume={volume} is out of range: {path} holds volumes 0 to {array.shape[-1] - 1}.")
     if array.ndim == 4 and (volume is not None or array.shape[-1] == 1):
         array = array[..., volume or 0]
     axes = list(range(array.ndim))
