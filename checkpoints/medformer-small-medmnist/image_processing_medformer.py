@@ -380,15 +380,16 @@ class MedformerImageProcessor(BaseImageProcessor):
             return (pixels - mean) / std
         statistics = settings["modality_statistics"]
         names = settings["modality_names"]
+        not_given = modality_ids == UNSPECIFIED_ID
         per_modality = sorted(set(statistics) - {"default"})
-        if per_modality and bool((modality_ids == UNSPECIFIED_ID).any()):
+        if per_modality and bool(not_given.any()):
             logger.warning_once(
                 "Images without modality= are normalised with modality_statistics['default'], but this processor "
                 f"also holds statistics for {per_modality}, and the task models read a missing modality as their "
                 "task's: pass modality= so that the normalisation matches what the model assumes."
             )
         table = torch.tensor([statistics.get(name, statistics["default"]) for name in names] + [statistics["default"]])
-        rows = torch.where(modality_ids == UNSPECIFIED_ID, len(names), modality_ids)  # not given: "default"
+        rows = torch.where(not_given, len(names), modality_ids)  # not given: "default"
         mean_std = table.to(pixels.dtype)[rows].reshape(-1, 2, *([1] * (pixels.ndim - 1)))
         return (pixels - mean_std[:, 0]) / mean_std[:, 1]
 
