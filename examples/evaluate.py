@@ -18,11 +18,17 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf import MedformerConfig, MedformerForMultiTask
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import find_local, search_folders
 from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
-from medformer_hf.training import HelpFormatter, check_data_dir, evaluate_tasks
+from medformer_hf.training import (
+    HelpFormatter,
+    check_data_dir,
+    checkpoint_processor,
+    evaluate_tasks,
+    scored_task_spec,
+)
 from medformer_hf.visualization import save_confusion_matrix
 
 
@@ -53,35 +59,53 @@ def parse_args() -> argparse.Namespace:
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
     check_data_dir(parser, args.data_dir)
-    tasks = json.loads((Path(args.model) / "config.json").read_text()).get("tasks", {})
+    config = MedformerConfig.from_pretrained(args.model)
+    tasks = list(config.tasks)
+    medmnist_tasks = [name for name in tasks if name in CATALOGUE]
+    if not medmnist_tasks:
+        parser.error(
+            f"the model's tasks {tasks} are not MedMNIST sets, which are what evaluate.py scores "
+            f"({', '.join(CATALOGUE)}); score your own data with the model and `task_probabilities`."
+        )
+    unknown = [name for name in args.datasets or [] if name not in CATALOGUE]
+    if unknown:
+        parser.error(f"--datasets {unknown} are not MedMNIST sets; the model's MedMNIST tasks are {medmnist_tasks}.")
     if args.size is None:  # 28, unless the model takes one of MedMNIST's larger file sizes: then it must be said
         saved = Path(args.model) / "preprocessor_config.json"
         processor = json.loads(saved.read_text()) if saved.is_file() else {}
-        trained_at = {side for key in ("size_2d", "size_3d") for side in processor.get(key) or []}
-        file_sizes = {size for name in tasks if name in CATALOGUE for size in CATALOGUE[name].sizes}
+        sizes = [processor.get("size_2d"), processor.get("size_3d"), config.image_size_2d, config.image_size_3d]
+        trained_at = {side for size in sizes for side in size or []}
+        file_sizes = {size for name in medmnist_tasks for size in CATALOGUE[name].sizes}
         larger = sorted(trained_at & file_sizes - {28})
         if larger:
             parser.error(
-                f"the model's processor resizes images to {larger[0]} px, a MedMNIST file size: pass --size "
-                f"{larger[0]} to evaluate on those files, or --size 28 for 28 px files resized to it."
+                f"the model takes images of {larger[0]} px (its processor or config), a MedMNIST file size: pass "
+                f"--size {larger[0]} to evaluate on those files, or --size 28 for 28 px files resized to it."
             )
         args.size = 28
     if args.datasets is None:  # every task whose MedMNIST file is here; --datasets insists (and may download)
-        args.datasets = [
-            name for name in tasks if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)
-        ]
-        skipped = [name for name in tasks if name not in args.datasets]
-        if skipped:
-            print(f"skipped tasks without a local MedMNIST file: {', '.join(skipped)} (name them in --datasets)")
+        args.datasets = [name for name in medmnist_tasks if find_local(CATALOGUE[name], args.size, args.data_dir)]
+        skipped = {
+            "without a local MedMNIST file": [name for name in medmnist_tasks if name not in args.datasets],
+            "that are not MedMNIST sets": [name for name in tasks if name not in CATALOGUE],
+        }
+        for reason, names in skipped.items():
+            if names:
+                print(f"skipped tasks {reason}: {', '.join(names)}")
     missing = [name for name in args.datasets if name not in tasks]
     if missing or not args.datasets:
         parser.error(
-            f"the model has no head for {missing} (its tasks are {list(tasks)})."
+            f"the model has no head for {missing} (its tasks are {tasks})."
             if missing
-            else f"none of the model's tasks {list(tasks)} has a {args.size} px MedMNIST file in "
+            else f"none of the model's tasks {medmnist_tasks} has a {args.size} px MedMNIST file in "
             f"{', '.join(map(str, search_folders(args.data_dir)))}: pass --data_dir <folder of the .npz files> (or set "
             "$MEDMNIST_ROOT), or name the sets in --datasets to download them."
         )
+    for name in args.datasets:
+        try:
+            scored_task_spec(config, name)
+        except ValueError as error:
+            parser.error(str(error))
     model_folder = Path(args.model).resolve()
     default = evaluation_folder(model_folder, args.split, args.test_time_flips)
     args.output_dir = Path(args.output_dir).resolve() if args.output_dir else default
@@ -104,7 +128,7 @@ def update_card_with_flips(model: str, split: str, task_names: list[str]) -> Non
         print(f"model card not updated: {recorded} holds no {split} metrics (run evaluate.py without the flips first)")
         return
     metrics = single_view["metrics"]
-    write_model_card(model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=split)
+    write_model_card(model, metrics=metrics, tasks=task_names, split=split)
 
 
 def recorded_metrics(folder: Path, evaluation: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, float]]:
@@ -123,11 +147,7 @@ def main() -> None:
     args = parse_args()
     accelerator = Accelerator()
     model = accelerator.prepare(MedformerForMultiTask.from_pretrained(args.model, dtype="float32"))
-    # The processor saved with the model (its normalisation is part of what the checkpoint learned), else the default.
-    if (Path(args.model) / "preprocessor_config.json").is_file():
-        processor = MedformerImageProcessor.from_pretrained(args.model)
-    else:
-        processor = MedformerImageProcessor.from_model_config(accelerator.unwrap_model(model).config)
+    processor = checkpoint_processor(args.model, accelerator.unwrap_model(model).config)
     task_names = list(accelerator.unwrap_model(model).config.tasks)
     with accelerator.main_process_first():
         datasets = {
@@ -156,7 +176,7 @@ def main() -> None:
                 title = f"{name} {args.split}{' (flips)' if args.test_time_flips else ''}"
                 save_confusion_matrix(labels, scores.argmax(1), list(CATALOGUE[name].labels), path, title)
         if args.output_dir == evaluation_folder(model_folder, "test", test_time_flips=False):
-            write_model_card(args.model, metrics=metrics, datasets=list(metrics), tasks=task_names, split=args.split)
+            write_model_card(args.model, metrics=metrics, tasks=task_names, split=args.split)
         elif args.output_dir == evaluation_folder(model_folder, "test", test_time_flips=True):
             update_card_with_flips(args.model, args.split, task_names)
         print(table)

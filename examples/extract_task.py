@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from medformer_hf import MedformerForImageClassification, MedformerImageProcessor
+from medformer_hf import MedformerForImageClassification
 from medformer_hf.hub import write_model_card
-from medformer_hf.training import HelpFormatter, export_model_folder
+from medformer_hf.training import HelpFormatter, checkpoint_processor, export_model_folder
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
         classifier = MedformerForImageClassification.from_multi_task(args.model, args.task)
     except ValueError as error:
         parser.error(str(error))
-    processor = MedformerImageProcessor.from_pretrained(args.model)
+    processor = checkpoint_processor(args.model, classifier.config)
     # The classifier gives the same predictions, so the multi-task folder's recorded metrics for the task are its own.
     recorded = source / "metrics.json"
     evaluation = json.loads(recorded.read_text()) if recorded.is_file() else {"metrics": {}}

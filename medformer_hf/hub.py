@@ -71,14 +71,24 @@ def write_model_card(
     split: str = "test",
 ) -> ModelCard:
     """Write `README.md` into `folder`: Hub metadata (license, tags, datasets, base model, `model-index` with every
-    metric) plus the card body. `ModelCard.load` parses the metrics back as `card.data.eval_results`."""
+    metric) plus the card body. `ModelCard.load` parses the metrics back as `card.data.eval_results`.
+
+    What a call leaves out (`repo_id`, `datasets`, `base_model`, `training` as None or empty) is kept from the card
+    already in the folder, so `evaluate.py` adding metrics keeps what `finetune.py` wrote about the model."""
     folder = Path(folder).resolve()
+    card_path = folder / "README.md"
+    previous = ModelCard.load(card_path).data if card_path.is_file() else ModelCardData()
+    if repo_id is None and "/" in (previous.model_name or ""):  # a folder name has no "/": it was a repo id
+        repo_id = previous.model_name
     name = repo_id or (folder.parent if folder.name == EXPORT_PARTIAL else folder).name  # the folder it becomes
+    if datasets is None:
+        datasets = [dataset.removeprefix("medmnist/") for dataset in previous.datasets or []]
+    base_model = base_model or previous.base_model
     saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     classifier = "MedformerForImageClassification" in (saved.get("architectures") or [])
     dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()}
     dims = dims if tasks and dims and None not in dims else {2, 3}  # unrecorded: it may take either
-    training = training or _previous_section(Path(folder) / "README.md", "Training")
+    training = training or _previous_section(card_path, "Training")
     eval_results = [
         EvalResult(
             task_type="image-classification",

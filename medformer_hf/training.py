@@ -21,6 +21,7 @@ from huggingface_hub import get_token
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.utils import logging
 
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS, MedformerConfig
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
@@ -29,6 +30,8 @@ from .hub import EVALUATION_SPLITS, EXPORT_PARTIAL, TEST_TIME_FLIPS_FOLDER
 from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
 from .modeling_medformer import mean_over_flips, task_probabilities
+
+logger = logging.get_logger(__name__)
 
 MODEL_SIZES = {
     "tiny": {"hidden_size": 64, "num_latents": 32, "num_hidden_layers": 2, "num_attention_heads": 4},
@@ -219,6 +222,29 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     return args.datasets
 
 
+def saved_processor(checkpoint: str | os.PathLike) -> MedformerImageProcessor | None:
+    """The processor saved with a checkpoint (folder or Hub id); None for one saved without it."""
+    try:
+        return MedformerImageProcessor.from_pretrained(checkpoint)
+    except OSError:
+        return None
+
+
+def checkpoint_processor(checkpoint: str | os.PathLike, config: MedformerConfig) -> MedformerImageProcessor:
+    """The processor to feed a checkpoint: its own (the normalisation is part of what its weights learned), else,
+    with a warning, the one its config describes (`from_model_config`: the recorded input sizes, the default
+    normalisation), as for a folder written by `model.save_pretrained` alone."""
+    saved = saved_processor(checkpoint)
+    if saved is None:
+        logger.warning(
+            f"{checkpoint} has no preprocessor_config.json: using MedformerImageProcessor.from_model_config(config) "
+            "(its recorded input sizes, the default normalisation). Save the processor you trained with beside the "
+            "model (processor.save_pretrained) to use it instead."
+        )
+        return MedformerImageProcessor.from_model_config(config)
+    return saved
+
+
 def training_processor(config: MedformerConfig, args: argparse.Namespace) -> MedformerImageProcessor:
     """The processor a run trains with and saves: it brings images of any size to the run's input sizes, which it
     also records in `config` (`image_size_2d` / `image_size_3d`), so the checkpoint knows them without its processor.
@@ -234,10 +260,7 @@ def training_processor(config: MedformerConfig, args: argparse.Namespace) -> Med
     init_from = getattr(args, "init_from", None)
     scale = {}
     if init_from is not None:
-        try:
-            saved = MedformerImageProcessor.from_pretrained(init_from)
-        except OSError:  # a checkpoint saved without its processor
-            saved = None
+        saved = saved_processor(init_from)
         sizes.update({key: getattr(saved, key) for key in sizes if getattr(saved, key, None) is not None})
         if saved is not None:
             scale = {key: getattr(saved, key) for key in ("normalization", "modality_statistics")}
@@ -829,6 +852,30 @@ def validation_score(metrics: dict[str, dict[str, float]]) -> tuple[float, float
     )
 
 
+def scored_task_spec(config: MedformerConfig, task: str) -> dict[str, Any]:
+    """The model's own spec of MedMNIST set `task`, checked to give per-class scores MedMNIST's metric can read.
+
+    The head's logits are read with the model's task type (a RetinaMNIST head trained as 5-way multiclass has 5
+    logits, not 4 cumulative ones); any single-label type gives the same per-class probabilities, so only the label
+    space has to match the catalogue's."""
+    if task not in config.tasks:
+        raise ValueError(f"The model has no task {task!r}; its tasks are {list(config.tasks)}.")
+    spec, catalogue = config.tasks[task], CATALOGUE[task]
+    multilabel = catalogue.task_type == "multilabel"
+    if (
+        spec["type"] == "regression"
+        or (spec["type"] == "multilabel") != multilabel
+        or (spec["num_labels"] != len(catalogue.labels))
+    ):
+        raise ValueError(
+            f"The model's task {task!r} is {spec['type']} with {spec['num_labels']} labels, but MedMNIST's {task} is "
+            f"{catalogue.task_type} with {len(catalogue.labels)} labels: its scores cannot be read with MedMNIST's "
+            f"metric. Fine-tune a head with MedMNIST's labels (`examples/finetune.py --datasets {task}`), or score "
+            "this one on your own data with `task_probabilities`."
+        )
+    return spec
+
+
 @torch.no_grad()
 def predict(
     accelerator: Accelerator,
@@ -844,9 +891,9 @@ def predict(
     With `test_time_flips` the scores are the mean probabilities over every combination of the flips the catalogue
     declares label-safe for the task (up to 8 views of a 3D volume; sets without safe flips get one view).
     """
+    spec = scored_task_spec(accelerator.unwrap_model(model).config, task)
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
-    task_type = CATALOGUE[task].task_type
     flips = CATALOGUE[task].augmentation.flip_combinations() if test_time_flips else [()]
     scores, labels = [], []
     was_training = model.training
@@ -859,7 +906,7 @@ def predict(
             batch["pixel_values"],
             flips,
             lambda pixels, metadata=metadata: task_probabilities(
-                model(pixels, task=task, **metadata).logits.float(), task_type
+                model(pixels, task=task, **metadata).logits.float(), spec["type"], spec["num_labels"]
             ),
         )
         gathered = accelerator.gather_for_metrics((probabilities, batch["labels"]))

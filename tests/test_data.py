@@ -365,6 +365,15 @@ def test_multilabel_subset_keeps_every_label():
     assert all(labels[kept, column].any() for column in range(6) if labels[:, column].any())
 
 
+def test_medmnist_shaped_labels_are_stratified_by_class():
+    """MedMNIST's own `(N, 1)` label arrays keep every class, as `(N,)` ones do (not a random draw of one column)."""
+    labels = np.load(DATA_DIR / "retinamnist.npz")["train_labels"]
+    assert labels.shape[1] == 1
+    kept = stratified_subset(labels, 0.01, seed=0)
+    np.testing.assert_array_equal(kept, stratified_subset(labels[:, 0], 0.01, seed=0))
+    assert set(labels[kept, 0]) == set(labels[:, 0])
+
+
 def test_label_fraction_out_of_range_is_an_error():
     with pytest.raises(ValueError, match=r"label_fraction must be in \(0, 1\], got 1.5"):
         build_multitask_dataset(["breastmnist"], label_fraction=1.5, data_dir=DATA_DIR)

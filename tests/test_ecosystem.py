@@ -188,6 +188,21 @@ def test_model_card_metrics_parse_back(tmp_path):
     )
 
 
+def test_a_card_rewritten_with_metrics_keeps_what_training_wrote(tmp_path):
+    """evaluate.py re-writes the card with only metrics and tasks: the repo id (its usage snippets), the base model,
+    the training sets and the Training section finetune.py wrote stay."""
+    sets = ["breastmnist", "organmnist3d", "vesselmnist3d"]
+    write_model_card(
+        tmp_path, repo_id="alice/medformer-x", datasets=sets, base_model="org/ssl", tasks=sets, training="Fine-tuned."
+    )
+    metrics = {"breastmnist": {"acc": 0.9, "auc": 0.95}}
+    card = write_model_card(tmp_path, metrics=metrics, tasks=sets)
+    assert card.data.model_name == "alice/medformer-x" and card.data.base_model == "org/ssl"
+    assert card.data.datasets == [f"medmnist/{name}" for name in sets]
+    assert 'from_pretrained("alice/medformer-x"' in card.text and "<repo>" not in card.text
+    assert "Fine-tuned." in card.text and card_metrics(card) == metrics
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 16, 16, 16)], ids=["2d", "3d"])
 def test_onnx_export_matches_pytorch(tmp_path, shape):
     onnxruntime = pytest.importorskip("onnxruntime")

@@ -47,3 +47,31 @@ def test_metric_loads_with_evaluate_from_its_path():
     assert result == {"acc": pytest.approx(2 / 3), "auc": pytest.approx(1.0)}
     with pytest.raises(ValueError, match="Unknown task type 'segmentation'"):
         load_medmnist_metric("segmentation")
+
+
+def test_metric_keeps_float64_scores_and_reads_medmnist_shaped_inputs():
+    """A confident model's float64 scores near 1 keep their order (float32 would tie them and lower the AUC);
+    MedMNIST's `(N, 1)` labels and a binary task's positive score alone read as the official evaluator reads them."""
+    labels = RNG.integers(0, 2, 200)
+    positive = 1 / (1 + np.exp(-(17 + 3 * labels + RNG.normal(0, 1, 200))))
+    scores = np.stack([1 - positive, positive], 1)
+    official = getAUC(labels[:, None], scores, "binary-class")
+    assert len(np.unique(positive.astype(np.float32))) < 20 and official > 0.95
+    metric = load_medmnist_metric("binary")
+    for predictions, references in ((scores, labels), (positive, labels[:, None])):
+        result = metric.compute(predictions=predictions.tolist(), references=references.tolist())
+        assert result["auc"] == pytest.approx(official, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("task_type", "references", "message"),
+    [
+        ("binary", [0.7, 0, 1], "references must be 0/1 labels for this binary task, got 0.7"),
+        ("multiclass", [0, 1, 3], r"class indices 0..2 for this multiclass task, got 3"),
+        ("multiclass", [[0, 1], [1, 0], [2, 2]], r"one class index per sample, got references of shape \(3, 2\)"),
+        ("multilabel", [[0, 1, 2], [1, 0, 0], [0, 0, 1]], "0/1 labels for this multilabel task, got 2"),
+    ],
+)
+def test_metric_refuses_references_that_are_not_labels(task_type, references, message):
+    with pytest.raises(ValueError, match=message):
+        load_medmnist_metric(task_type).compute(predictions=[[0.2, 0.3, 0.5]] * 3, references=references)

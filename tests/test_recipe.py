@@ -22,6 +22,7 @@ from medformer_hf.modeling_medformer import MedformerDropPath
 from medformer_hf.training import (
     MODEL_SIZES,
     average_weights,
+    checkpoint_processor,
     create_ema,
     create_optimizer,
     describe_batch,
@@ -94,6 +95,7 @@ class _Viewed(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, axes: tuple[int, ...] = (), logit_scale: float = 5.0):
         super().__init__()
         self.model, self.axes, self.logit_scale = model, axes, logit_scale
+        self.config = model.config  # its tasks, as `predict` reads them
 
     def forward(self, pixel_values: torch.Tensor, **kwargs):
         output = self.model(pixel_values.flip([axis + 2 for axis in self.axes]), **kwargs)
@@ -155,6 +157,21 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     from_checkpoint = argparse.Namespace(size=28, input_size_2d=None, input_size_3d=None, init_from=tmp_path / "none")
     assert training_processor(without_processor, from_checkpoint).size_2d == [56, 56]
     assert describe_input_size(28, processor) == "28 px, 2D resized to 56x56 px"
+
+
+def test_a_checkpoint_without_its_processor_is_fed_what_its_config_records_with_a_warning(tmp_path):
+    """evaluate.py and extract_task.py feed a folder saved by `model.save_pretrained` alone the processor its config
+    describes (its training size), saying so; a saved processor is used as it is."""
+    from transformers.testing_utils import CaptureLogger
+
+    from medformer_hf import training
+
+    config = MedformerConfig(**MODEL_SIZES["tiny"], image_size_2d=[56, 56], image_size_3d=[28, 28, 28])
+    with CaptureLogger(training.logger) as warned:
+        processor = checkpoint_processor(tmp_path, config)
+    assert processor.size_2d == [56, 56] and "has no preprocessor_config.json" in warned.out
+    MedformerImageProcessor(size_2d=[84, 84]).save_pretrained(tmp_path)
+    assert checkpoint_processor(tmp_path, config).size_2d == [84, 84]
 
 
 def test_fine_tuning_from_a_checkpoint_keeps_the_normalisation_its_weights_learned(tmp_path):

@@ -52,6 +52,30 @@ def run_script(tmp_path: Path, script: str, *arguments: str, processes: int = 1,
     return subprocess.run(command, env=environment(tmp_path, **env), capture_output=True, text=True, timeout=600)
 
 
+def load_example(name: str):
+    """An example script as a module, to call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, script: str, *arguments: str, **env
+) -> subprocess.CompletedProcess:
+    """An example's `main()` run in this process until it exits (as --help and start-up errors do), from `tmp_path`
+    with `environment`'s variables: what `run_script` reports, without an interpreter start-up per call."""
+    for key, value in environment(tmp_path, **env).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [script, *arguments])
+    module = load_example(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as stopped:
+        module.main()
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(script, stopped.value.code or 0, captured.out, captured.err)
+
+
 def checked(result) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -282,9 +306,7 @@ def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(work
 def test_a_frozen_main_body_trains_new_heads_without_stochastic_depth(train, rate):
     """The released checkpoint has stochastic depth 0.1: heads grown on its frozen body must see the features it gives
     at inference, not randomly dropped ones; adapters train inside the body, so there the rate stays."""
-    spec = importlib.util.spec_from_file_location("finetune_script", EXAMPLES / "finetune.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("finetune")
     released = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
     arguments = dict(datasets=["dermamnist"], drop_path_rate=None, init_from=str(released), adapter_rank=8)
     model, old_tasks = script.build_model(argparse.Namespace(**arguments, train=train, adapt_input=False))
@@ -458,9 +480,9 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
         ),
     ],
 )
-def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, arguments, message):
+def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, monkeypatch, capsys, script, arguments, message):
     started = time.time()
-    result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
+    result = run_main(monkeypatch, capsys, tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]
     assert "error:" in last_line and message in last_line
@@ -469,7 +491,7 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, script, argument
     assert time.time() - started < 60
 
 
-def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named(tmp_path):
+def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named(tmp_path, monkeypatch, capsys):
     """`--resume_from_checkpoint latest` in a folder holding a model but no checkpoint would start a new run over it;
     evaluating without local files names --data_dir. A copy of the released config stands in for the model."""
     model = tmp_path / "model"
@@ -483,7 +505,7 @@ def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named
         ),
         ("evaluate.py", ["--model", str(model)], "pass --data_dir <folder of the .npz files>"),
     ]:
-        result = run_script(tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
+        result = run_main(monkeypatch, capsys, tmp_path, script, *arguments, MEDMNIST_ROOT="", HF_TOKEN="")
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert [path.name for path in model.iterdir()] == ["config.json"]
 
@@ -497,17 +519,19 @@ def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named
         (["--output_dir", "{model}/validation"], "holds the model's validation-split metrics; leave"),
     ],
 )
-def test_evaluations_never_overwrite_each_other(tmp_path, flags, message):
+def test_evaluations_never_overwrite_each_other(tmp_path, monkeypatch, capsys, flags, message):
     model = tmp_path / "model"
     model.mkdir()
     shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
     arguments = [flag.format(model=model) for flag in flags]
-    result = run_script(tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR), *arguments)
+    result = run_main(
+        monkeypatch, capsys, tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR), *arguments
+    )
     assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert sorted(path.name for path in model.iterdir()) == ["config.json"]
 
 
-def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tmp_path):
+def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tmp_path, monkeypatch, capsys):
     """A processor that resizes to 64 px, a MedMNIST file size: evaluating on 28 px files without saying so would
     quietly measure another protocol, so --size must be given; the released 84 px model (not a file size) needs none."""
     from medformer_hf import MedformerImageProcessor
@@ -516,7 +540,7 @@ def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tm
     model.mkdir()
     shutil.copy(REPO_ROOT / "checkpoints" / "medformer-small-medmnist" / "config.json", model)
     MedformerImageProcessor(size_2d=[64, 64], size_3d=[64, 64, 64]).save_pretrained(model)
-    result = run_script(tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR))
+    result = run_main(monkeypatch, capsys, tmp_path, "evaluate.py", "--model", str(model), "--data_dir", str(DATA_DIR))
     assert result.returncode == 2
     assert "pass --size 64 to evaluate on those files, or --size 28" in result.stderr.strip().splitlines()[-1]
     assert not (model / "metrics.json").exists() and not (model / "README.md").exists()
@@ -525,8 +549,8 @@ def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tm
 @pytest.mark.parametrize(
     "script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py", "extract_task.py", "average_weights.py"]
 )
-def test_help_lists_the_defaults_and_no_empty_ones(tmp_path, script):
-    result = checked(run_script(tmp_path, script, "--help"))
+def test_help_lists_the_defaults_and_no_empty_ones(tmp_path, monkeypatch, capsys, script):
+    result = checked(run_main(monkeypatch, capsys, tmp_path, script, "--help"))
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default:" in help_text or script in ("extract_task.py", "average_weights.py")  # they have no defaults
     assert "default: None" not in help_text and "(default: (default" not in help_text
@@ -577,12 +601,80 @@ def test_push_to_unreachable_hub_ends_with_a_clear_message(workdir, tmp_path):
 def test_a_subset_evaluation_keeps_only_the_same_evaluations_metrics(tmp_path):
     """evaluate.py merges a subset into the model folder's record only when that record is the same evaluation
     (split, views, image size); an older record of another kind is replaced, never mixed in under the wrong label."""
-    spec = importlib.util.spec_from_file_location("evaluate_script", EXAMPLES / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_example("evaluate")
     evaluation = {"split": "test", "test_time_flips": False, "size": 28}
     values = {"acc": 0.5, "auc": 0.6, "samples": 10}
     for recorded_as, kept in ((evaluation, {"breastmnist": values}), ({**evaluation, "split": "validation"}, {})):
         (tmp_path / "metrics.json").write_text(json.dumps({**recorded_as, "metrics": {"breastmnist": values}}))
         assert script.recorded_metrics(tmp_path, evaluation, ["breastmnist", "organmnist3d"]) == kept
     assert script.recorded_metrics(tmp_path / "nothing_yet", evaluation, ["breastmnist"]) == {}
+
+
+@pytest.mark.parametrize(
+    ("tasks", "recorded", "arguments", "message"),
+    [
+        ({"organ3d": "organmnist3d"}, {}, [], "the model's tasks ['organ3d'] are not MedMNIST sets"),
+        ({"organmnist3d": "organmnist3d"}, {}, ["--datasets", "organ3d"], "--datasets ['organ3d'] are not MedMNIST"),
+        (  # a RetinaMNIST head with another label space: its scores cannot be read as MedMNIST's 5 grades
+            {"retinamnist": "retinamnist"},
+            {"num_labels": 3},
+            [],
+            "is multiclass with 3 labels, but MedMNIST's retinamnist is ordinal with 5",
+        ),
+        (  # trained at 64 px, saved without its processor: the config's record asks for --size too
+            {"breastmnist": "breastmnist"},
+            {"image_size_2d": [64, 64]},
+            [],
+            "takes images of 64 px (its processor or config), a MedMNIST file size: pass --size 64",
+        ),
+    ],
+    ids=["task-names", "datasets-names", "label-space", "config-size"],
+)
+def test_evaluate_refuses_what_it_cannot_score_at_start_up(
+    tmp_path, monkeypatch, capsys, tasks, recorded, arguments, message
+):
+    from medformer_hf import MedformerConfig
+    from medformer_hf.data import CATALOGUE
+
+    specs = {name: CATALOGUE[source].task_spec() for name, source in tasks.items()}
+    if "num_labels" in recorded:
+        specs = {name: {**spec, "type": "multiclass", "labels": ["a", "b", "c"]} for name, spec in specs.items()}
+    sizes = {key: value for key, value in recorded.items() if key.startswith("image_size")}
+    MedformerConfig(tasks=specs, **sizes).save_pretrained(tmp_path)
+    script = load_example("evaluate")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(tmp_path), "--data_dir", str(DATA_DIR), *arguments])
+    with pytest.raises(SystemExit) as stopped:
+        script.parse_args()
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_evaluation_reads_a_head_with_its_own_task_type(tmp_path):
+    """A RetinaMNIST head trained as 5-way multiclass (MedMNIST's own baselines treat it so) is scored from the softmax
+    of its 5 logits, not read as 4 ordinal ones; the figures equal MedMNIST's evaluator on a plain forward pass."""
+    from accelerate import Accelerator
+    from medmnist.evaluator import getACC, getAUC
+
+    from medformer_hf import MedformerImageProcessor
+    from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
+    from medformer_hf.training import evaluate_tasks
+
+    from .conftest import make_tiny_config
+
+    torch.manual_seed(0)
+    spec = {**CATALOGUE["retinamnist"].task_spec(), "type": "multiclass"}
+    model = MedformerForMultiTask(make_tiny_config(tasks={"retinamnist": spec})).eval()
+    data = build_multitask_dataset(["retinamnist"], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
+    collator = MedformerCollator(data, MedformerImageProcessor(), ["retinamnist"])
+    metrics, predictions = evaluate_tasks(
+        Accelerator(cpu=True), model, {"retinamnist": data}, {"retinamnist": collator}, 64
+    )
+    scores, labels = predictions["retinamnist"]
+    batch = collator(data.__getitems__(list(range(len(data)))))
+    with torch.no_grad():
+        metadata = {key: batch[key] for key in ("modality_ids", "body_part_ids")}
+        expected = model(batch["pixel_values"], task="retinamnist", **metadata).logits.softmax(-1).numpy()
+    assert scores.shape == (len(data), 5)
+    assert metrics["retinamnist"]["auc"] == pytest.approx(
+        getAUC(labels[:, None], expected, "ordinal-regression"), abs=1e-6
+    )
+    assert metrics["retinamnist"]["acc"] == pytest.approx(getACC(labels[:, None], expected, "ordinal-regression"))

@@ -28,12 +28,14 @@ from .medmnist import load_medmnist
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted indices of a seeded subset with `fraction` of each class (at least one per class).
 
-    `labels` is `(N,)` class indices, or `(N, K)` multi-hot: then the subset is drawn at random and topped up so that
-    every label with a positive sample keeps at least one.
+    `labels` is `(N,)` class indices (or MedMNIST's `(N, 1)` arrays of them), or `(N, K)` multi-hot: then the subset
+    is drawn at random and topped up so that every label with a positive sample keeps at least one.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}.")
     rng = np.random.default_rng(seed)
+    if labels.ndim == 2 and labels.shape[1] == 1:  # one column: per-class draws (also right for a single 0/1 label)
+        labels = labels[:, 0]
     if labels.ndim == 1:
         chosen = [
             rng.choice(members, size=max(1, round(len(members) * fraction)), replace=False)
