@@ -19,9 +19,8 @@ import torch
 from accelerate import Accelerator
 
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
-from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
-from medformer_hf.data.medmnist import find_local
-from medformer_hf.training import evaluate_tasks
+from medformer_hf.data import MedformerCollator, build_multitask_dataset
+from medformer_hf.training import evaluate_tasks, scorable_tasks
 
 FOLDER = "unknown_metadata"
 
@@ -47,7 +46,7 @@ def main() -> None:
         model = MedformerForMultiTask.from_pretrained(folder).eval()
         processor = MedformerImageProcessor.from_pretrained(folder)
         tasks = list(model.config.tasks)
-        names = [name for name in tasks if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)]
+        names = scorable_tasks(model.config, args.size, args.data_dir)["scored"]
         datasets = {
             name: build_multitask_dataset([name], "test", size=args.size, data_dir=args.data_dir) for name in names
         }

@@ -18,8 +18,7 @@ from accelerate import Accelerator
 
 import medformer_hf
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor
-from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
-from medformer_hf.data.medmnist import find_local
+from medformer_hf.data import MedformerCollator, build_multitask_dataset
 from medformer_hf.hub import write_model_card
 from medformer_hf.training import (
     RECORDED_INPUT_SIZES,
@@ -29,6 +28,7 @@ from medformer_hf.training import (
     evaluate_tasks,
     export_model_folder,
     greedy_soup,
+    scorable_tasks,
     validation_score,
 )
 
@@ -37,7 +37,7 @@ def validation_scorer(
     model: MedformerForMultiTask, processor: MedformerImageProcessor, data_dir: str | None, size: int
 ) -> Callable[[dict[str, torch.Tensor]], float]:
     """Weights -> mean validation AUC of `model` carrying them, over its tasks with a local MedMNIST file."""
-    tasks = [name for name in model.config.tasks if name in CATALOGUE and find_local(CATALOGUE[name], size, data_dir)]
+    tasks = scorable_tasks(model.config, size, data_dir)["scored"]
     if not tasks:
         raise SystemExit(
             f"--greedy scores on validation images, but none of the tasks {list(model.config.tasks)} has a {size} px "

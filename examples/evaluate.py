@@ -20,14 +20,15 @@ from accelerate import Accelerator
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
-from medformer_hf.data.medmnist import find_local, search_folders
+from medformer_hf.data.medmnist import search_folders
 from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
 from medformer_hf.training import (
     HelpFormatter,
     check_data_dir,
     checkpoint_processor,
     evaluate_tasks,
-    scored_task_spec,
+    head_mismatch,
+    scorable_tasks,
 )
 from medformer_hf.visualization import save_confusion_matrix
 
@@ -36,13 +37,13 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="folder written by finetune.py (or any multi-task checkpoint)")
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
-    parser.add_argument("--datasets", nargs="+", help="default: every task of the model")
+    parser.add_argument("--datasets", nargs="+", help="default: every task of the model it can score here")
     parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
     parser.add_argument(
         "--size",
         type=int,
-        help="MedMNIST file size: 28, 64, 128 or 224 (default: 28; a model whose processor resizes to one of the "
-        "larger ones must be told which)",
+        help="MedMNIST file size: 28, 64, 128 or 224 (default: 28; a model whose processor, or config without one, "
+        "records one of the larger ones must be told which)",
     )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument(
@@ -67,13 +68,17 @@ def parse_args() -> argparse.Namespace:
             f"the model's tasks {tasks} are not MedMNIST sets, which are what evaluate.py scores "
             f"({', '.join(CATALOGUE)}); score your own data with the model and `task_probabilities`."
         )
+    args.datasets = args.datasets and [name.lower() for name in args.datasets]
     unknown = [name for name in args.datasets or [] if name not in CATALOGUE]
     if unknown:
         parser.error(f"--datasets {unknown} are not MedMNIST sets; the model's MedMNIST tasks are {medmnist_tasks}.")
     if args.size is None:  # 28, unless the model takes one of MedMNIST's larger file sizes: then it must be said
         saved = Path(args.model) / "preprocessor_config.json"
-        processor = json.loads(saved.read_text()) if saved.is_file() else {}
-        sizes = [processor.get("size_2d"), processor.get("size_3d"), config.image_size_2d, config.image_size_3d]
+        if saved.is_file():
+            processor = json.loads(saved.read_text())
+            sizes = [processor.get("size_2d"), processor.get("size_3d")]
+        else:  # then the processor its config records feeds it (checkpoint_processor)
+            sizes = [config.image_size_2d, config.image_size_3d]
         trained_at = {side for size in sizes for side in size or []}
         file_sizes = {size for name in medmnist_tasks for size in CATALOGUE[name].sizes}
         larger = sorted(trained_at & file_sizes - {28})
@@ -83,13 +88,12 @@ def parse_args() -> argparse.Namespace:
                 f"--size {larger[0]} to evaluate on those files, or --size 28 for 28 px files resized to it."
             )
         args.size = 28
-    if args.datasets is None:  # every task whose MedMNIST file is here; --datasets insists (and may download)
-        args.datasets = [name for name in medmnist_tasks if find_local(CATALOGUE[name], args.size, args.data_dir)]
-        skipped = {
-            "without a local MedMNIST file": [name for name in medmnist_tasks if name not in args.datasets],
-            "that are not MedMNIST sets": [name for name in tasks if name not in CATALOGUE],
-        }
-        for reason, names in skipped.items():
+    if args.datasets is None:  # every task it can score here; --datasets insists (and may download)
+        groups = scorable_tasks(config, args.size, args.data_dir)
+        args.datasets, unreadable = groups.pop("scored"), groups["whose head MedMNIST's metric cannot read"]
+        if unreadable and not args.datasets:
+            parser.error(head_mismatch(config, unreadable[0]))
+        for reason, names in groups.items():
             if names:
                 print(f"skipped tasks {reason}: {', '.join(names)}")
     missing = [name for name in args.datasets if name not in tasks]
@@ -102,10 +106,8 @@ def parse_args() -> argparse.Namespace:
             "$MEDMNIST_ROOT), or name the sets in --datasets to download them."
         )
     for name in args.datasets:
-        try:
-            scored_task_spec(config, name)
-        except ValueError as error:
-            parser.error(str(error))
+        if head_mismatch(config, name):
+            parser.error(head_mismatch(config, name))
     model_folder = Path(args.model).resolve()
     default = evaluation_folder(model_folder, args.split, args.test_time_flips)
     args.output_dir = Path(args.output_dir).resolve() if args.output_dir else default

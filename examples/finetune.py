@@ -15,7 +15,6 @@ from accelerate.utils import set_seed
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
-from medformer_hf.data.medmnist import find_local
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
@@ -38,6 +37,7 @@ from medformer_hf.training import (
     mix_within_tasks,
     model_config_kwargs,
     resolve_budget,
+    scorable_tasks,
     train,
     training_processor,
     validation_score,
@@ -230,7 +230,7 @@ def main() -> None:
         old_validation = {
             name: validation.get(name) or build_multitask_dataset([name], "validation", **load)
             for name in old_tasks
-            if name in CATALOGUE and find_local(CATALOGUE[name], args.size, args.data_dir)
+            if name in scorable_tasks(model.config, args.size, args.data_dir)["scored"]
         }
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes, args.layer_decay)

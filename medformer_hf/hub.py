@@ -7,11 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import filter_repo_objects
+from transformers.utils import logging
 
-from .data.catalogue import BEST_PUBLISHED_28, RESNET18_BASELINES
+from .data.catalogue import BEST_PUBLISHED_28, CATALOGUE, RESNET18_BASELINES
 
+logger = logging.get_logger(__name__)
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 # Training leftovers that never go to the Hub.
 UPLOAD_IGNORE = [
@@ -28,6 +31,8 @@ UPLOAD_IGNORE = [
 TEST_TIME_FLIPS_FOLDER = "test_time_flips"
 # Splits `evaluate.py` evaluates; the test split's single-view metrics are the model folder's own (and its card's).
 EVALUATION_SPLITS = ("test", "validation")
+# The usage snippets' repo id in a card written without one.
+REPO_PLACEHOLDER = "<repo>"
 # The temporary folder a model is written into before it replaces the real one (`training.export_model_folder`).
 EXPORT_PARTIAL = ".export-partial"
 
@@ -74,16 +79,20 @@ def write_model_card(
     metric) plus the card body. `ModelCard.load` parses the metrics back as `card.data.eval_results`.
 
     What a call leaves out (`repo_id`, `datasets`, `base_model`, `training` as None or empty) is kept from the card
-    already in the folder, so `evaluate.py` adding metrics keeps what `finetune.py` wrote about the model."""
+    already in the folder, so `evaluate.py` adding metrics keeps what `finetune.py` wrote about the model; without
+    one, `datasets` are the MedMNIST sets among `tasks`."""
     folder = Path(folder).resolve()
     card_path = folder / "README.md"
-    previous = ModelCard.load(card_path).data if card_path.is_file() else ModelCardData()
-    if repo_id is None and "/" in (previous.model_name or ""):  # a folder name has no "/": it was a repo id
-        repo_id = previous.model_name
+    previous = _previous_card(card_path)
+    if previous is not None:
+        if repo_id is None and REPO_PLACEHOLDER not in previous.text:  # it was written for a repo
+            repo_id = previous.data.model_name
+        if datasets is None:
+            datasets = [dataset.removeprefix("medmnist/") for dataset in previous.data.datasets or []]
+        base_model = base_model or previous.data.base_model
+    elif datasets is None:
+        datasets = [name for name in tasks or [] if name in CATALOGUE]
     name = repo_id or (folder.parent if folder.name == EXPORT_PARTIAL else folder).name  # the folder it becomes
-    if datasets is None:
-        datasets = [dataset.removeprefix("medmnist/") for dataset in previous.datasets or []]
-    base_model = base_model or previous.base_model
     saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     classifier = "MedformerForImageClassification" in (saved.get("architectures") or [])
     dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()}
@@ -129,7 +138,7 @@ def write_model_card(
         card_data,
         template_path=str(TEMPLATE),
         model_name=name,
-        repo_id=repo_id or "<repo>",
+        repo_id=repo_id or REPO_PLACEHOLDER,
         tasks=", ".join(tasks or []),
         classifier=classifier,
         training=training or "See the training configuration saved with the checkpoint.",
@@ -152,6 +161,16 @@ def _test_time_flips_section(folder: Path, split: str) -> str:
         "(`examples/evaluate.py --test_time_flips`; for one image, the medical pipeline's `test_time_flips=True`; the "
         "metadata above holds the single-view figures):\n\n" + metrics_table(record["metrics"], split)
     )
+
+
+def _previous_card(card_path: Path) -> ModelCard | None:
+    """The card already at `card_path`; None when there is none, or when it does not parse (then it is written anew,
+    with a warning, rather than failing after the metrics were recorded)."""
+    try:
+        return ModelCard.load(card_path, ignore_metadata_errors=True) if card_path.is_file() else None
+    except (ValueError, yaml.YAMLError) as error:
+        logger.warning(f"{card_path} does not parse ({type(error).__name__}); writing a new card in its place.")
+        return None
 
 
 def _previous_section(card_path: Path, heading: str) -> str:

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
-from huggingface_hub import get_token
+from huggingface_hub import file_exists, get_token
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
-from transformers.utils import logging
+from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 
 from .configuration_medformer import TOKENIZERS, WEIGHT_INITS, MedformerConfig
 from .data import CATALOGUE, MedformerCollator, MultiTaskDataset
@@ -223,10 +223,17 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
 
 
 def saved_processor(checkpoint: str | os.PathLike) -> MedformerImageProcessor | None:
-    """The processor saved with a checkpoint (folder or Hub id); None for one saved without it."""
+    """The processor saved with a checkpoint (folder or Hub id); None for one saved without it. A Hub repo is asked
+    whether it has the file, so a failed download is an error, not taken for a checkpoint without a processor."""
     try:
         return MedformerImageProcessor.from_pretrained(checkpoint)
     except OSError:
+        if Path(checkpoint).is_dir():
+            has_file = (Path(checkpoint) / IMAGE_PROCESSOR_NAME).is_file()
+        else:
+            has_file = file_exists(str(checkpoint), IMAGE_PROCESSOR_NAME)  # raises when the Hub cannot be asked
+        if has_file:
+            raise
         return None
 
 
@@ -852,28 +859,38 @@ def validation_score(metrics: dict[str, dict[str, float]]) -> tuple[float, float
     )
 
 
-def scored_task_spec(config: MedformerConfig, task: str) -> dict[str, Any]:
-    """The model's own spec of MedMNIST set `task`, checked to give per-class scores MedMNIST's metric can read.
+def head_mismatch(config: MedformerConfig, task: str) -> str | None:
+    """Why MedMNIST's metric cannot read the model's head for MedMNIST set `task`; None when it can.
 
-    The head's logits are read with the model's task type (a RetinaMNIST head trained as 5-way multiclass has 5
-    logits, not 4 cumulative ones); any single-label type gives the same per-class probabilities, so only the label
-    space has to match the catalogue's."""
-    if task not in config.tasks:
-        raise ValueError(f"The model has no task {task!r}; its tasks are {list(config.tasks)}.")
+    A head is read with the model's own task type (a RetinaMNIST head trained as 5-way multiclass has 5 logits, not 4
+    cumulative ones); every single-label type gives per-class probabilities, so only the label space must match."""
     spec, catalogue = config.tasks[task], CATALOGUE[task]
     multilabel = catalogue.task_type == "multilabel"
-    if (
-        spec["type"] == "regression"
-        or (spec["type"] == "multilabel") != multilabel
-        or (spec["num_labels"] != len(catalogue.labels))
-    ):
-        raise ValueError(
-            f"The model's task {task!r} is {spec['type']} with {spec['num_labels']} labels, but MedMNIST's {task} is "
-            f"{catalogue.task_type} with {len(catalogue.labels)} labels: its scores cannot be read with MedMNIST's "
-            f"metric. Fine-tune a head with MedMNIST's labels (`examples/finetune.py --datasets {task}`), or score "
-            "this one on your own data with `task_probabilities`."
-        )
-    return spec
+    if spec["type"] != "regression" and (spec["type"] == "multilabel") == multilabel:
+        if spec["num_labels"] == len(catalogue.labels):
+            return None
+    return (
+        f"the model's task {task!r} is {spec['type']} with {spec['num_labels']} labels, but MedMNIST's {task} is "
+        f"{catalogue.task_type} with {len(catalogue.labels)} labels: MedMNIST's metric cannot read its scores (score "
+        "it on your own data with `task_probabilities`)."
+    )
+
+
+def scorable_tasks(config: MedformerConfig, size: int, data_dir: str | os.PathLike | None) -> dict[str, list[str]]:
+    """The model's tasks `evaluate_tasks` can score here, under "scored", and the others by why they are not: not a
+    MedMNIST set, no local file of that size, or a head whose label space is not the set's (`head_mismatch`)."""
+    groups = {"scored": [], "that are not MedMNIST sets": [], "without a local MedMNIST file": []}
+    groups["whose head MedMNIST's metric cannot read"] = []
+    for name in config.tasks:
+        if name not in CATALOGUE:
+            groups["that are not MedMNIST sets"].append(name)
+        elif head_mismatch(config, name):
+            groups["whose head MedMNIST's metric cannot read"].append(name)
+        elif not find_local(CATALOGUE[name], size, data_dir):
+            groups["without a local MedMNIST file"].append(name)
+        else:
+            groups["scored"].append(name)
+    return groups
 
 
 @torch.no_grad()
@@ -891,7 +908,11 @@ def predict(
     With `test_time_flips` the scores are the mean probabilities over every combination of the flips the catalogue
     declares label-safe for the task (up to 8 views of a 3D volume; sets without safe flips get one view).
     """
-    spec = scored_task_spec(accelerator.unwrap_model(model).config, task)
+    config = accelerator.unwrap_model(model).config
+    problem = head_mismatch(config, task)
+    if problem:
+        raise ValueError(problem[0].upper() + problem[1:])
+    spec = config.tasks[task]
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
     flips = CATALOGUE[task].augmentation.flip_combinations() if test_time_flips else [()]

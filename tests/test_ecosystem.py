@@ -192,15 +192,26 @@ def test_a_card_rewritten_with_metrics_keeps_what_training_wrote(tmp_path):
     """evaluate.py re-writes the card with only metrics and tasks: the repo id (its usage snippets), the base model,
     the training sets and the Training section finetune.py wrote stay."""
     sets = ["breastmnist", "organmnist3d", "vesselmnist3d"]
-    write_model_card(
-        tmp_path, repo_id="alice/medformer-x", datasets=sets, base_model="org/ssl", tasks=sets, training="Fine-tuned."
-    )
     metrics = {"breastmnist": {"acc": 0.9, "auc": 0.95}}
-    card = write_model_card(tmp_path, metrics=metrics, tasks=sets)
-    assert card.data.model_name == "alice/medformer-x" and card.data.base_model == "org/ssl"
-    assert card.data.datasets == [f"medmnist/{name}" for name in sets]
-    assert 'from_pretrained("alice/medformer-x"' in card.text and "<repo>" not in card.text
-    assert "Fine-tuned." in card.text and card_metrics(card) == metrics
+    for repo_id in ("alice/medformer-x", "medformer-x"):  # a Hub id without its owner is the user's repo
+        write_model_card(
+            tmp_path, repo_id=repo_id, datasets=sets, base_model="org/ssl", tasks=sets, training="Fine-tuned."
+        )
+        card = write_model_card(tmp_path, metrics=metrics, tasks=sets)
+        assert card.data.model_name == repo_id and card.data.base_model == "org/ssl"
+        assert card.data.datasets == [f"medmnist/{name}" for name in sets]
+        assert f'from_pretrained("{repo_id}"' in card.text and "<repo>" not in card.text
+        assert "Fine-tuned." in card.text and card_metrics(card) == metrics
+    # A folder without a card (model.save_pretrained alone), or with one whose metadata does not parse: the MedMNIST
+    # sets among its tasks, the usage snippets without a repo id.
+    for previous in (None, "---\nmodel-index: [unclosed\n---\nhand-edited\n"):
+        folder = tmp_path / f"plain_{previous is None}"
+        folder.mkdir()
+        if previous:
+            (folder / "README.md").write_text(previous)
+        card = write_model_card(folder, metrics=metrics, tasks=["breastmnist", "my_task"])
+        assert card.data.datasets == ["medmnist/breastmnist"] and card.data.model_name == folder.name
+        assert 'from_pretrained("<repo>"' in card.text and card_metrics(card) == metrics
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 16, 16, 16)], ids=["2d", "3d"])

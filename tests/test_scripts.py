@@ -60,6 +60,16 @@ def load_example(name: str):
     return module
 
 
+def without_stored_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """This process's Hub library offline and blind to a token saved on the machine (`hf auth login`), as a child
+    process started with `environment` is: it read HF_HOME and HF_HUB_OFFLINE when it was imported."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf_home" / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
 def run_main(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path, script: str, *arguments: str, **env
 ) -> subprocess.CompletedProcess:
@@ -67,6 +77,7 @@ def run_main(
     with `environment`'s variables: what `run_script` reports, without an interpreter start-up per call."""
     for key, value in environment(tmp_path, **env).items():
         monkeypatch.setenv(key, value)
+    without_stored_token(monkeypatch, tmp_path)  # and offline: the library read HF_HOME and the rest at import
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [script, *arguments])
     module = load_example(script.removesuffix(".py"))
@@ -569,7 +580,7 @@ def test_push_plan_and_clear_hub_errors(pretrained, tmp_path, monkeypatch):
     } <= set(plan)
     assert not [path for path in plan if path.startswith(("checkpoints/", "runs/", "reconstructions/"))]
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "no_token_here"))
+    without_stored_token(monkeypatch, tmp_path)
     with pytest.raises(HubError, match="No Hugging Face token to push to user/medformer"):
         push_folder(pretrained, "user/medformer")
 
@@ -646,6 +657,24 @@ def test_evaluate_refuses_what_it_cannot_score_at_start_up(
     with pytest.raises(SystemExit) as stopped:
         script.parse_args()
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_tasks_evaluation_can_score_here_are_told_from_the_others():
+    from medformer_hf import MedformerConfig
+    from medformer_hf.data import CATALOGUE
+    from medformer_hf.training import scorable_tasks
+
+    specs = {name: CATALOGUE[name].task_spec() for name in ("breastmnist", "chestmnist", "retinamnist")}
+    specs["retinamnist"] = {**specs["retinamnist"], "type": "multiclass"}  # 5 grades as classes: still readable
+    specs["organmnist3d"] = {**CATALOGUE["organmnist3d"].task_spec(), "labels": ["liver", "other"]}
+    specs["organ3d"] = CATALOGUE["organmnist3d"].task_spec()
+    groups = scorable_tasks(MedformerConfig(tasks=specs), 28, DATA_DIR)
+    assert groups == {
+        "scored": ["breastmnist", "retinamnist"],
+        "that are not MedMNIST sets": ["organ3d"],
+        "without a local MedMNIST file": ["chestmnist"],
+        "whose head MedMNIST's metric cannot read": ["organmnist3d"],
+    }
 
 
 def test_evaluation_reads_a_head_with_its_own_task_type(tmp_path):
