@@ -226,11 +226,12 @@ def main() -> None:
     resolve_budget(accelerator, args, loader)
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
     # The checkpoint's own tasks (those with a local file), validated before and after this run: what growing cost.
+    scored = scorable_tasks(model.config, args.size, args.data_dir)["scored"]
     with accelerator.main_process_first():
         old_validation = {
             name: validation.get(name) or build_multitask_dataset([name], "validation", **load)
             for name in old_tasks
-            if name in scorable_tasks(model.config, args.size, args.data_dir)["scored"]
+            if name in scored
         }
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
     optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes, args.layer_decay)

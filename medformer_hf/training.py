@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from huggingface_hub import file_exists, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -222,13 +223,22 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     return args.datasets
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub repo id (`name` or `owner/name`), rather than only of a local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def saved_processor(checkpoint: str | os.PathLike) -> MedformerImageProcessor | None:
     """The processor saved with a checkpoint (folder or Hub id); None for one saved without it. A Hub repo is asked
     whether it has the file, so a failed download is an error, not taken for a checkpoint without a processor."""
     try:
         return MedformerImageProcessor.from_pretrained(checkpoint)
     except OSError:
-        if Path(checkpoint).is_dir():
+        if Path(checkpoint).is_dir() or not is_hub_id(str(checkpoint)):
             has_file = (Path(checkpoint) / IMAGE_PROCESSOR_NAME).is_file()
         else:
             has_file = file_exists(str(checkpoint), IMAGE_PROCESSOR_NAME)  # raises when the Hub cannot be asked
