@@ -106,8 +106,8 @@ def parse_args() -> argparse.Namespace:
             "$MEDMNIST_ROOT), or name the sets in --datasets to download them."
         )
     for name in args.datasets:
-        if head_mismatch(config, name):
-            parser.error(head_mismatch(config, name))
+        if problem := head_mismatch(config, name):
+            parser.error(problem)
     model_folder = Path(args.model).resolve()
     default = evaluation_folder(model_folder, args.split, args.test_time_flips)
     args.output_dir = Path(args.output_dir).resolve() if args.output_dir else default

@@ -889,8 +889,12 @@ def head_mismatch(config: MedformerConfig, task: str) -> str | None:
 def scorable_tasks(config: MedformerConfig, size: int, data_dir: str | os.PathLike | None) -> dict[str, list[str]]:
     """The model's tasks `evaluate_tasks` can score here, under "scored", and the others by why they are not: not a
     MedMNIST set, no local file of that size, or a head whose label space is not the set's (`head_mismatch`)."""
-    groups = {"scored": [], "that are not MedMNIST sets": [], "without a local MedMNIST file": []}
-    groups["whose head MedMNIST's metric cannot read"] = []
+    groups = {
+        "scored": [],
+        "that are not MedMNIST sets": [],
+        "without a local MedMNIST file": [],
+        "whose head MedMNIST's metric cannot read": [],
+    }
     for name in config.tasks:
         if name not in CATALOGUE:
             groups["that are not MedMNIST sets"].append(name)

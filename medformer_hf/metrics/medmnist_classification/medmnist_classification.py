@@ -63,11 +63,11 @@ class MedmnistClassification(evaluate.Metric):
                 )
             labels = labels.reshape(-1)
         allowed = 2 if self.config_name in ("binary", "multilabel") else scores.shape[1]
-        if not np.all((labels == np.round(labels)) & (labels >= 0) & (labels < allowed)):
-            bad = labels[(labels != np.round(labels)) | (labels < 0) | (labels >= allowed)][0]
+        invalid = (labels != np.round(labels)) | (labels < 0) | (labels >= allowed)
+        if invalid.any():
             raise ValueError(
                 f"references must be {'0/1 labels' if allowed == 2 else f'class indices 0..{allowed - 1}'} for this "
-                f"{self.config_name} task, got {bad}."
+                f"{self.config_name} task, got {labels[invalid][0]}."
             )
         labels = labels.astype(np.int64)
         if self.config_name == "binary":
