@@ -1,28 +1,63 @@
 """Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised vs from scratch, mean +- std over
 seeds, from the metrics.json files that run_label_efficiency.sh writes.
 
-    python benchmarks/label_efficiency_report.py outputs/label_efficiency
+    python benchmarks/label_efficiency_report.py outputs/label_efficiency [--record runs.json]
+
+With --record, the folder's runs are added to a JSON record of every run's test AUC (a run already there is
+replaced) and the tables cover the whole record: a study whose run folders were lost (seeds run in other sessions)
+is reported from the record, which is small enough to keep in git. The record keeps the settings of its runs and
+refuses a folder made with other settings.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"ssl": (200, 60, 40), "scratch": (40, 90, 200)}
+RUN_KEY = ("dataset", "fraction", "seed", "init")
 
 
-def collect(root: Path) -> dict[str, dict[str, dict[float, list[float]]]]:
+def folder_runs(root: Path) -> list[dict]:
+    """One {dataset, fraction, seed, init, auc} per finished run under root."""
+    runs = []
+    for path in sorted(root.glob("*/fraction_*/seed_*/*/metrics.json")):
+        dataset, fraction, seed, init = path.parts[-5], path.parts[-4], path.parts[-3], path.parent.name
+        runs.append(
+            {
+                "dataset": dataset,
+                "fraction": float(fraction.split("_")[1]),
+                "seed": int(seed.split("_")[1]),
+                "init": init,
+                "auc": json.loads(path.read_text())["metrics"][dataset]["auc"],
+            }
+        )
+    return runs
+
+
+def merge_into_record(runs: list[dict], record_path: Path, settings: str | None) -> list[dict]:
+    """Add runs to the record (replacing a run with the same dataset, fraction, seed and init), save it, return all."""
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": settings, "runs": []}
+    if settings is not None and record["settings"] not in (None, settings):
+        raise SystemExit(f"{record_path} holds runs made with {record['settings']}, not {settings}: use another file.")
+    merged = {tuple(run[key] for key in RUN_KEY): run for run in record["runs"]}
+    merged.update({tuple(run[key] for key in RUN_KEY): run for run in runs})
+    record["settings"] = record["settings"] or settings
+    record["runs"] = sorted(merged.values(), key=lambda run: tuple(run[key] for key in RUN_KEY))
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record["runs"]
+
+
+def group(runs: list[dict]) -> dict[str, dict[str, dict[float, list[float]]]]:
     """{dataset: {init: {fraction: [test AUC per seed]}}}"""
     results: dict = {}
-    for path in sorted(root.glob("*/fraction_*/seed_*/*/metrics.json")):
-        init, fraction, dataset = path.parent.name, float(path.parts[-4].split("_")[1]), path.parts[-5]
-        auc = json.loads(path.read_text())["metrics"][dataset]["auc"]
-        results.setdefault(dataset, {}).setdefault(init, {}).setdefault(fraction, []).append(auc)
+    for run in sorted(runs, key=lambda run: (run["dataset"], run["seed"])):
+        results.setdefault(run["dataset"], {}).setdefault(run["init"], {}).setdefault(run["fraction"], [])
+        results[run["dataset"]][run["init"]][run["fraction"]].append(run["auc"])
     return results
 
 
@@ -109,11 +144,19 @@ def plot(results: dict, path: Path, columns: int = 4) -> None:
 
 
 def main() -> None:
-    root = Path(sys.argv[1])
-    results = collect(root)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path, help="the output folder of run_label_efficiency.sh")
+    parser.add_argument("--record", type=Path, help="JSON record of every run to add the folder's runs to and report")
+    args = parser.parse_args()
+    runs = folder_runs(args.root)
+    if args.record is not None:
+        settings_file = args.root / "settings"
+        settings = settings_file.read_text().strip() if settings_file.exists() else None
+        runs = merge_into_record(runs, args.record, settings)
+    results = group(runs)
     text = f"{table(results)}\n\n{goal_table(results)}\n"
-    (root / "label_efficiency.md").write_text(text)
-    plot(results, root / "label_efficiency.png")
+    (args.root / "label_efficiency.md").write_text(text)
+    plot(results, args.root / "label_efficiency.png")
     print(text)
 
 

@@ -8,7 +8,9 @@
 # Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
 # JOBS (runs in parallel, default 1; each gets nproc/JOBS threads), INITS (default "ssl scratch"; "scratch" alone
 # runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs), SEEDS
-# (default "0 1 2") and FRACTIONS (default "0.01 0.1 1.0"): a subset of the study, e.g. only seed 2.
+# (default "0 1 2") and FRACTIONS (default "0.01 0.1 1.0"): a subset of the study, e.g. only seed 2; RECORD (a JSON
+# file, e.g. benchmarks/results/label_efficiency_runs.json): the report adds this folder's runs to that record of every
+# run and reports the whole record, so seeds run into folders that are gone still count.
 set -euo pipefail
 SSL=${1:?pass the SSL checkpoint folder (from run_accuracy.sh: <output_dir>/ssl)}
 DATA=${2:-../shared/data/medmnist}
@@ -60,4 +62,4 @@ print(max(int(floor), math.ceil(float(epochs) * labelled / int(batch))))' \
 pids=()
 for (( job = 0; job < JOBS; job++ )); do worker "$job" & pids+=($!); done
 for pid in "${pids[@]}"; do wait "$pid"; done  # a failed run fails the command
-python benchmarks/label_efficiency_report.py "$OUT"
+python benchmarks/label_efficiency_report.py "$OUT" ${RECORD:+--record "$RECORD"}
