@@ -19,7 +19,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"ssl": (200, 60, 40), "scratch": (40, 90, 200)}
-RUN_KEY = ("dataset", "fraction", "seed", "init")
+
+
+def run_key(run: dict) -> tuple:
+    """What tells two runs apart: a later run with the same key replaces the earlier one in a record."""
+    return run["dataset"], run["fraction"], run["seed"], run["init"]
 
 
 def folder_runs(root: Path) -> list[dict]:
@@ -44,10 +48,9 @@ def merge_into_record(runs: list[dict], record_path: Path, settings: str | None)
     record = json.loads(record_path.read_text()) if record_path.exists() else {"settings": settings, "runs": []}
     if settings is not None and record["settings"] not in (None, settings):
         raise SystemExit(f"{record_path} holds runs made with {record['settings']}, not {settings}: use another file.")
-    merged = {tuple(run[key] for key in RUN_KEY): run for run in record["runs"]}
-    merged.update({tuple(run[key] for key in RUN_KEY): run for run in runs})
+    merged = {run_key(run): run for run in record["runs"] + runs}
     record["settings"] = record["settings"] or settings
-    record["runs"] = sorted(merged.values(), key=lambda run: tuple(run[key] for key in RUN_KEY))
+    record["runs"] = sorted(merged.values(), key=run_key)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record["runs"]
 
