@@ -1,5 +1,5 @@
-"""Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised vs from scratch, mean +- std over
-seeds, from the metrics.json files that run_label_efficiency.sh writes.
+"""Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised (fine-tuned, or probed first) vs
+from scratch, mean +- std over seeds, from the metrics.json files that run_label_efficiency.sh writes.
 
     python benchmarks/label_efficiency_report.py outputs/label_efficiency [--record runs.json]
 
@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"ssl": (200, 60, 40), "scratch": (40, 90, 200)}
+# The initialisations run_label_efficiency.sh knows, in table order, with their column names and plot colours.
+INIT_NAMES = {"ssl": "SSL init", "ssl_lpft": "SSL, probe first", "scratch": "scratch"}
+SSL_INITS = ("ssl", "ssl_lpft")
+COLOURS = {"ssl": (200, 60, 40), "ssl_lpft": (230, 150, 30), "scratch": (40, 90, 200)}
 
 
 def run_key(run: dict) -> tuple:
@@ -64,47 +67,66 @@ def group(runs: list[dict]) -> dict[str, dict[str, dict[float, list[float]]]]:
     return results
 
 
+def present(results: dict, candidates: tuple[str, ...]) -> list[str]:
+    """The candidate initialisations that have runs, in the candidates' order."""
+    return [init for init in candidates if any(init in inits for inits in results.values())]
+
+
 def table(results: dict) -> str:
-    lines = ["| dataset | labels | SSL init AUC | scratch AUC | seeds |", "|---|---|---|---|---|"]
+    inits_run = present(results, tuple(INIT_NAMES))
+    header = " | ".join(f"{INIT_NAMES[init]} AUC" for init in inits_run)
+    lines = [f"| dataset | labels | {header} | seeds |", "|---" * (len(inits_run) + 3) + "|"]
     for dataset, inits in results.items():
-        for fraction in sorted(inits.get("ssl", {})):
-            cells = []
-            for init in ("ssl", "scratch"):
-                values = inits.get(init, {}).get(fraction, [])
-                cells.append(f"{np.mean(values):.3f} ± {np.std(values):.3f}" if values else "–")
-            ssl, scratch = (len(inits.get(init, {}).get(fraction, [])) for init in ("ssl", "scratch"))
-            seeds = str(ssl) if ssl == scratch else f"{ssl}/{scratch}"  # SSL/scratch where they differ
-            lines.append(f"| {dataset} | {fraction:.0%} | {cells[0]} | {cells[1]} | {seeds} |")
+        for fraction in sorted({fraction for values in inits.values() for fraction in values}):
+            values = [inits.get(init, {}).get(fraction, []) for init in inits_run]
+            cells = [f"{np.mean(seeds):.3f} ± {np.std(seeds):.3f}" if seeds else "–" for seeds in values]
+            counts = [len(seeds) for seeds in values]
+            seeds = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))  # per column if they differ
+            lines.append(f"| {dataset} | {fraction:.0%} | {' | '.join(cells)} | {seeds} |")
     return "\n".join(lines)
 
 
 def goal_table(results: dict) -> str:
-    """The issue's goals: SSL with 10% of the labels against from scratch with all of them per set ("clear" when
-    every SSL seed beats every scratch seed), and the mean SSL - scratch gain at each label fraction."""
-    lines = [
-        "| dataset | SSL, 10% labels | scratch, 100% labels | difference | SSL worst seed > scratch best seed |",
-        "|---|---|---|---|---|",
-    ]
-    clear = 0
-    for dataset, inits in results.items():
-        ssl, scratch = inits.get("ssl", {}).get(0.1), inits.get("scratch", {}).get(1.0)
-        if ssl and scratch:
-            gap = float(np.mean(ssl) - np.mean(scratch))
-            beats = min(ssl) > max(scratch)
-            clear += beats
-            row = f"{np.mean(ssl):.3f} | {np.mean(scratch):.3f} | {gap:+.3f} | {'yes' if beats else 'no'}"
-            lines.append(f"| {dataset} | {row} |")
-    lines += ["", f"Sets where 10% labels + SSL clearly beat 100% labels from scratch: {clear} (goal: at least 3).", ""]
-    lines += ["| labels | mean SSL − scratch test AUC over sets | sets |", "|---|---|---|"]
-    fractions = sorted({fraction for inits in results.values() for fraction in inits.get("ssl", {})})
-    for fraction in fractions:
-        gains = [
-            float(np.mean(inits["ssl"][fraction]) - np.mean(inits["scratch"][fraction]))
-            for inits in results.values()
-            if fraction in inits.get("ssl", {}) and fraction in inits.get("scratch", {})
+    """The issue's goals, for each SSL initialisation that ran: SSL with 10% of the labels against from scratch with
+    all of them per set ("clear" when every SSL seed beats every scratch seed), and the mean SSL - scratch gain at
+    each label fraction over the sets both ran."""
+    variants = present(results, SSL_INITS)
+    lines = []
+    for variant in variants:
+        name = INIT_NAMES[variant]
+        lines += [
+            f"| dataset | {name}, 10% labels | scratch, 100% labels | difference | worst seed > scratch's best |",
+            "|---|---|---|---|---|",
         ]
-        if gains:
-            lines.append(f"| {fraction:.0%} | {np.mean(gains):+.3f} | {len(gains)} |")
+        clear = 0
+        for dataset, inits in results.items():
+            ssl, scratch = inits.get(variant, {}).get(0.1), inits.get("scratch", {}).get(1.0)
+            if ssl and scratch:
+                gap = float(np.mean(ssl) - np.mean(scratch))
+                beats = min(ssl) > max(scratch)
+                clear += beats
+                row = f"{np.mean(ssl):.3f} | {np.mean(scratch):.3f} | {gap:+.3f} | {'yes' if beats else 'no'}"
+                lines.append(f"| {dataset} | {row} |")
+        lines += ["", f"Sets where 10% labels + {name} clearly beat 100% labels from scratch: {clear} (goal: 3).", ""]
+    lines += [
+        "| labels | "
+        + " | ".join(f"mean {INIT_NAMES[variant]} − scratch test AUC (sets)" for variant in variants)
+        + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
+    fractions = sorted(
+        {fraction for inits in results.values() for init in variants for fraction in inits.get(init, {})}
+    )
+    for fraction in fractions:
+        cells = []
+        for variant in variants:
+            gains = [
+                float(np.mean(inits[variant][fraction]) - np.mean(inits["scratch"][fraction]))
+                for inits in results.values()
+                if fraction in inits.get(variant, {}) and fraction in inits.get("scratch", {})
+            ]
+            cells.append(f"{np.mean(gains):+.3f} ({len(gains)})" if gains else "–")
+        lines.append(f"| {fraction:.0%} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -126,7 +148,8 @@ def draw_panel(draw: ImageDraw.ImageDraw, dataset: str, inits: dict) -> None:
         draw.text((xy(fraction, 0.5)[0] - 10, HEIGHT - MARGIN + 5), f"{fraction:.0%}", fill="black")
     for auc in (0.5, 0.75, 1.0):
         draw.text((5, xy(fractions[0], auc)[1] - 5), f"{auc:.2f}", fill="black")
-    for row, (init, values) in enumerate(sorted(inits.items())):
+    for row, init in enumerate(present({dataset: inits}, tuple(INIT_NAMES))):
+        values = inits[init]
         points = [xy(fraction, float(np.mean(values[fraction]))) for fraction in sorted(values)]
         draw.line(points, fill=COLOURS[init], width=2)
         for (x, y), fraction in zip(points, sorted(values), strict=True):

@@ -5,7 +5,12 @@
 # the SSL checkpoint and from scratch with the same budget and the package's recipe (lr 1e-3 with warm-up, label-safe
 # augmentation, EMA, label smoothing 0.1), select on validation, evaluate on test; then write the tables and a PNG
 # plot. The 100% from-scratch runs are also single-task from-scratch baselines.
+# Initialisations (INITS): ssl (fine-tune everything from the SSL checkpoint), scratch, and ssl_lpft (probe, then
+# fine-tune: first PROBE_STEPS steps training only the Output Adaptformer and the head on the frozen pre-trained
+# encoder, `--train output_and_heads`, then the study's fine-tuning from that model; LP-FT, Kumar et al. 2022, so the
+# random head does not distort the pre-trained features in the first steps).
 # Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
+# PROBE_STEPS (ssl_lpft's probe, default 50),
 # JOBS (runs in parallel, default 1; each gets nproc/JOBS threads), INITS (default "ssl scratch"; "scratch" alone
 # runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs), SEEDS
 # (default "0 1 2") and FRACTIONS (default "0.01 0.1 1.0"): a subset of the study, e.g. only seed 2; RECORD (a JSON
@@ -22,11 +27,13 @@ print(*local_datasets(sys.argv[1]), sep="\n")' "$DATA")
 fi
 EPOCHS=${EPOCHS:-30}
 MIN_STEPS=${MIN_STEPS:-100}
+PROBE_STEPS=${PROBE_STEPS:-50}
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
 source "$(dirname "$0")/settings.sh"
 require_settings "$OUT" settings "ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
+[[ " ${INITS:-} " == *" ssl_lpft "* ]] && require_settings "$OUT" probe_settings "probe_steps=$PROBE_STEPS"
 
 runs=()  # seed outermost, so a run cut short still covers every set
 for seed in ${SEEDS:-0 1 2}; do
@@ -43,7 +50,6 @@ worker() {  # runs number worker, worker + JOBS, ... so parallel workers never s
     run="$OUT/$name/fraction_${fraction}/seed_${seed}/$init"
     [ -f "$run/metrics.json" ] && continue
     init_args=(--model_size small)
-    [ "$init" = ssl ] && init_args=(--init_from "$SSL")
     # EPOCHS passes over the labelled images (the subset finetune.py keeps: stratified_subset), counted as
     # --num_train_epochs counts them, but at least MIN_STEPS steps.
     steps=$(python -c 'import math, sys
@@ -52,9 +58,16 @@ name, fraction, seed, epochs, floor, batch, data = sys.argv[1:]
 labelled = len(build_multitask_dataset([name], "train", float(fraction), int(seed), data_dir=data, download=False))
 print(max(int(floor), math.ceil(float(epochs) * labelled / int(batch))))' \
       "$name" "$fraction" "$seed" "$EPOCHS" "$MIN_STEPS" 64 "$DATA")
-    python examples/finetune.py --data_dir "$DATA" --datasets "$name" "${init_args[@]}" --batch_size 64 \
-      --label_fraction "$fraction" --seed "$seed" --max_steps "$steps" --checkpointing_steps 25 \
-      --label_smoothing 0.1 --report_to none --resume_from_checkpoint latest --output_dir "$run"
+    common=(--data_dir "$DATA" --datasets "$name" --batch_size 64 --label_fraction "$fraction" --seed "$seed"
+      --checkpointing_steps 25 --label_smoothing 0.1 --report_to none --resume_from_checkpoint latest)
+    case $init in
+      ssl) init_args=(--init_from "$SSL") ;;
+      ssl_lpft)
+        python examples/finetune.py "${common[@]}" --init_from "$SSL" --train output_and_heads \
+          --max_steps "$PROBE_STEPS" --output_dir "$run/probe"
+        init_args=(--init_from "$run/probe") ;;
+    esac
+    python examples/finetune.py "${common[@]}" "${init_args[@]}" --max_steps "$steps" --output_dir "$run"
     python examples/evaluate.py --model "$run" --data_dir "$DATA"
   done
 }
