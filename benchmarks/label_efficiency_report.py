@@ -60,6 +60,9 @@ def merge_into_record(runs: list[dict], record_path: Path, settings: str | None)
 
 def group(runs: list[dict]) -> dict[str, dict[str, dict[float, list[float]]]]:
     """{dataset: {init: {fraction: [test AUC per seed]}}}"""
+    unknown = sorted({run["init"] for run in runs} - set(INIT_NAMES))
+    if unknown:
+        raise SystemExit(f"runs with initialisations {unknown} that the report does not know: {list(INIT_NAMES)}")
     results: dict = {}
     for run in sorted(runs, key=lambda run: (run["dataset"], run["seed"])):
         results.setdefault(run["dataset"], {}).setdefault(run["init"], {}).setdefault(run["fraction"], [])
