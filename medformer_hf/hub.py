@@ -98,6 +98,16 @@ def write_model_card(
     dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()}
     dims = dims if tasks and dims and None not in dims else {2, 3}  # unrecorded: it may take either
     training = training or _previous_section(card_path, "Training")
+    # The usage snippet names the metadata of the checkpoint's first task that records it: a user who copies it for
+    # that task's images gets what the task was trained with, never another modality's.
+    recorded = saved.get("tasks") or {}
+    described = [task for task in tasks or [] if {"modality", "body_part"} <= set(recorded.get(task) or {})]
+    example = recorded[described[0]] if described else {"modality": "ct", "body_part": "chest"}
+    metadata_note = (
+        f"{described[0]}'s images are {example['modality']}, {example['body_part']}; "
+        if described
+        else "for example a chest CT; "
+    ) + "name your image's own (config.modality_names, config.body_part_names)"
     eval_results = [
         EvalResult(
             task_type="image-classification",
@@ -141,6 +151,9 @@ def write_model_card(
         repo_id=repo_id or REPO_PLACEHOLDER,
         tasks=", ".join(tasks or []),
         classifier=classifier,
+        modality=example["modality"],
+        body_part=example["body_part"],
+        metadata_note=metadata_note,
         training=training or "See the training configuration saved with the checkpoint.",
         evaluation=evaluation,
     )

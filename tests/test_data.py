@@ -379,6 +379,14 @@ def test_label_fraction_out_of_range_is_an_error():
         build_multitask_dataset(["breastmnist"], label_fraction=1.5, data_dir=DATA_DIR)
 
 
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_label_fraction_never_shrinks_an_evaluation_split(split):
+    """One set of arguments reused for the test loader must not score a model on a tenth of the test set."""
+    with pytest.raises(ValueError, match=f"the {split} split is always whole"):
+        build_multitask_dataset(["breastmnist"], split, label_fraction=0.1, data_dir=DATA_DIR)
+    assert len(build_multitask_dataset(["breastmnist"], split, data_dir=DATA_DIR)) in (78, 156)
+
+
 @pytest.mark.parametrize("split", ["val", "valid", "Test"])
 def test_an_unknown_split_names_the_splits_before_any_file_is_read(split, tmp_path):
     with pytest.raises(ValueError, match=r"Unknown split .*\['train', 'validation', 'test'\]"):

@@ -1,5 +1,7 @@
 """Medformer used by habit with the Hugging Face tools: Trainer, PEFT, torch.compile, ONNX, model cards."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -212,6 +214,19 @@ def test_a_card_rewritten_with_metrics_keeps_what_training_wrote(tmp_path):
         card = write_model_card(folder, metrics=metrics, tasks=["breastmnist", "my_task"])
         assert card.data.datasets == ["medmnist/breastmnist"] and card.data.model_name == folder.name
         assert 'from_pretrained("<repo>"' in card.text and card_metrics(card) == metrics
+
+
+def test_model_card_usage_names_the_checkpoints_own_metadata(tmp_path):
+    """A user copies the card's snippet: for a chest X-ray task it must not pass another modality's metadata, which
+    overrides the task's own (the card once named an abdominal CT for every checkpoint)."""
+    spec = {"type": "binary", "num_labels": 2, "modality": "xray", "body_part": "chest"}
+    (tmp_path / "config.json").write_text(json.dumps({"tasks": {"pneumoniamnist": spec}}))
+    card = write_model_card(tmp_path, tasks=["pneumoniamnist"])
+    assert 'processor(volume_or_image, modality="xray", body_part="chest")' in card.text
+    assert "pneumoniamnist's images are xray, chest" in card.text and "abdomen" not in card.text
+    backbone = tmp_path / "backbone"  # no tasks: an example, said to be one
+    backbone.mkdir()
+    assert "for example a chest CT" in write_model_card(backbone).text
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 16, 16, 16)], ids=["2d", "3d"])

@@ -111,13 +111,19 @@ def build_multitask_dataset(
 ) -> MultiTaskDataset:
     """One split of each named MedMNIST set behind one index.
 
-    `label_fraction < 1` keeps a stratified, seeded subset of each set (for label-efficiency studies); `load_kwargs`
-    go to `load_medmnist` (`data_dir`, `download`, `mirror`, `cache_dir`). For SSL pass `with_labels=False`.
+    `label_fraction < 1` keeps a stratified, seeded subset of each training set (for label-efficiency studies); the
+    validation and test splits are always whole, so a study is scored as every other run. `load_kwargs` go to
+    `load_medmnist` (`data_dir`, `download`, `mirror`, `cache_dir`). For SSL pass `with_labels=False`.
     """
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}.")
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; the splits are {list(SPLITS)} (MedMNIST's 'val' is 'validation').")
+    if label_fraction < 1.0 and split != "train":
+        raise ValueError(
+            f"label_fraction={label_fraction} keeps a share of the training labels; the {split} split is always "
+            "whole: leave label_fraction out for it (or .select() the rows you want)."
+        )
     infos = {dataset_info(name).name: dataset_info(name) for name in names}
     if len(infos) != len(names):
         raise ValueError(f"Dataset names repeat: {names}.")
