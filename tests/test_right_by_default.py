@@ -172,6 +172,20 @@ def test_a_multi_task_folder_is_not_loaded_as_a_random_classifier(multi_task, tm
         MedformerForImageClassification.from_pretrained(tmp_path)
 
 
+def test_a_multi_task_models_backbone_becomes_a_classifier_without_its_tasks(multi_task, tmp_path, caplog):
+    """A backbone saved from a multi-task model (`AutoModel.from_pretrained(folder).save_pretrained(...)`) keeps the
+    tasks in its config; loaded as a classifier to fine-tune, they describe none of its heads: they are dropped with a
+    warning, so neither the classifier nor its saved fine-tune claims a task's labels, metadata or image checks."""
+    multi_task.medformer.save_pretrained(tmp_path / "backbone")
+    assert MedformerForImageClassification(multi_task.config).config.tasks == {} and multi_task.config.tasks  # a copy
+    with caplog.at_level("WARNING", logger="medformer_hf"):
+        classifier = MedformerForImageClassification.from_pretrained(tmp_path / "backbone", num_labels=3)
+    assert "none of them describes: they are dropped" in caplog.text and classifier.config.tasks == {}
+    classifier.save_pretrained(tmp_path / "fine-tuned")
+    reloaded = MedformerForImageClassification.from_pretrained(tmp_path / "fine-tuned")
+    assert reloaded.config.tasks == {} and reloaded.config.num_labels == 3
+
+
 def test_a_classifier_folder_is_not_loaded_as_a_multi_task_model_with_a_random_head(multi_task, tmp_path):
     MedformerForImageClassification.from_multi_task(multi_task, "pneumonia").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="single-task classifier.*AutoModelForImageClassification"):

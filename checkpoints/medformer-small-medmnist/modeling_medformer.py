@@ -1376,6 +1376,15 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
     }
 
     def __init__(self, config: MedformerConfig):
+        if len(config.tasks) > 1:  # e.g. a backbone saved from a multi-task model, loaded as a classifier to fine-tune
+            logger.warning(
+                f"config.tasks lists {list(config.tasks)}, but a classifier has one head, which none of them "
+                "describes: they are dropped (with their adapters), so no task's modality, body part or image checks "
+                "are taken for it. For one task's trained head use MedformerForImageClassification.from_multi_task."
+            )
+            config = copy.deepcopy(config)  # the caller's config, perhaps also a multi-task model's, keeps its tasks
+            config.tasks, config.private_output_tasks, config.adapter_tasks = {}, [], {}
+            config.input_adapter_tasks = []
         super().__init__(config)
         if len(config.tasks) == 1:
             self._label_by_task(config)
