@@ -95,12 +95,12 @@ def write_model_card(
     name = repo_id or (folder.parent if folder.name == EXPORT_PARTIAL else folder).name  # the folder it becomes
     saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     classifier = "MedformerForImageClassification" in (saved.get("architectures") or [])
-    dims = {spec.get("spatial_dims") for spec in (saved.get("tasks") or {}).values()}
+    recorded = saved.get("tasks") or {}
+    dims = {spec.get("spatial_dims") for spec in recorded.values()}
     dims = dims if tasks and dims and None not in dims else {2, 3}  # unrecorded: it may take either
     training = training or _previous_section(card_path, "Training")
     # The usage snippet names the metadata of the checkpoint's first task that records it: a user who copies it for
     # that task's images gets what the task was trained with, never another modality's.
-    recorded = saved.get("tasks") or {}
     described = [task for task in tasks or [] if {"modality", "body_part"} <= set(recorded.get(task) or {})]
     example = recorded[described[0]] if described else {"modality": "ct", "body_part": "chest"}
     metadata_note = (

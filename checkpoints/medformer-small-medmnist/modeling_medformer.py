@@ -1383,8 +1383,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
                 "are taken for it. For one task's trained head use MedformerForImageClassification.from_multi_task."
             )
             config = copy.deepcopy(config)  # the caller's config, perhaps also a multi-task model's, keeps its tasks
-            config.tasks, config.private_output_tasks, config.adapter_tasks = {}, [], {}
-            config.input_adapter_tasks = []
+            self._set_tasks(config, {})
         super().__init__(config)
         if len(config.tasks) == 1:
             self._label_by_task(config)
@@ -1392,6 +1391,13 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         self.output_adaptformer = MedformerOutputAdaptformer(config)
         self.classifier = MedformerTaskHead(config, config.num_labels)
         self.post_init()
+
+    @staticmethod
+    def _set_tasks(config: MedformerConfig, tasks: dict[str, dict[str, Any]]) -> None:
+        """Make `tasks` the config's tasks, without per-task adapters or Output Adaptformers: a classifier has one head
+        and routes no task, so the entries naming other tasks would not describe it (and would fail its validation)."""
+        config.tasks, config.private_output_tasks, config.adapter_tasks = tasks, [], {}
+        config.input_adapter_tasks = []
 
     @classmethod
     def _label_by_task(cls, config: MedformerConfig) -> None:
@@ -1439,8 +1445,7 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
                 "multi-task model with task=, or pipeline('medical-image-classification') (which reads them right)."
             )
         config = MedformerConfig.from_dict(multi_task.config.to_dict())
-        config.tasks, config.private_output_tasks, config.adapter_tasks = {task: spec}, [], {}
-        config.input_adapter_tasks = []
+        cls._set_tasks(config, {task: spec})
         config.id2label, config.problem_type = {0: "LABEL_0", 1: "LABEL_1"}, None  # the task's, from _label_by_task
         cls._label_by_task(config)
         config.architectures = [cls.__name__]
