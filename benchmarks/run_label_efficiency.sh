@@ -29,6 +29,12 @@ EPOCHS=${EPOCHS:-30}
 MIN_STEPS=${MIN_STEPS:-100}
 PROBE_STEPS=${PROBE_STEPS:-50}
 JOBS=${JOBS:-1}
+for init in ${INITS:-}; do  # a misspelt name would run as scratch, and the report refuse it only after the runs
+  case $init in
+    ssl | scratch | ssl_lpft) ;;
+    *) echo "INITS: unknown initialisation '$init': use ssl, scratch or ssl_lpft" >&2; exit 2 ;;
+  esac
+done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
 source "$(dirname "$0")/settings.sh"
