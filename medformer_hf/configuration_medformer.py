@@ -475,7 +475,14 @@ class MedformerConfig(PretrainedConfig):
         if task_type not in TASK_TYPES:
             raise ValueError(f"Task {name!r} has type {task_type!r}; choose one of {list(TASK_TYPES)}.")
         if "labels" in spec:
-            id2label = dict(enumerate(spec.pop("labels")))
+            labels = spec.pop("labels")
+            if not isinstance(labels, (list, tuple)):  # a dict's keys or a string's characters would be read as names
+                raise ValueError(
+                    f"Task {name!r}: labels must be a list of class names in class-index order, e.g. ['normal', "
+                    f"'malignant'], got {type(labels).__name__} {labels!r}; for a mapping pass id2label={{0: ..., 1: "
+                    "...}."
+                )
+            id2label = dict(enumerate(labels))
         else:
             id2label = {int(k): v for k, v in (spec.get("id2label") or {}).items()}
         num_labels = spec.get("num_labels", len(id2label) or None)

@@ -57,7 +57,8 @@ class MedformerDataCollator:
     Each row's image goes to the processor as it is (uint8, float in [0, 1], uint16 with the processor's
     `rescale_range`, with or without a channel axis), except that plain integer rows, which is how `datasets` returns
     a uint8 column without a format, are read as uint8 when every value fits (else refused). Float labels stay float
-    (regression); class labels become integers. `task` (a task name) is added to each batch for
+    (regression), labels of several columns become float (multi-label targets); class labels, one per row or in one
+    column, become integers. `task` (a task name) is added to each batch for
     `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. `modality` / `body_part` are used
     for rows that do not carry their own.
     """
@@ -84,7 +85,9 @@ class MedformerDataCollator:
         key = "label" if "label" in rows[0] else "labels"
         if key in rows[0]:
             labels = torch.as_tensor(np.asarray([row[key] for row in rows]))
-            batch["labels"] = labels.float() if labels.ndim == 2 or labels.is_floating_point() else labels.long()
+            # Several columns are multi-label targets; one integer column (MedMNIST's (N, 1) labels) stays classes.
+            multilabel = labels.ndim == 2 and labels.shape[1] > 1
+            batch["labels"] = labels.float() if multilabel or labels.is_floating_point() else labels.long()
         if self.task is not None:
             batch["task"] = self.task
         return batch

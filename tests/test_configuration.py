@@ -47,6 +47,9 @@ def test_task_defaults_are_filled():
         ({"tasks": {"x": {"type": "segmentation", "num_labels": 2}}}, "segmentation"),
         ({"tasks": {"x": {"type": "binary", "num_labels": 3}}}, "num_labels=2"),
         ({"tasks": {"x": {"type": "multiclass", "num_labels": 3, "modality": "sonar"}}}, "sonar"),
+        # A mapping's keys in insertion order, or a string's characters, would become the class names.
+        ({"tasks": {"x": {"type": "binary", "labels": {"dog": 1, "cat": 0}}}}, "labels must be a list .* id2label"),
+        ({"tasks": {"x": {"type": "binary", "labels": "ab"}}}, "labels must be a list"),
     ],
 )
 def test_bad_values_raise_naming_the_field(overrides, message):

@@ -128,6 +128,13 @@ def test_the_collator_reads_each_rows_image_as_given_and_keeps_float_labels(brea
     batch = collator(volumes)
     assert batch["pixel_values"].shape == (2, 1, 28, 28, 28)
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [0.5, 0.5]
+    # MedMNIST's own (N, 1) integer labels stay classes (the model refuses float class labels); several columns are
+    # multi-label targets.
+    as_column = [{**row, "label": np.asarray([row["label"]])} for row in rows]
+    assert collator(as_column)["labels"].dtype == torch.long
+    assert collator(as_column)["labels"].flatten().tolist() == [row["label"] for row in rows]
+    multilabel = [{**row, "label": np.asarray([1, 0, 1])} for row in rows]
+    assert collator(multilabel)["labels"].dtype == torch.float32
 
 
 def test_lora_trains_only_adapters_and_head_and_merges_exactly(tmp_path):
