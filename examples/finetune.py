@@ -22,6 +22,7 @@ from medformer_hf.training import (
     TrainState,
     add_common_arguments,
     add_model_arguments,
+    add_pretext_tasks,
     carry_best_model,
     check_common_arguments,
     create_accelerator,
@@ -29,6 +30,7 @@ from medformer_hf.training import (
     create_optimizer,
     describe_batch,
     describe_input_size,
+    endless_batches,
     evaluate_tasks,
     export_model_folder,
     exported_state_dict,
@@ -71,6 +73,13 @@ def parse_args() -> argparse.Namespace:
         help="mixup of images of the same task, weights ~ Beta(alpha, alpha) (0: off; see mix_within_tasks)",
     )
     regularisation.add_argument(
+        "--pretext_weight",
+        type=float,
+        default=0.0,
+        help="keep the pretext tasks of --init_from (a pre-training) running on the unlabeled train images of "
+        "--datasets, their loss added with this weight (semi-supervised, for few labels; 0: off)",
+    )
+    regularisation.add_argument(
         "--layer_decay",
         type=float,
         default=1.0,
@@ -109,6 +118,12 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--mixup_alpha must be >= 0 (0 turns mixup off), got {args.mixup_alpha}.")
     if not 0.0 < args.layer_decay <= 1.0:
         parser.error(f"--layer_decay must be in (0, 1], got {args.layer_decay}.")
+    if args.pretext_weight < 0.0:
+        parser.error(f"--pretext_weight must be >= 0 (0 turns it off), got {args.pretext_weight}.")
+    if args.pretext_weight and args.train != "all":
+        parser.error(f"--pretext_weight trains the encoder, which --train {args.train} freezes: drop one of them.")
+    if args.pretext_weight and args.init_from is None:
+        parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
     if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
         parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
     if args.adapter_rank is not None and args.train != "new_heads_and_adapters":
@@ -213,6 +228,10 @@ def main() -> None:
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
     model, old_tasks = build_model(args)
+    pretrainer = add_pretext_tasks(model, args.init_from) if args.pretext_weight else None
+    if pretrainer is not None:
+        with accelerator.main_process_first():
+            unlabeled = build_multitask_dataset(args.datasets, "train", with_labels=False, **load)
     processor = training_processor(model.config, args)
     task_names = list(model.config.tasks)
     loader = multitask_dataloader(
@@ -224,6 +243,15 @@ def main() -> None:
         num_workers=args.num_workers,
     )
     resolve_budget(accelerator, args, loader)
+    if pretrainer is not None:  # its own seed: the labelled and unlabeled images are drawn independently
+        unlabeled_loader = multitask_dataloader(
+            unlabeled,
+            MedformerCollator(unlabeled, processor),
+            args.batch_size,
+            args.sampling_alpha,
+            args.seed + 1,
+            num_workers=args.num_workers,
+        )
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
     # The checkpoint's own tasks (those with a local file), validated before and after this run: what growing cost.
     scored = scorable_tasks(model.config, args.size, args.data_dir)["scored"]
@@ -245,6 +273,8 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     carry_best_model(accelerator, checkpoints.resume(args.resume_from_checkpoint), output_dir, state, args.max_steps)
     model_config = accelerator.unwrap_model(model).config
+    if pretrainer is not None:  # one unlabeled batch per labelled one
+        unlabeled_batches = endless_batches(unlabeled_loader, state.step * args.gradient_accumulation_steps)
 
     def compute_loss(model, batch):
         pixel_values = batch["pixel_values"]
@@ -258,12 +288,20 @@ def main() -> None:
             body_part_ids=batch["body_part_ids"],
             target_smoothing=args.label_smoothing,
         )
-        if not args.mixup_alpha:
-            return output.loss, {}
-        partner_loss, _ = multitask_loss(
-            model_config, output.task_logits, output.task_indices, batch["labels"][partner], args.label_smoothing
-        )
-        return weight * output.loss + (1 - weight) * partner_loss, {}
+        loss, scalars = output.loss, {}
+        if args.mixup_alpha:
+            partner_loss, _ = multitask_loss(
+                model_config, output.task_logits, output.task_indices, batch["labels"][partner], args.label_smoothing
+            )
+            loss = weight * loss + (1 - weight) * partner_loss
+        if pretrainer is not None:
+            images = {key: value.to(accelerator.device) for key, value in next(unlabeled_batches).items()}
+            pretext = pretrainer(
+                images["pixel_values"], modality_ids=images["modality_ids"], body_part_ids=images["body_part_ids"]
+            )
+            loss = loss + args.pretext_weight * pretext.loss
+            scalars = {"train/supervised_loss": output.loss.item(), "train/pretext_loss": pretext.loss.item()}
+        return loss, scalars
 
     # What is evaluated and saved: the EMA of the weights when it is on.
     evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
@@ -339,6 +377,7 @@ def main() -> None:
             f"{f'stochastic depth {model_config.drop_path_rate}, ' if model_config.drop_path_rate else ''}"
             f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
+            f"{f'its pretext tasks on the unlabeled images, weight {args.pretext_weight}, ' if pretrainer else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
             f"the checkpoint with the best mean validation AUC ({state.best_metric:.4f}; ties broken by mean "
             f"validation ACC) was kept."

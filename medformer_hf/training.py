@@ -30,7 +30,7 @@ from .data.medmnist import find_local, local_datasets, search_folders
 from .hub import EVALUATION_SPLITS, EXPORT_PARTIAL, TEST_TIME_FLIPS_FOLDER
 from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
-from .modeling_medformer import mean_over_flips, task_probabilities
+from .modeling_medformer import MedformerForPreTraining, mean_over_flips, task_probabilities
 
 logger = logging.get_logger(__name__)
 
@@ -423,6 +423,37 @@ def create_ema(
     return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
 
 
+# Where `add_pretext_tasks` registers the pre-training's heads on a fine-tuned model; never exported.
+PRETEXT_HEADS = "pretext_heads"
+
+
+def add_pretext_tasks(model: torch.nn.Module, checkpoint: str | os.PathLike) -> MedformerForPreTraining:
+    """Fine-tuning that keeps the pre-training's pretext tasks running on unlabeled images, through the same encoder
+    (semi-supervised, as S4L: Zhai et al. 2019), so that a few labels do not pull the encoder away from what the
+    unlabeled images taught it.
+
+    Returns `checkpoint`'s `MedformerForPreTraining` (its decoder and projector, the pretext tasks and mask ratio of
+    its config) with `model`'s encoder in place of its own. Its heads are registered on `model` as `PRETEXT_HEADS`,
+    so the optimizer, the EMA and the checkpoints carry them; `exported_state_dict` leaves them out.
+    """
+    pretrainer = MedformerForPreTraining.from_pretrained(checkpoint, dtype="float32")
+    pretrainer.medformer = model.medformer
+    heads = {"decoder": pretrainer.decoder, "projector": pretrainer.projector}
+    model.add_module(PRETEXT_HEADS, torch.nn.ModuleDict({name: head for name, head in heads.items() if head}))
+    return pretrainer
+
+
+def endless_batches(loader: torch.utils.data.DataLoader, start: int = 0):
+    """The batches of a `multitask_dataloader`, pass after pass, from the `start`-th on (a resumed run passes the
+    number it had drawn, so it draws what the interrupted run would have)."""
+    sampler = loader.batch_sampler
+    epoch, start_batch = divmod(start, sampler.num_batches)
+    while True:
+        sampler.set_epoch(epoch, start_batch=start_batch)
+        yield from loader
+        epoch, start_batch = epoch + 1, 0
+
+
 def mix_within_tasks(
     pixel_values: torch.Tensor, task_ids: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -637,10 +668,11 @@ def run_arguments(args: argparse.Namespace, num_processes: int) -> dict[str, Any
 
 def exported_state_dict(
     accelerator: Accelerator, model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None
-) -> dict[str, torch.Tensor] | None:
-    """The weights to export, whole; call it on every process (under FSDP gathering the shards is collective).
-    None with EMA: its module is an ordinary one that `save_pretrained` reads itself."""
-    return None if ema is not None else accelerator.get_state_dict(model)
+) -> dict[str, torch.Tensor]:
+    """The weights to export (the EMA's when it is on), whole and without `add_pretext_tasks`' heads; call it on
+    every process (under FSDP gathering the shards is collective)."""
+    weights = ema.module.state_dict() if ema is not None else accelerator.get_state_dict(model)
+    return {name: tensor for name, tensor in weights.items() if not name.startswith(f"{PRETEXT_HEADS}.")}
 
 
 # Files of a model folder that describe the weights they were written with (the card, evaluate.py's metrics).

@@ -224,6 +224,38 @@ def test_attentive_probing_trains_the_output_and_heads_on_the_frozen_pre_trained
     assert any(not torch.equal(first[key], second[key]) for key in trained if key.startswith("task_heads."))
 
 
+def test_fine_tuning_beside_the_pretext_tasks_trains_them_exports_without_them_and_resumes_exactly(
+    pretrained, tmp_path
+):
+    """`--pretext_weight`: the pre-training's decoder and projector train beside the heads on unlabeled images, ride
+    in the checkpoints (so a resumed run, which also draws the same unlabeled batches, ends bit-identical), and stay
+    out of the exported model."""
+    run = [*SMALL_RUN, "--init_from", str(pretrained), "--pretext_weight", "1", "--max_steps", "4"]
+    run += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    checked(run_script(tmp_path, "finetune.py", *run, "--output_dir", str(straight)))
+    exported = load_file(straight / "model.safetensors")
+    assert exported.keys() == MedformerForMultiTask.from_pretrained(straight).state_dict().keys()
+    assert not any(key.startswith("pretext_") for key in exported)
+    step = {n: load_file(straight / "checkpoints" / f"step_{n:08d}" / "model.safetensors") for n in (0, 2, 4)}
+    decoder = [key for key in step[4] if key.startswith("pretext_heads.decoder.")]
+    pre_trained = load_file(pretrained / "model.safetensors")
+    assert decoder and all(
+        torch.equal(step[0][key], pre_trained[key.removeprefix("pretext_heads.")]) for key in decoder
+    )
+    assert any(not torch.equal(step[2][key], step[4][key]) for key in decoder)
+    assert "its pretext tasks on the unlabeled images, weight 1.0" in (straight / "README.md").read_text()
+
+    middle = straight / "checkpoints" / "step_00000002"
+    checked(
+        run_script(tmp_path, "finetune.py", *run, "--resume_from_checkpoint", str(middle), "--output_dir", str(resumed))
+    )
+    end = load_file(resumed / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert end.keys() == step[4].keys()
+    for key in end:
+        assert torch.equal(end[key], step[4][key]), key
+
+
 def test_growing_by_a_new_task_with_a_frozen_backbone_keeps_old_tasks_exact(workdir, tmp_path):
     """`--train new_heads` on a set the checkpoint lacks: old tasks bit-identical, ids appended, a before/after report;
     then evaluate.py on a folder of files without the new set evaluates what it finds and says what it skipped."""
@@ -488,6 +520,13 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads"]
             + ["--drop_path_rate", "0.1"],
             "which --train new_heads freezes",
+        ),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--pretext_weight", "1"], "pass --init_from <its folder>"),
+        (
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
+            + ["--pretext_weight", "1"],
+            "--pretext_weight trains the encoder, which --train output_and_heads freezes",
         ),
     ],
 )
