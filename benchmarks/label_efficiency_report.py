@@ -1,5 +1,6 @@
-"""Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised (fine-tuned, or probed first) vs
-from scratch, mean +- std over seeds, from the metrics.json files that run_label_efficiency.sh writes.
+"""Table (Markdown) and plot (PNG) of test AUC vs label fraction, SSL-initialised (fine-tuned, probed first, or with
+the pretext tasks kept running) vs from scratch, mean +- std over seeds, from the metrics.json files that
+run_label_efficiency.sh writes.
 
     python benchmarks/label_efficiency_report.py outputs/label_efficiency [--record runs.json]
 
@@ -19,9 +20,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # The initialisations run_label_efficiency.sh knows, in table order, with their column names and plot colours.
-INIT_NAMES = {"ssl": "SSL init", "ssl_lpft": "SSL, probe first", "scratch": "scratch"}
-SSL_INITS = ("ssl", "ssl_lpft")
-COLOURS = {"ssl": (200, 60, 40), "ssl_lpft": (230, 150, 30), "scratch": (40, 90, 200)}
+INIT_NAMES = {
+    "ssl": "SSL init",
+    "ssl_lpft": "SSL, probe first",
+    "ssl_cotrain": "SSL, pretext kept",
+    "scratch": "scratch",
+}
+SSL_INITS = ("ssl", "ssl_lpft", "ssl_cotrain")
+COLOURS = {"ssl": (200, 60, 40), "ssl_lpft": (230, 150, 30), "ssl_cotrain": (120, 40, 160), "scratch": (40, 90, 200)}
 
 
 def run_key(run: dict) -> tuple:

@@ -8,9 +8,11 @@
 # Initialisations (INITS): ssl (fine-tune everything from the SSL checkpoint), scratch, and ssl_lpft (probe, then
 # fine-tune: first PROBE_STEPS steps training only the Output Adaptformer and the head on the frozen pre-trained
 # encoder, `--train output_and_heads`, then the study's fine-tuning from that model; LP-FT, Kumar et al. 2022, so the
-# random head does not distort the pre-trained features in the first steps).
+# random head does not distort the pre-trained features in the first steps), and ssl_cotrain (fine-tune everything from
+# the SSL checkpoint with its pretext tasks kept running on the set's unlabeled train images, `--pretext_weight`
+# PRETEXT_WEIGHT: semi-supervised).
 # Env: EPOCHS (passes over the labelled images, default 30), MIN_STEPS (floor for the few-label runs, default 100),
-# PROBE_STEPS (ssl_lpft's probe, default 50),
+# PROBE_STEPS (ssl_lpft's probe, default 50), PRETEXT_WEIGHT (ssl_cotrain's, default 1),
 # JOBS (runs in parallel, default 1; each gets nproc/JOBS threads), INITS (default "ssl scratch"; "scratch" alone
 # runs the from-scratch half, which needs no SSL checkpoint yet, e.g. while the pre-training still runs), SEEDS
 # (default "0 1 2") and FRACTIONS (default "0.01 0.1 1.0"): a subset of the study, e.g. only seed 2; RECORD (a JSON
@@ -28,11 +30,12 @@ fi
 EPOCHS=${EPOCHS:-30}
 MIN_STEPS=${MIN_STEPS:-100}
 PROBE_STEPS=${PROBE_STEPS:-50}
+PRETEXT_WEIGHT=${PRETEXT_WEIGHT:-1}
 JOBS=${JOBS:-1}
 for init in ${INITS:-}; do  # a misspelt name would run as scratch, and the report refuse it only after the runs
   case $init in
-    ssl | scratch | ssl_lpft) ;;
-    *) echo "INITS: unknown initialisation '$init': use ssl, scratch or ssl_lpft" >&2; exit 2 ;;
+    ssl | scratch | ssl_lpft | ssl_cotrain) ;;
+    *) echo "INITS: unknown initialisation '$init': use ssl, scratch, ssl_lpft or ssl_cotrain" >&2; exit 2 ;;
   esac
 done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
@@ -40,6 +43,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 source "$(dirname "$0")/settings.sh"
 require_settings "$OUT" settings "ssl=$SSL epochs=$EPOCHS min_steps=$MIN_STEPS"
 [[ " ${INITS:-} " == *" ssl_lpft "* ]] && require_settings "$OUT" probe_settings "probe_steps=$PROBE_STEPS"
+[[ " ${INITS:-} " == *" ssl_cotrain "* ]] && require_settings "$OUT" pretext_settings "pretext_weight=$PRETEXT_WEIGHT"
 
 runs=()  # seed outermost, so a run cut short still covers every set
 for seed in ${SEEDS:-0 1 2}; do
@@ -68,6 +72,7 @@ print(max(int(floor), math.ceil(float(epochs) * labelled / int(batch))))' \
       --checkpointing_steps 25 --label_smoothing 0.1 --report_to none --resume_from_checkpoint latest)
     case $init in
       ssl) init_args=(--init_from "$SSL") ;;
+      ssl_cotrain) init_args=(--init_from "$SSL" --pretext_weight "$PRETEXT_WEIGHT") ;;
       ssl_lpft)
         python examples/finetune.py "${common[@]}" --init_from "$SSL" --train output_and_heads \
           --max_steps "$PROBE_STEPS" --output_dir "$run/probe"
