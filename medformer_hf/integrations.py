@@ -61,6 +61,10 @@ class MedformerDataCollator:
     column, become integers. `task` (a task name) is added to each batch for
     `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. `modality` / `body_part` are used
     for rows that do not carry their own.
+
+    `label_smoothing` (with `task`) smooths the multi-task model's own loss (`target_smoothing`: towards 1/2 for its
+    sigmoid heads). Trainer's `label_smoothing_factor` replaces the model's loss by a softmax cross-entropy over the
+    logits: right for a classifier, wrong for a multi-task model's binary and ordinal heads.
     """
 
     def __init__(
@@ -69,7 +73,16 @@ class MedformerDataCollator:
         task: str | None = None,
         modality: str | None = None,
         body_part: str | None = None,
+        label_smoothing: float = 0.0,
     ):
+        if label_smoothing and task is None:
+            raise ValueError(
+                "label_smoothing smooths MedformerForMultiTask's loss (pass task=); for "
+                "MedformerForImageClassification use TrainingArguments(label_smoothing_factor=...)."
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.label_smoothing = label_smoothing
         self.processor = processor
         self.task = task
         self.modality = modality
@@ -90,6 +103,8 @@ class MedformerDataCollator:
             batch["labels"] = labels.float() if multilabel or labels.is_floating_point() else labels.long()
         if self.task is not None:
             batch["task"] = self.task
+        if self.label_smoothing:
+            batch["target_smoothing"] = self.label_smoothing
         return batch
 
 

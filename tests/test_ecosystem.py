@@ -106,6 +106,27 @@ def test_trainer_with_the_multitask_model_and_its_binary_logit(breast, tmp_path)
     assert set(predictions.metrics) >= {"test_acc", "test_auc", "test_loss"}
 
 
+def test_the_collators_label_smoothing_smooths_the_multi_task_models_own_loss(breast):
+    """Trainer's label_smoothing_factor would put a softmax over a binary task's one logit; the collator's option
+    reaches the model's own (sigmoid) smoothing instead, and is refused for the classifier, which has Trainer's."""
+    config = make_tiny_config(tasks={"breastmnist": CATALOGUE["breastmnist"].task_spec()})
+    model = MedformerForMultiTask(config).eval()
+    processor = MedformerImageProcessor.from_model_config(config)
+    rows = [breast["test"].with_format("numpy")[i] for i in range(8)]
+    smoothed = MedformerDataCollator(processor, task="breastmnist", label_smoothing=0.2)(rows)
+    plain = MedformerDataCollator(processor, task="breastmnist")(rows)
+    with torch.no_grad():
+        loss = model(**smoothed).loss
+        expected = model(**plain, target_smoothing=0.2).loss
+        unsmoothed = model(**plain).loss
+    torch.testing.assert_close(loss, expected)
+    assert not torch.isclose(loss, unsmoothed)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        MedformerDataCollator(processor, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        MedformerDataCollator(processor, task="breastmnist", label_smoothing=1.0)
+
+
 def test_the_collator_reads_each_rows_image_as_given_and_keeps_float_labels(breast):
     """Rows as `datasets` gives them (plain integers, torch, numpy), floats in [0, 1] from a transform, images without
     a channel axis: all reach the model as the same image; 16-bit rows are the processor's to refuse; float
