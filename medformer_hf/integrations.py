@@ -54,9 +54,10 @@ def lora_config(model: torch.nn.Module, r: int = 8, lora_alpha: int = 16, **kwar
 class MedformerDataCollator:
     """Rows of a `load_medmnist` split (uint8 `pixel_values`, `label`) -> model inputs through the image processor.
 
-    Each row's image goes to the processor as it is (uint8, float in [0, 1], uint16 with the processor's
-    `rescale_range`, with or without a channel axis), except that plain integer rows, which is how `datasets` returns
-    a uint8 column without a format, are read as uint8 when every value fits (else refused). Float labels stay float
+    Each row's image goes to the processor as it is (uint8, float in [0, 1], with or without a channel axis), except
+    plain integer rows, which is how `datasets` returns any integer column (`row_image`): with the processor's
+    `window` (CT in Hounsfield units), `rescale_range` (e.g. 12- or 16-bit) or `normalization="image"` (MRI) it maps
+    them; otherwise they are read as uint8 when every value fits (else refused). Float labels stay float
     (regression), labels of several columns become float (multi-label targets); class labels, one per row or in one
     column, become integers. `task` (a task name) is added to each batch for
     `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. `modality` / `body_part` are used
@@ -90,7 +91,7 @@ class MedformerDataCollator:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         features = self.processor(
-            [row_image(row["pixel_values"]) for row in rows],
+            [row_image(row["pixel_values"], self.processor) for row in rows],
             modality=[row.get("modality") or self.modality for row in rows],  # None: the model uses the task's
             body_part=[row.get("body_part") or self.body_part for row in rows],
         )
@@ -108,17 +109,21 @@ class MedformerDataCollator:
         return batch
 
 
-def row_image(pixels: Any) -> np.ndarray:
-    """A `datasets` row's image as the image processor reads it: signed integers (how a uint8 column comes back without
-    a format, or with `with_format("torch")`) become uint8 when they fit; other dtypes are the processor's to read."""
+def row_image(pixels: Any, processor: MedformerImageProcessor) -> np.ndarray:
+    """A `datasets` row's image as the image processor reads it. `datasets` gives every integer column back as int64
+    (uint8 and uint16 images, CT in Hounsfield units alike), so the processor's settings say what the integers are:
+    with a CT `window`, a `rescale_range` or per-image normalisation it maps them itself; without, they are uint8
+    display values when they fit, and refused otherwise. Other dtypes are the processor's to read."""
     image = np.asarray(pixels)  # lists, numpy arrays and CPU tensors alike
-    if image.dtype.kind != "i":
+    maps_integers = processor.window is not None or processor.rescale_range is not None
+    if image.dtype.kind != "i" or maps_integers or processor.normalization == "image":
         return image
     if image.size and (image.min() < 0 or image.max() > 255):
         raise ValueError(
-            f"Row pixel values span {image.min()}..{image.max()} as plain integers ({image.dtype}), outside uint8's "
-            "0..255: give the column as uint16 arrays (e.g. with_format('numpy')) and set the image processor's "
-            "rescale_range, or scale the images to floats in [0, 1]."
+            f"Row pixel values span {image.min()}..{image.max()} as plain integers ({image.dtype}, as datasets gives "
+            "any integer column), outside uint8's 0..255: give the collator's image processor the range they were "
+            "stored in (rescale_range=[low, high], e.g. [0, 4095] for 12-bit X-ray), or window= for CT in Hounsfield "
+            "units, or normalization='image' for MRI; or scale the images to floats in [0, 1]."
         )
     return image.astype(np.uint8)
 

@@ -158,6 +158,27 @@ def test_the_collator_reads_each_rows_image_as_given_and_keeps_float_labels(brea
     assert collator(multilabel)["labels"].dtype == torch.float32
 
 
+def test_the_collator_reads_integer_columns_by_the_processors_intensity_settings():
+    """`datasets` gives uint16 X-rays and int16 CT alike back as int64: with the processor's rescale_range, window or
+    per-image normalisation the collator's rows reach the model as the original dtype's would; without, values past
+    uint8 are refused, naming those settings."""
+    rng = np.random.default_rng(0)
+    xray = rng.integers(0, 4096, (2, 28, 28), dtype=np.uint16)
+    ct = rng.integers(-1000, 1500, (2, 28, 28, 28), dtype=np.int16)
+    for settings, images in (
+        ({"rescale_range": [0, 4095]}, xray),
+        ({"window": "soft_tissue"}, ct),
+        ({"normalization": "image"}, ct),
+    ):
+        processor = MedformerImageProcessor(**settings)
+        expected = processor(list(images), modality="ct")["pixel_values"]
+        rows = [{"pixel_values": image.astype(np.int64).tolist()} for image in images]
+        collated = MedformerDataCollator(processor, modality="ct")(rows)["pixel_values"]
+        torch.testing.assert_close(collated, expected)
+    with pytest.raises(ValueError, match="rescale_range=.*window=.*normalization='image'"):
+        MedformerDataCollator(MedformerImageProcessor())([{"pixel_values": xray[0].astype(np.int64)}])
+
+
 def test_lora_trains_only_adapters_and_head_and_merges_exactly(tmp_path):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
