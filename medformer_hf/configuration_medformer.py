@@ -314,7 +314,7 @@ class MedformerConfig(PretrainedConfig):
         task_order = kwargs.pop("task_order", None) or list(tasks)
         if sorted(task_order) != sorted(tasks):
             raise ValueError(f"task_order {task_order} does not list the tasks {sorted(tasks)}.")
-        self.tasks = {name: self._normalize_task(name, tasks[name]) for name in task_order}
+        self.tasks = {name: tasks[name] for name in task_order}  # checked and normalised by __setattr__
         self.private_output_tasks = list(private_output_tasks or [])
         unknown_private = set(self.private_output_tasks) - set(self.tasks)
         if unknown_private:
@@ -532,6 +532,13 @@ class MedformerConfig(PretrainedConfig):
                 )
         return normalized
 
+    def __setattr__(self, key: str, value: Any) -> None:
+        # `from_pretrained(path, tasks=...)` sets the field directly, as does `config.tasks = ...`: each entry is
+        # checked and brought to its canonical form as in __init__ (once the vocabularies it is checked against exist).
+        if key == "tasks" and isinstance(value, dict) and "body_part_names" in self.__dict__:
+            value = {name: self._normalize_task(name, spec) for name, spec in value.items()}
+        super().__setattr__(key, value)
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["task_order"] = list(self.tasks)  # config.json sorts keys; task ids need the order
@@ -552,7 +559,7 @@ class MedformerConfig(PretrainedConfig):
             raise ValueError(f"adapter_rank must be a positive integer (or 0: no adapters), got {adapter_rank!r}.")
         if adapt_input and not adapter_rank:
             raise ValueError("adapt_input extends the task's adapters to the Input Adaptformer: give an adapter_rank.")
-        self.tasks = {**self.tasks, name: self._normalize_task(name, spec)}
+        self.tasks = {**self.tasks, name: spec}  # checked and normalised by __setattr__
         if private_output:
             self.private_output_tasks = [*self.private_output_tasks, name]
         if adapter_rank:

@@ -66,3 +66,22 @@ def test_add_task_validates_and_refuses_duplicates():
     with pytest.raises(ValueError, match="already exists"):
         config.add_task("derma", type="binary", num_labels=2)
     assert set(TASKS) < set(config.tasks)
+
+
+def test_tasks_set_after_construction_are_checked_like_those_given_to_it(tmp_path):
+    """`from_pretrained(path, tasks=...)` (transformers sets the field on the loaded config) and `config.tasks = ...`
+    go through the same checks and canonical form as `MedformerConfig(tasks=...)`."""
+    from medformer_hf import MedformerForImageClassification, MedformerModel
+
+    MedformerModel(make_tiny_config(tasks=None)).save_pretrained(tmp_path)
+    spec = {"type": "multiclass", "labels": ["a", "b", "c"], "modality": "xray", "body_part": "chest"}
+    model = MedformerForImageClassification.from_pretrained(tmp_path, tasks={"cxr": spec})
+    assert model.config.tasks["cxr"]["id2label"] == {0: "a", 1: "b", 2: "c"}
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"} and model.classifier.projection.out_features == 3
+    with pytest.raises(ValueError, match="labels must be a list"):
+        MedformerForImageClassification.from_pretrained(tmp_path, tasks={"cxr": {**spec, "labels": {"a": 0}}})
+    config = make_tiny_config()
+    with pytest.raises(ValueError, match="sonar"):
+        config.tasks = {"x": {"type": "binary", "num_labels": 2, "modality": "sonar"}}
+    config.tasks = {"x": {"type": "binary", "num_labels": 2}}
+    assert config.tasks["x"]["id2label"] == {0: "LABEL_0", 1: "LABEL_1"}

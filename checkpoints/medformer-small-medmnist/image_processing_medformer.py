@@ -558,7 +558,8 @@ def to_unit_range(
     """Intensities to [0, 1]: CT window, else an explicit range, else the dtype's range; NaN/inf raise.
 
     Float images without a window or range are taken as already scaled, so they must lie in [0, 1] (unless
-    `floats_in_unit_range` is False: per-image normalisation follows, as for MRI): physical units such as
+    `floats_in_unit_range` is False: per-image normalisation follows, as for MRI, so floats and integers of any range
+    pass as they are): physical units such as
     Hounsfield units from `load_dicom` raise instead of reaching the model unscaled.
     """
     pixels = pixels.to(torch.float32)
@@ -620,6 +621,8 @@ def to_unit_range(
         return pixels
     elif source_dtype in DTYPE_RANGES:
         return pixels / DTYPE_RANGES[source_dtype][1]
+    elif not floats_in_unit_range:  # per-image normalisation follows, which no stored range would change
+        return pixels
     else:
         raise ValueError(
             f"{source_dtype} images have no agreed intensity range (this one spans [{float(pixels.min()):.6g}, "
