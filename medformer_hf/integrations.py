@@ -98,7 +98,13 @@ class MedformerDataCollator:
         batch = {key: features[key] for key in ("pixel_values", "modality_ids", "body_part_ids")}
         key = "label" if "label" in rows[0] else "labels"
         if key in rows[0]:
-            labels = torch.as_tensor(np.asarray([row[key] for row in rows]))
+            values = np.asarray([row[key] for row in rows])
+            if values.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"The {key!r} column holds {values.dtype} values such as {values.flat[0]!r}: give class indices "
+                    "(e.g. dataset.class_encode_column), in the order of the task's labels."
+                )
+            labels = torch.as_tensor(values)
             # Several columns are multi-label targets; one integer column (MedMNIST's (N, 1) labels) stays classes.
             multilabel = labels.ndim == 2 and labels.shape[1] > 1
             batch["labels"] = labels.float() if multilabel or labels.is_floating_point() else labels.long()

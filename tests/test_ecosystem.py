@@ -156,6 +156,8 @@ def test_the_collator_reads_each_rows_image_as_given_and_keeps_float_labels(brea
     assert collator(as_column)["labels"].flatten().tolist() == [row["label"] for row in rows]
     multilabel = [{**row, "label": np.asarray([1, 0, 1])} for row in rows]
     assert collator(multilabel)["labels"].dtype == torch.float32
+    with pytest.raises(ValueError, match="class_encode_column"):
+        collator([{**row, "label": "malignant"} for row in rows])
 
 
 def test_the_collator_reads_integer_columns_by_the_processors_intensity_settings():

@@ -230,8 +230,8 @@ def test_fine_tuning_beside_the_pretext_tasks_trains_them_exports_without_them_a
     """`--pretext_weight`: the pre-training's decoder and projector train beside the heads on unlabeled images, ride
     in the checkpoints (so a resumed run, which also draws the same unlabeled batches, ends bit-identical), and stay
     out of the exported model."""
-    run = [*SMALL_RUN, "--init_from", str(pretrained), "--pretext_weight", "1", "--max_steps", "4"]
-    run += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
+    run = [*SMALL_RUN, "--datasets", "breastmnist", "--init_from", str(pretrained), "--pretext_weight", "1"]
+    run += ["--max_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     checked(run_script(tmp_path, "finetune.py", *run, "--output_dir", str(straight)))
     exported = load_file(straight / "model.safetensors")
