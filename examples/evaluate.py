@@ -61,6 +61,12 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
     check_data_dir(parser, args.data_dir)
     config = MedformerConfig.from_pretrained(args.model)
+    if "MedformerForImageClassification" in (config.architectures or []):
+        parser.error(
+            f"--model {args.model} holds a single-task classifier (e.g. from the README's Trainer route); evaluate.py "
+            "scores the multi-task folders of finetune.py. Score a classifier with Trainer.evaluate and "
+            "medformer_hf.integrations.medmnist_compute_metrics."
+        )
     tasks = list(config.tasks)
     medmnist_tasks = [name for name in tasks if name in CATALOGUE]
     if not medmnist_tasks:

@@ -541,6 +541,17 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, monkeypatch, cap
     assert time.time() - started < 60
 
 
+def test_evaluate_names_the_route_for_a_single_task_classifier(tmp_path, monkeypatch, capsys):
+    from medformer_hf import MedformerConfig, MedformerForImageClassification
+    from medformer_hf.data import CATALOGUE
+
+    config = MedformerConfig(hidden_size=32, num_latents=4, num_hidden_layers=1, num_attention_heads=2)
+    config.tasks = {"breastmnist": CATALOGUE["breastmnist"].task_spec()}
+    MedformerForImageClassification(config).save_pretrained(tmp_path / "classifier")
+    result = run_main(monkeypatch, capsys, tmp_path, "evaluate.py", "--model", str(tmp_path / "classifier"))
+    assert result.returncode == 2 and "Trainer.evaluate" in result.stderr.strip().splitlines()[-1]
+
+
 def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named(tmp_path, monkeypatch, capsys):
     """`--resume_from_checkpoint latest` in a folder holding a model but no checkpoint would start a new run over it;
     evaluating without local files names --data_dir. A copy of the released config stands in for the model."""
