@@ -18,11 +18,11 @@ from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_data
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
     CheckpointManager,
+    FineTuningWithPretexts,
     HelpFormatter,
     TrainState,
     add_common_arguments,
     add_model_arguments,
-    add_pretext_tasks,
     carry_best_model,
     check_common_arguments,
     create_accelerator,
@@ -34,6 +34,7 @@ from medformer_hf.training import (
     evaluate_tasks,
     export_model_folder,
     exported_state_dict,
+    fine_tuned_model,
     given_model_flags,
     log_line,
     mix_within_tasks,
@@ -228,8 +229,8 @@ def main() -> None:
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
     model, old_tasks = build_model(args)
-    pretrainer = add_pretext_tasks(model, args.init_from) if args.pretext_weight else None
-    if pretrainer is not None:
+    with_pretexts = args.pretext_weight > 0
+    if with_pretexts:
         with accelerator.main_process_first():
             unlabeled = build_multitask_dataset(args.datasets, "train", with_labels=False, **load)
     processor = training_processor(model.config, args)
@@ -243,7 +244,7 @@ def main() -> None:
         num_workers=args.num_workers,
     )
     resolve_budget(accelerator, args, loader)
-    if pretrainer is not None:  # its own seed: the labelled and unlabeled images are drawn independently
+    if with_pretexts:  # its own seed: the labelled and unlabeled images are drawn independently
         unlabeled_loader = multitask_dataloader(
             unlabeled,
             MedformerCollator(unlabeled, processor),
@@ -262,49 +263,52 @@ def main() -> None:
             if name in scored
         }
     old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
-    optimizer, scheduler = create_optimizer(model, args, accelerator.num_processes, args.layer_decay)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trained = FineTuningWithPretexts(model, args.init_from) if with_pretexts else model
+    optimizer, scheduler = create_optimizer(trained, args, accelerator.num_processes, args.layer_decay)
+    trained, optimizer, scheduler = accelerator.prepare(trained, optimizer, scheduler)
     # From here each process draws its own masks, augmentations and dropout (seed + process index): one seed for all
     # would give every process's i-th image the same ones. The sampler keeps its shared generator.
     set_seed(args.seed, device_specific=True)
     state = TrainState()
-    ema = create_ema(accelerator, model, args.ema_decay)
+    ema = create_ema(accelerator, trained, args.ema_decay)
     checkpoints = CheckpointManager.for_run(accelerator, args, state, ema)
     output_dir = Path(args.output_dir)
     carry_best_model(accelerator, checkpoints.resume(args.resume_from_checkpoint), output_dir, state, args.max_steps)
-    model_config = accelerator.unwrap_model(model).config
-    if pretrainer is not None:  # one unlabeled batch per labelled one
+    model_config = model.config
+    if with_pretexts:  # one unlabeled batch per labelled one
         unlabeled_batches = endless_batches(unlabeled_loader, state.step * args.gradient_accumulation_steps)
 
-    def compute_loss(model, batch):
+    def compute_loss(trained, batch):
         pixel_values = batch["pixel_values"]
         if args.mixup_alpha:
             pixel_values, partner, weight = mix_within_tasks(pixel_values, batch["task_ids"], args.mixup_alpha)
-        output = model(
-            pixel_values,
+        labelled = dict(
+            pixel_values=pixel_values,
             task=batch["task_ids"],
             labels=batch["labels"],
             modality_ids=batch["modality_ids"],
             body_part_ids=batch["body_part_ids"],
             target_smoothing=args.label_smoothing,
         )
+        if with_pretexts:
+            images = next(unlabeled_batches)
+            pretext_inputs = ("pixel_values", "modality_ids", "body_part_ids")
+            output, pretext = trained(labelled, {key: images[key].to(accelerator.device) for key in pretext_inputs})
+        else:
+            output = trained(**labelled)
         loss, scalars = output.loss, {}
         if args.mixup_alpha:
             partner_loss, _ = multitask_loss(
                 model_config, output.task_logits, output.task_indices, batch["labels"][partner], args.label_smoothing
             )
             loss = weight * loss + (1 - weight) * partner_loss
-        if pretrainer is not None:
-            images = {key: value.to(accelerator.device) for key, value in next(unlabeled_batches).items()}
-            pretext = pretrainer(
-                images["pixel_values"], modality_ids=images["modality_ids"], body_part_ids=images["body_part_ids"]
-            )
+        if with_pretexts:
             loss = loss + args.pretext_weight * pretext.loss
             scalars = {"train/supervised_loss": output.loss.item(), "train/pretext_loss": pretext.loss.item()}
         return loss, scalars
 
     # What is evaluated and saved: the EMA of the weights when it is on.
-    evaluated = accelerator.unwrap_model(model) if ema is None else ema.module
+    evaluated = fine_tuned_model(accelerator.unwrap_model(trained) if ema is None else ema.module)
     if old_validation and state.step == 0:
         old_before, _ = evaluate_tasks(accelerator, evaluated, old_validation, old_collators, args.batch_size)
         if accelerator.is_main_process:
@@ -322,7 +326,7 @@ def main() -> None:
         if not best:
             return
         state.best_metric, state.best_accuracy = mean_auc, mean_acc
-        weights = exported_state_dict(accelerator, model, ema)
+        weights = exported_state_dict(accelerator, trained, ema)
 
         def write(folder: Path) -> None:
             evaluated.save_pretrained(folder, state_dict=weights)
@@ -343,7 +347,7 @@ def main() -> None:
 
     train(
         accelerator,
-        model,
+        trained,
         loader,
         optimizer,
         scheduler,
@@ -377,7 +381,7 @@ def main() -> None:
             f"{f'stochastic depth {model_config.drop_path_rate}, ' if model_config.drop_path_rate else ''}"
             f"{f'mixup alpha {args.mixup_alpha}, ' if args.mixup_alpha else ''}"
             f"{f'layer-wise lr decay {args.layer_decay}, ' if args.layer_decay < 1 else ''}"
-            f"{f'its pretext tasks on the unlabeled images, weight {args.pretext_weight}, ' if pretrainer else ''}"
+            f"{f'its pretext tasks on the unlabeled images, weight {args.pretext_weight}, ' if with_pretexts else ''}"
             f"{f'--train {args.train}, ' if args.train != 'all' else ''}seed {args.seed}; "
             f"the checkpoint with the best mean validation AUC ({state.best_metric:.4f}; ties broken by mean "
             f"validation ACC) was kept."

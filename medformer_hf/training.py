@@ -423,24 +423,37 @@ def create_ema(
     return torch.optim.swa_utils.AveragedModel(accelerator.unwrap_model(model), avg_fn=average, use_buffers=True)
 
 
-# Where `add_pretext_tasks` registers the pre-training's heads on a fine-tuned model; never exported.
-PRETEXT_HEADS = "pretext_heads"
+class FineTuningWithPretexts(torch.nn.Module):
+    """A model fine-tuned with the pretext tasks of the pre-training it starts from kept running on unlabeled images,
+    through the same encoder (semi-supervised, as S4L: Zhai et al. 2019), so that a few labels do not pull the encoder
+    away from what the unlabeled images taught it.
 
-
-def add_pretext_tasks(model: torch.nn.Module, checkpoint: str | os.PathLike) -> MedformerForPreTraining:
-    """Fine-tuning that keeps the pre-training's pretext tasks running on unlabeled images, through the same encoder
-    (semi-supervised, as S4L: Zhai et al. 2019), so that a few labels do not pull the encoder away from what the
-    unlabeled images taught it.
-
-    Returns `checkpoint`'s `MedformerForPreTraining` (its decoder and projector, the pretext tasks and mask ratio of
-    its config) with `model`'s encoder in place of its own. Its heads are registered on `model` as `PRETEXT_HEADS`,
-    so the optimizer, the EMA and the checkpoints carry them; `exported_state_dict` leaves them out.
+    `checkpoint`'s `MedformerForPreTraining` (its pretext tasks and mask ratio) runs with `model`'s encoder and its own
+    decoder and projector, registered here as `pretext_heads`. One module, so that the optimizer, the EMA and the
+    checkpoints carry them and one forward computes both losses: DDP needs every parameter a backward reaches to be
+    used inside its forward. `exported_state_dict` exports `model`'s weights alone.
     """
-    pretrainer = MedformerForPreTraining.from_pretrained(checkpoint, dtype="float32")
-    pretrainer.medformer = model.medformer
-    heads = {"decoder": pretrainer.decoder, "projector": pretrainer.projector}
-    model.add_module(PRETEXT_HEADS, torch.nn.ModuleDict({name: head for name, head in heads.items() if head}))
-    return pretrainer
+
+    def __init__(self, model: torch.nn.Module, checkpoint: str | os.PathLike):
+        super().__init__()
+        pretrainer = MedformerForPreTraining.from_pretrained(checkpoint, dtype="float32")
+        pretrainer.medformer = model.medformer
+        self.model = model
+        self.config = model.config
+        heads = {"decoder": pretrainer.decoder, "projector": pretrainer.projector}
+        self.pretext_heads = torch.nn.ModuleDict({name: head for name, head in heads.items() if head is not None})
+        self._pretrainer = (pretrainer,)  # not a submodule: its weights are model's encoder and pretext_heads
+
+    def forward(self, labelled: dict[str, Any], unlabeled: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """`model(**labelled)` and the pretext tasks' output (`MedformerForPreTrainingOutput`) on `unlabeled`."""
+        pretrainer = self._pretrainer[0]
+        pretrainer.training = self.training  # its contrastive losses gather across processes in training steps only
+        return self.model(**labelled), pretrainer(**unlabeled)
+
+
+def fine_tuned_model(module: torch.nn.Module) -> torch.nn.Module:
+    """The model a (unwrapped) training module fine-tunes: the module itself, or a `FineTuningWithPretexts`' model."""
+    return module.model if isinstance(module, FineTuningWithPretexts) else module
 
 
 def endless_batches(loader: torch.utils.data.DataLoader, start: int = 0):
@@ -616,7 +629,9 @@ class CheckpointManager:
         self.accelerator.load_state(str(path))
         self.state.load(path / self.state_file)
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(path / self.ema_file, device=str(self.accelerator.device)))
+            # Read on the CPU and copied into the EMA's tensors: a CPU process's device reads "cpu:0" under
+            # several processes, which safetensors refuses.
+            self.ema.load_state_dict(load_file(path / self.ema_file))
         return path
 
     def check_arguments(self, path: Path) -> None:
@@ -669,10 +684,12 @@ def run_arguments(args: argparse.Namespace, num_processes: int) -> dict[str, Any
 def exported_state_dict(
     accelerator: Accelerator, model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None
 ) -> dict[str, torch.Tensor]:
-    """The weights to export (the EMA's when it is on), whole and without `add_pretext_tasks`' heads; call it on
-    every process (under FSDP gathering the shards is collective)."""
+    """The weights to export (the EMA's when it is on), whole, of the fine-tuned model alone (`fine_tuned_model`);
+    call it on every process (under FSDP gathering the shards is collective)."""
     weights = ema.module.state_dict() if ema is not None else accelerator.get_state_dict(model)
-    return {name: tensor for name, tensor in weights.items() if not name.startswith(f"{PRETEXT_HEADS}.")}
+    if not isinstance(accelerator.unwrap_model(model), FineTuningWithPretexts):
+        return weights
+    return {name.removeprefix("model."): tensor for name, tensor in weights.items() if name.startswith("model.")}
 
 
 # Files of a model folder that describe the weights they were written with (the card, evaluate.py's metrics).

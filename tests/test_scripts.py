@@ -229,11 +229,11 @@ def test_fine_tuning_beside_the_pretext_tasks_trains_them_exports_without_them_a
 ):
     """`--pretext_weight`: the pre-training's decoder and projector train beside the heads on unlabeled images, ride
     in the checkpoints (so a resumed run, which also draws the same unlabeled batches, ends bit-identical), and stay
-    out of the exported model."""
+    out of the exported model. Two processes: DDP sees every parameter the backward reaches in one forward."""
     run = [*SMALL_RUN, "--datasets", "breastmnist", "--init_from", str(pretrained), "--pretext_weight", "1"]
     run += ["--max_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    checked(run_script(tmp_path, "finetune.py", *run, "--output_dir", str(straight)))
+    checked(run_script(tmp_path, "finetune.py", *run, "--output_dir", str(straight), processes=2))
     exported = load_file(straight / "model.safetensors")
     assert exported.keys() == MedformerForMultiTask.from_pretrained(straight).state_dict().keys()
     assert not any(key.startswith("pretext_") for key in exported)
@@ -247,9 +247,8 @@ def test_fine_tuning_beside_the_pretext_tasks_trains_them_exports_without_them_a
     assert "its pretext tasks on the unlabeled images, weight 1.0" in (straight / "README.md").read_text()
 
     middle = straight / "checkpoints" / "step_00000002"
-    checked(
-        run_script(tmp_path, "finetune.py", *run, "--resume_from_checkpoint", str(middle), "--output_dir", str(resumed))
-    )
+    resume = ["--resume_from_checkpoint", str(middle), "--output_dir", str(resumed)]
+    checked(run_script(tmp_path, "finetune.py", *run, *resume, processes=2))
     end = load_file(resumed / "checkpoints" / "step_00000004" / "model.safetensors")
     assert end.keys() == step[4].keys()
     for key in end:
