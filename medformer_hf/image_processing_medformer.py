@@ -347,7 +347,7 @@ class MedformerImageProcessor(BaseImageProcessor):
             group.source_dtype,
             settings["window"],
             settings["rescale_range"],
-            floats_in_unit_range=settings["normalization"] != "image",
+            normalised_per_image=settings["normalization"] == "image",
         )
         if pixels.shape[1] not in SUPPORTED_CHANNELS:
             raise ValueError(
@@ -553,13 +553,13 @@ def to_unit_range(
     source_dtype: np.dtype,
     window: str | list[float] | None,
     rescale_range: list[float] | None,
-    floats_in_unit_range: bool = True,
+    normalised_per_image: bool = False,
 ) -> torch.Tensor:
     """Intensities to [0, 1]: CT window, else an explicit range, else the dtype's range; NaN/inf raise.
 
     Float images without a window or range are taken as already scaled, so they must lie in [0, 1] (unless
-    `floats_in_unit_range` is False: per-image normalisation follows, as for MRI, so floats and integers of any range
-    pass as they are): physical units such as
+    `normalised_per_image`: per-image normalisation follows, as for MRI, so floats and integers of any range pass as
+    they are): physical units such as
     Hounsfield units from `load_dicom` raise instead of reaching the model unscaled.
     """
     pixels = pixels.to(torch.float32)
@@ -611,7 +611,7 @@ def to_unit_range(
         low, high = rescale_range
     elif source_dtype.kind == "f":
         low, high = float(pixels.min()), float(pixels.max())
-        if floats_in_unit_range and (low < -UNIT_RANGE_SLACK or high > 1 + UNIT_RANGE_SLACK):
+        if not normalised_per_image and (low < -UNIT_RANGE_SLACK or high > 1 + UNIT_RANGE_SLACK):
             raise ValueError(
                 f"Float image values span [{low:.4g}, {high:.4g}], but float images without a window are taken as "
                 f"already scaled to [0, 1]. CT in Hounsfield units (load_dicom gives those): pass window= (a preset "
@@ -621,7 +621,7 @@ def to_unit_range(
         return pixels
     elif source_dtype in DTYPE_RANGES:
         return pixels / DTYPE_RANGES[source_dtype][1]
-    elif not floats_in_unit_range:  # per-image normalisation follows, which no stored range would change
+    elif normalised_per_image:  # per-image normalisation follows, which no stored range would change
         return pixels
     else:
         raise ValueError(

@@ -121,8 +121,10 @@ def row_image(pixels: Any, processor: MedformerImageProcessor) -> np.ndarray:
     with a CT `window`, a `rescale_range` or per-image normalisation it maps them itself; without, they are uint8
     display values when they fit, and refused otherwise. Other dtypes are the processor's to read."""
     image = np.asarray(pixels)  # lists, numpy arrays and CPU tensors alike
-    maps_integers = processor.window is not None or processor.rescale_range is not None
-    if image.dtype.kind != "i" or maps_integers or processor.normalization == "image":
+    processor_maps_integers = (
+        processor.window is not None or processor.rescale_range is not None or processor.normalization == "image"
+    )
+    if image.dtype.kind != "i" or processor_maps_integers:
         return image
     if image.size and (image.min() < 0 or image.max() > 255):
         raise ValueError(

@@ -683,10 +683,13 @@ def run_arguments(args: argparse.Namespace, num_processes: int) -> dict[str, Any
 
 def exported_state_dict(
     accelerator: Accelerator, model: torch.nn.Module, ema: torch.optim.swa_utils.AveragedModel | None
-) -> dict[str, torch.Tensor]:
-    """The weights to export (the EMA's when it is on), whole, of the fine-tuned model alone (`fine_tuned_model`);
-    call it on every process (under FSDP gathering the shards is collective)."""
-    weights = ema.module.state_dict() if ema is not None else accelerator.get_state_dict(model)
+) -> dict[str, torch.Tensor] | None:
+    """The weights to export, whole, of the fine-tuned model alone (`fine_tuned_model`); call it on every process
+    (under FSDP gathering the shards is collective). None with EMA: `fine_tuned_model(ema.module)` is an ordinary
+    module that `save_pretrained` reads itself."""
+    if ema is not None:
+        return None
+    weights = accelerator.get_state_dict(model)
     if not isinstance(accelerator.unwrap_model(model), FineTuningWithPretexts):
         return weights
     return {name.removeprefix("model."): tensor for name, tensor in weights.items() if name.startswith("model.")}
