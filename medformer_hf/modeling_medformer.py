@@ -325,9 +325,16 @@ def check_inputs(
     modality_ids: torch.Tensor | None,
     body_part_ids: torch.Tensor | None,
     dtype: torch.dtype,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise a ValueError that names the problem and the fix; return `pixel_values` in the model's `dtype` (as
-    transformers' vision models cast them) and the (defaulted) metadata ids."""
+    transformers' vision models cast them) and the (defaulted) metadata ids.
+
+    `training` (a forward that trains the weights) records the input size in `config` (`image_size_2d` /
+    `image_size_3d`) where it differs: the weights now learn at that size, so a checkpoint saved by any training
+    loop (Trainer's too) knows it, `MedformerImageProcessor.from_model_config` resizes to it, and the model warns
+    away from it.
+    """
     require_tensor(pixel_values)
     if pixel_values.ndim not in (4, 5):
         raise ValueError(
@@ -358,7 +365,10 @@ def check_inputs(
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0); skip empty batches before the model.")
     trained = config.image_size_2d if dims == 2 else config.image_size_3d
-    if trained is not None and list(spatial) != list(trained) and not torch.compiler.is_compiling():
+    if training and trained != list(spatial) and not torch.compiler.is_compiling():
+        logger.info(f"Training at {dims}D input size {spatial}: recorded as config.image_size_{dims}d (was {trained}).")
+        setattr(config, f"image_size_{dims}d", list(spatial))
+    elif trained is not None and list(spatial) != list(trained) and not torch.compiler.is_compiling():
         # Any size runs, but a checkpoint is accurate at the size it learned (the released one: OrganMNIST3D test
         # ACC 0.95 at 28^3, 0.47 at 64^3), so say so once instead of answering worse in silence.
         logger.warning_once(
@@ -1086,7 +1096,12 @@ class MedformerModel(MedformerPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         pixel_values, modality_ids, body_part_ids = check_inputs(
-            self.config, pixel_values, modality_ids, body_part_ids, self.input_adaptformer.latents.dtype
+            self.config,
+            pixel_values,
+            modality_ids,
+            body_part_ids,
+            self.input_adaptformer.latents.dtype,
+            training=self.training and torch.is_grad_enabled(),
         )
         unknown = sorted(set(adapter_rows or {}) - set(self.task_adapters))
         if unknown:
@@ -1598,8 +1613,9 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
         """
         num_views = self.num_views
         dtype = self.medformer.input_adaptformer.latents.dtype
+        training = self.training and torch.is_grad_enabled()
         pixel_values, modality_ids, body_part_ids = check_inputs(
-            self.config, pixel_values, modality_ids, body_part_ids, dtype
+            self.config, pixel_values, modality_ids, body_part_ids, dtype, training
         )
         batch_size = pixel_values.shape[0]
         if self.projector is not None and batch_size < 2:  # the projector exists for the contrastive pretexts
@@ -1616,7 +1632,7 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
                     f"view_pixel_values must be shaped like pixel_values {tuple(pixel_values.shape)}, got "
                     f"{tuple(view_pixel_values.shape)}."
                 )
-            view_pixel_values = check_inputs(self.config, view_pixel_values, None, None, dtype)[0]
+            view_pixel_values = check_inputs(self.config, view_pixel_values, None, None, dtype, training)[0]
         views = pixel_values
         if num_views > 1:  # rows: image 0 view 1, image 0 view 2, image 1 view 1, ...
             second = pixel_values if view_pixel_values is None else view_pixel_values

@@ -9,6 +9,7 @@ from medformer_hf import (
     MedformerForImageClassification,
     MedformerForMultiTask,
     MedformerForPreTraining,
+    MedformerImageProcessor,
     MedformerModel,
     task_loss,
     task_probabilities,
@@ -484,3 +485,27 @@ def test_an_input_at_another_size_than_the_recorded_training_size_is_named_once(
         model(torch.rand(2, 1, 36, 36))
     assert other_size.out.count("2D input of spatial size (36, 36), but this model was trained at (20, 20)") == 1
     assert "MedformerImageProcessor.from_pretrained(<model folder>)" in other_size.out
+
+
+def test_training_at_a_new_size_records_it_so_the_saved_model_knows_it(tiny_config, tmp_path):
+    """Fine-tuning at another size than the checkpoint's (Trainer, a custom loop) must leave a checkpoint that knows
+    the new size: its processor built from the config resizes to it, and it does not warn at it."""
+    from transformers.testing_utils import CaptureLogger
+
+    from medformer_hf import modeling_medformer
+
+    tiny_config.image_size_2d = [20, 20]
+    model = MedformerForImageClassification(tiny_config)
+    with torch.no_grad():  # a forward that trains nothing (e.g. dropout at inference) records nothing
+        model(torch.rand(2, 1, 28, 28))
+    assert model.config.image_size_2d == [20, 20]
+    with CaptureLogger(modeling_medformer.logger) as training:
+        model(torch.rand(2, 1, 36, 36), labels=torch.tensor([0, 1])).loss.backward()
+    assert "trained at" not in training.out
+    assert (model.config.image_size_2d, model.config.image_size_3d) == ([36, 36], None)  # 3D: still not recorded
+    model.save_pretrained(tmp_path)
+    reloaded = MedformerForImageClassification.from_pretrained(tmp_path).eval()
+    assert MedformerImageProcessor.from_model_config(reloaded.config).size_2d == [36, 36]
+    with torch.no_grad(), CaptureLogger(modeling_medformer.logger) as inference:
+        reloaded(torch.rand(2, 1, 36, 36))
+    assert inference.out == ""

@@ -154,8 +154,10 @@ class MedformerConfig(PretrainedConfig):
             Channel counts that get a 3D patch embedding.
         image_size_2d, image_size_3d (`list[int]`, *optional*):
             The input sizes the weights were trained at (what the processor saved with them resizes images to),
-            recorded by the training scripts: `MedformerImageProcessor.from_model_config` takes them as its sizes,
-            so a processor built from the config alone feeds the model what it learned from. None: not recorded.
+            recorded by the model itself whenever it trains at another size (in any training loop):
+            `MedformerImageProcessor.from_model_config` takes them as its sizes, so a processor built from the
+            config alone feeds the model what it learned from. None: not recorded (not trained at that
+            dimensionality yet).
         num_position_bands (`int`, *optional*, defaults to 16):
             Fourier frequency bands per axis of the coordinate features; they work for any image size.
         max_position_frequency (`float`, *optional*, defaults to 32.0):
