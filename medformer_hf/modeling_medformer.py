@@ -970,22 +970,30 @@ class MedformerPreTrainedModel(PreTrainedModel):
                 "For new labels add a task (model.add_task(name, type=..., labels=[...]), or finetune.py --datasets), "
                 "or fine-tune one task as a classifier (MedformerForImageClassification.from_multi_task(path, task))."
             )
-        with _quiet_transformers():
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
-            )
-        saved_as = model.config.architectures or []
+        # What the folder holds is checked before loading it, so a refusal is not preceded by the load's warnings.
+        config = kwargs.get("config")
+        if isinstance(config, transformers.PretrainedConfig):
+            saved = config.to_dict()
+        else:  # the folder's config.json, or the one `config=` names; the hub arguments (revision, ...) apply
+            source = config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path
+            saved = transformers.PretrainedConfig.get_config_dict(source, **kwargs)[0]
+        saved_as = saved.get("architectures") or []
         if cls.__name__ == "MedformerForImageClassification" and "MedformerForMultiTask" in saved_as:
             raise ValueError(
-                f"{pretrained_model_name_or_path} holds a multi-task model (tasks {list(model.config.tasks)}); as a "
-                "single-task classifier its head would be random. Load it with MedformerForMultiTask (pass task=), "
-                "or take one task as a classifier: MedformerForImageClassification.from_multi_task(path, task=...)."
+                f"{pretrained_model_name_or_path} holds a multi-task model (tasks {list(saved.get('tasks') or {})}); "
+                "as a single-task classifier its head would be random. Load it with MedformerForMultiTask (pass "
+                "task=), or take one task as a classifier: "
+                "MedformerForImageClassification.from_multi_task(path, task=...)."
             )
         if cls.__name__ == "MedformerForMultiTask" and "MedformerForImageClassification" in saved_as:
             raise ValueError(
                 f"{pretrained_model_name_or_path} holds a single-task classifier (MedformerForImageClassification); "
                 "as a multi-task model its trained head would go unused and its task's head would be random. Load it "
                 "with MedformerForImageClassification or AutoModelForImageClassification."
+            )
+        with _quiet_transformers():
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
         new, unused = _module_names(set(info["missing_keys"])), _module_names(set(info["unexpected_keys"]))
         if new:
