@@ -365,10 +365,11 @@ def check_inputs(
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0); skip empty batches before the model.")
     trained = config.image_size_2d if dims == 2 else config.image_size_3d
-    if training and trained != list(spatial) and not torch.compiler.is_compiling():
+    new_size = trained is None or list(trained) != list(spatial)
+    if new_size and training and not torch.compiler.is_compiling():
         logger.info(f"Training at {dims}D input size {spatial}: recorded as config.image_size_{dims}d (was {trained}).")
         setattr(config, f"image_size_{dims}d", list(spatial))
-    elif trained is not None and list(spatial) != list(trained) and not torch.compiler.is_compiling():
+    elif new_size and trained is not None and not torch.compiler.is_compiling():
         # Any size runs, but a checkpoint is accurate at the size it learned (the released one: OrganMNIST3D test
         # ACC 0.95 at 28^3, 0.47 at 64^3), so say so once instead of answering worse in silence.
         logger.warning_once(
