@@ -60,8 +60,9 @@ class MedformerDataCollator:
     them; otherwise they are read as uint8 when every value fits (else refused). Float labels stay float
     (regression), labels of several columns become float (multi-label targets); class labels, one per row or in one
     column, become integers. `task` (a task name) is added to each batch for
-    `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. `modality` / `body_part` are used
-    for rows that do not carry their own.
+    `MedformerForMultiTask`; leave it None for `MedformerForImageClassification`. Rows that carry a `task` column
+    (as `load_medmnist` rows do) must name that task: a batch of another set's rows would otherwise train or score
+    the wrong head without a word. `modality` / `body_part` are used for rows that do not carry their own.
 
     `label_smoothing` (with `task`) smooths the multi-task model's own loss (`target_smoothing`: towards 1/2 for its
     sigmoid heads). Trainer's `label_smoothing_factor` replaces the model's loss by a softmax cross-entropy over the
@@ -90,6 +91,14 @@ class MedformerDataCollator:
         self.body_part = body_part
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.task is not None:
+            other = sorted({str(row["task"]) for row in rows if row.get("task") not in (None, self.task)})
+            if other:
+                raise ValueError(
+                    f"The collator feeds task={self.task!r}, but rows of this batch are from {other} (their 'task' "
+                    f"column): pass task={other[0]!r} for those rows, or train several tasks with "
+                    "examples/finetune.py (a task per batch)."
+                )
         features = self.processor(
             [row_image(row["pixel_values"], self.processor) for row in rows],
             modality=[row.get("modality") or self.modality for row in rows],  # None: the model uses the task's

@@ -3,8 +3,9 @@
 2D images and 3D volumes (arrays, tensors, PIL), NIfTI, DICOM and picture (PNG, JPEG, TIFF, BMP) paths (a DICOM
 folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging modality and
 body part, `task=` for multi-task checkpoints, and `test_time_flips=True`: the mean over the flips the task's config
-entry records as label-safe (what the checkpoint card's flip-averaged table measures). An array holding a batch
-(e.g. `(N, 1, D, H, W)`) gives one ranked list per image. Shipped with every checkpoint (Hub remote code):
+entry records as label-safe (what the checkpoint card's flip-averaged table measures). Arrays are read as the task's
+2D images or 3D volumes (its recorded `spatial_dims`); one holding a batch (e.g. `(N, 1, D, H, W)`) gives one ranked
+list per image. Shipped with every checkpoint (Hub remote code):
 
     classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
     classifier("scan.nii.gz", modality="ct", body_part="abdomen", window="soft_tissue", task="organmnist3d")
@@ -50,6 +51,11 @@ class MedicalImageClassificationPipeline(Pipeline):
                 raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
         elif task is not None:
             raise ValueError("task= is for multi-task models; this model has a single task.")
+        spec = self._task_spec(task)
+        given = {**getattr(self, "_preprocess_params", {}), **processor_kwargs}  # to pipeline(...) or to this call
+        if spec and spec.get("spatial_dims") and given.get("spatial_dims") is None:
+            # The task's images are 2D or 3D: read an input as such (a batch of 2D images, a thin volume) unasked.
+            processor_kwargs["spatial_dims"] = spec["spatial_dims"]
         forward = {} if task is None else {"task": task}
         if test_time_flips is not None:  # given per call, it replaces the one given to pipeline(...)
             forward["test_time_flips"] = bool(test_time_flips)
@@ -93,14 +99,20 @@ class MedicalImageClassificationPipeline(Pipeline):
     def _flip_views(self, task: str | None) -> list[tuple[int, ...]]:
         """The views of the task's label-safe flips, which its `config.tasks` entry records (a one-task classifier's
         one entry when `task` is None)."""
-        tasks = self.model.config.tasks
-        spec = tasks.get(task) if task is not None else next(iter(tasks.values()), None)
+        spec = self._task_spec(task)
         if spec is None or "label_safe_flips" not in spec:
             raise ValueError(
                 "test_time_flips=True needs the task's label-safe flips, which this checkpoint's config.tasks does not "
                 f"record{f' for {task!r}' if task else ''}; leave test_time_flips out (one view)."
             )
         return flip_views(spec["label_safe_flips"])
+
+    def _task_spec(self, task: str | None) -> dict[str, Any] | None:
+        """The `config.tasks` entry of `task`, or of a one-task model's task when `task` is None."""
+        tasks = self.model.config.tasks
+        if task is not None:
+            return tasks.get(task)
+        return next(iter(tasks.values())) if len(tasks) == 1 else None
 
     def _probabilities(self, logits: torch.Tensor, task: str | None) -> torch.Tensor:
         if task is None:  # single-task classifier: transformers' conventions, except that regression values stay raw

@@ -106,6 +106,22 @@ def test_trainer_with_the_multitask_model_and_its_binary_logit(breast, tmp_path)
     assert set(predictions.metrics) >= {"test_acc", "test_auc", "test_loss"}
 
 
+def test_the_collator_refuses_rows_of_another_task_than_the_one_it_feeds(breast):
+    """`load_medmnist` rows name their set; a collator told `task="pneumoniamnist"` would otherwise send BreastMNIST
+    images and labels (same shape, same binary labels) to the PneumoniaMNIST head without a word."""
+    specs = {name: CATALOGUE[name].task_spec() for name in ("breastmnist", "pneumoniamnist")}
+    processor = MedformerImageProcessor.from_model_config(make_tiny_config(tasks=specs))
+    rows = [breast["test"].with_format("numpy")[i] for i in range(4)]
+    assert MedformerDataCollator(processor, task="breastmnist")(rows)["task"] == "breastmnist"
+    with pytest.raises(ValueError, match=r"task='pneumoniamnist', but rows of this batch are from \['breastmnist'\]"):
+        MedformerDataCollator(processor, task="pneumoniamnist")(rows)
+    mixed = rows[:2] + [{**row, "task": "pneumoniamnist"} for row in rows[2:]]
+    with pytest.raises(ValueError, match=r"are from \['pneumoniamnist'\]"):
+        MedformerDataCollator(processor, task="breastmnist")(mixed)
+    without_column = [{key: value for key, value in row.items() if key != "task"} for row in rows]
+    assert MedformerDataCollator(processor, task="pneumoniamnist")(without_column)["task"] == "pneumoniamnist"
+
+
 def test_the_collators_label_smoothing_smooths_the_multi_task_models_own_loss(breast):
     """Trainer's label_smoothing_factor would put a softmax over a binary task's one logit; the collator's option
     reaches the model's own (sigmoid) smoothing instead, and is refused for the classifier, which has Trainer's."""

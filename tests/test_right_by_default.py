@@ -569,6 +569,22 @@ def test_the_medical_pipeline_answers_every_image_of_an_array_batch_in_order():
     assert batched[0] != batched[1] or batched[1] != batched[2]  # not one image's answer repeated
 
 
+def test_the_medical_pipeline_reads_inputs_as_the_tasks_2d_images_or_3d_volumes_unasked():
+    """A batch of 2D images `(N, 1, H, W)` is a 2D task's batch, and a thin `(3, H, W)` volume is a 3D task's volume,
+    not a colour picture: the task's recorded `spatial_dims` settles what the array alone cannot."""
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
+    images = np.load(DATA_DIR / "breastmnist.npz")["test_images"][:3]
+    batched = classify(images[:, None], task="breastmnist")
+    assert batched == [classify(image, task="breastmnist") for image in images]
+    thin_volume = np.load(DATA_DIR / "nodulemnist3d.npz")["test_images"][0][12:15]
+    assert classify(thin_volume, task="nodulemnist3d") == classify(thin_volume, task="nodulemnist3d", spatial_dims=3)
+    with pytest.raises(ValueError, match="trained on 3D images, got a 2D batch"):  # an explicit choice is kept
+        classify(thin_volume, task="nodulemnist3d", spatial_dims=2)
+
+
 @pytest.mark.parametrize(("task", "views"), [("breastmnist", 2), ("nodulemnist3d", 8), ("organmnist3d", 1)])
 def test_the_medical_pipeline_averages_over_the_label_safe_flips_the_checkpoint_records(task, views):
     """`test_time_flips=True` gives the mean class probabilities over the task's label-safe flips (none for
