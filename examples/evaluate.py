@@ -1,14 +1,15 @@
-"""Test-split ACC and AUC per dataset of a Medformer multi-task checkpoint, with the MedMNIST evaluator's definitions.
+"""Test-split ACC and AUC per dataset of a Medformer checkpoint, with the MedMNIST evaluator's definitions.
 
     accelerate launch examples/evaluate.py --model outputs/finetune --data_dir ../shared/data/medmnist
 
-Writes metrics.json, metrics.md (next to MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir,
-by default into the model folder, each evaluation to its own place so none overwrites another: the test split into the
-folder itself and its model card (README.md, with a `model-index`), `--split validation` into <model>/validation/,
-`--test_time_flips` (each task's probabilities averaged over the flips its catalogue entry declares label-safe) into
-<model>/test_time_flips/, and the card keeps the single-view numbers a plain forward pass gives. Evaluating some of
-the model's sets (--datasets) there updates theirs and keeps the others'. Every sample is counted exactly once, also
-across processes.
+A multi-task folder (finetune.py) is scored on each of its MedMNIST tasks; a single-task classifier (the README's
+Trainer route) on the MedMNIST set its config records (`config.tasks`). Writes metrics.json, metrics.md (next to
+MedMNIST v2's ResNet-18 numbers) and confusion-matrix PNGs to --output_dir, by default into the model folder, each
+evaluation to its own place so none overwrites another: the test split into the folder itself and its model card
+(README.md, with a `model-index`), `--split validation` into <model>/validation/, `--test_time_flips` (each task's
+probabilities averaged over the flips its catalogue entry declares label-safe) into <model>/test_time_flips/, and the
+card keeps the single-view numbers a plain forward pass gives. Evaluating some of the model's sets (--datasets) there
+updates theirs and keeps the others'. Every sample is counted exactly once, also across processes.
 """
 
 import argparse
@@ -18,7 +19,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask
+from medformer_hf import MedformerConfig, MedformerForImageClassification, MedformerForMultiTask
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import search_folders
 from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
@@ -35,7 +36,9 @@ from medformer_hf.visualization import save_confusion_matrix
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="folder written by finetune.py (or any multi-task checkpoint)")
+    parser.add_argument(
+        "--model", required=True, help="a multi-task model (finetune.py) or a classifier (Trainer) folder"
+    )
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
     parser.add_argument("--datasets", nargs="+", help="default: every task of the model it can score here")
     parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
@@ -61,18 +64,18 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--model {args.model} has no config.json; pass a folder written by finetune.py.")
     check_data_dir(parser, args.data_dir)
     config = MedformerConfig.from_pretrained(args.model)
-    if "MedformerForImageClassification" in (config.architectures or []):
-        parser.error(
-            f"--model {args.model} holds a single-task classifier (e.g. from the README's Trainer route); evaluate.py "
-            "scores the multi-task folders of finetune.py. Score a classifier with Trainer.evaluate and "
-            "medformer_hf.integrations.medmnist_compute_metrics."
-        )
+    args.classifier = "MedformerForImageClassification" in (config.architectures or [])
     tasks = list(config.tasks)
     medmnist_tasks = [name for name in tasks if name in CATALOGUE]
     if not medmnist_tasks:
+        recorded = (
+            f"the classifier's config.tasks records {tasks or 'no task'}, not a MedMNIST set"
+            if args.classifier
+            else f"the model's tasks {tasks} are not MedMNIST sets"
+        )
         parser.error(
-            f"the model's tasks {tasks} are not MedMNIST sets, which are what evaluate.py scores "
-            f"({', '.join(CATALOGUE)}); score your own data with the model and `task_probabilities`."
+            f"{recorded}, which are what evaluate.py scores ({', '.join(CATALOGUE)}); score your "
+            "own data with the model and `task_probabilities` (a classifier: `classifier_probabilities`)."
         )
     args.datasets = args.datasets and [name.lower() for name in args.datasets]
     unknown = [name for name in args.datasets or [] if name not in CATALOGUE]
@@ -154,7 +157,8 @@ def recorded_metrics(folder: Path, evaluation: dict[str, Any], task_names: list[
 def main() -> None:
     args = parse_args()
     accelerator = Accelerator()
-    model = accelerator.prepare(MedformerForMultiTask.from_pretrained(args.model, dtype="float32"))
+    model_class = MedformerForImageClassification if args.classifier else MedformerForMultiTask
+    model = accelerator.prepare(model_class.from_pretrained(args.model, dtype="float32"))
     processor = checkpoint_processor(args.model, accelerator.unwrap_model(model).config)
     task_names = list(accelerator.unwrap_model(model).config.tasks)
     with accelerator.main_process_first():

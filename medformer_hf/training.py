@@ -10,6 +10,7 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .data.medmnist import find_local, local_datasets, search_folders
 from .hub import EVALUATION_SPLITS, EXPORT_PARTIAL, TEST_TIME_FLIPS_FOLDER
 from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
-from .modeling_medformer import MedformerForPreTraining, mean_over_flips, task_probabilities
+from .modeling_medformer import MedformerForPreTraining, classifier_probabilities, mean_over_flips, task_probabilities
 
 logger = logging.get_logger(__name__)
 
@@ -969,16 +970,25 @@ def predict(
     batch_size: int,
     test_time_flips: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class scores and labels of every sample of a one-task dataset, each counted once across processes.
+    """Per-class scores and labels of every sample of a one-task dataset, each counted once across processes, from a
+    multi-task model's head for `task` or a single-task classifier of that task.
 
     With `test_time_flips` the scores are the mean probabilities over every combination of the flips the catalogue
     declares label-safe for the task (up to 8 views of a 3D volume; sets without safe flips get one view).
     """
-    config = accelerator.unwrap_model(model).config
+    unwrapped = accelerator.unwrap_model(model)
+    config = unwrapped.config
     problem = head_mismatch(config, task)
     if problem:
         raise ValueError(problem[0].upper() + problem[1:])
     spec = config.tasks[task]
+
+    def probabilities_of(pixels: torch.Tensor, metadata: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not hasattr(unwrapped, "task_heads"):  # a single-task classifier: class logits, no task= to pass
+            return classifier_probabilities(model(pixels, **metadata).logits.float(), config)
+        logits = model(pixels, task=task, **metadata).logits.float()
+        return task_probabilities(logits, spec["type"], spec["num_labels"])
+
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
     loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
     flips = CATALOGUE[task].augmentation.flip_combinations() if test_time_flips else [()]
@@ -989,13 +999,7 @@ def predict(
     bar = None if accelerator.is_main_process else True
     for batch in tqdm(loader, desc=f"evaluating {task}", leave=False, disable=bar):
         metadata = {"modality_ids": batch["modality_ids"], "body_part_ids": batch["body_part_ids"]}
-        probabilities = mean_over_flips(
-            batch["pixel_values"],
-            flips,
-            lambda pixels, metadata=metadata: task_probabilities(
-                model(pixels, task=task, **metadata).logits.float(), spec["type"], spec["num_labels"]
-            ),
-        )
+        probabilities = mean_over_flips(batch["pixel_values"], flips, partial(probabilities_of, metadata=metadata))
         gathered = accelerator.gather_for_metrics((probabilities, batch["labels"]))
         scores.append(gathered[0].cpu().numpy())
         labels.append(gathered[1].cpu().numpy())

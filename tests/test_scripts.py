@@ -540,15 +540,33 @@ def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, monkeypatch, cap
     assert time.time() - started < 60
 
 
-def test_evaluate_names_the_route_for_a_single_task_classifier(tmp_path, monkeypatch, capsys):
-    from medformer_hf import MedformerConfig, MedformerForImageClassification
-    from medformer_hf.data import CATALOGUE
+def test_evaluate_scores_a_single_task_classifier_as_its_multi_task_source(tmp_path, monkeypatch, capsys):
+    """The README's Trainer route saves a classifier; evaluate.py scores it on the set its config records. Taken out
+    of the release (`from_multi_task`: a binary task's logit z as the class logits [0, z]), it gets the release's own
+    recorded BreastMNIST test metrics, and the flips its task records."""
+    from medformer_hf import MedformerConfig, MedformerForImageClassification, MedformerImageProcessor
 
-    config = MedformerConfig(hidden_size=32, num_latents=4, num_hidden_layers=1, num_attention_heads=2)
-    config.tasks = {"breastmnist": CATALOGUE["breastmnist"].task_spec()}
-    MedformerForImageClassification(config).save_pretrained(tmp_path / "classifier")
-    result = run_main(monkeypatch, capsys, tmp_path, "evaluate.py", "--model", str(tmp_path / "classifier"))
-    assert result.returncode == 2 and "Trainer.evaluate" in result.stderr.strip().splitlines()[-1]
+    release = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classifier = tmp_path / "classifier"
+    MedformerForImageClassification.from_multi_task(release, "breastmnist").save_pretrained(classifier)
+    MedformerImageProcessor.from_pretrained(release).save_pretrained(classifier)
+    for flags in ([], ["--test_time_flips"]):
+        checked(run_script(tmp_path, "evaluate.py", "--model", str(classifier), "--data_dir", str(DATA_DIR), *flags))
+        record = Path("test_time_flips" if flags else "", "metrics.json")  # where each evaluation goes
+        expected = json.loads((release / record).read_text())
+        found = json.loads((classifier / record).read_text())["metrics"]
+        assert list(found) == ["breastmnist"]
+        assert found["breastmnist"] == pytest.approx(expected["metrics"]["breastmnist"], abs=1e-6)
+    assert (classifier / "confusion_matrices" / "breastmnist_test.png").is_file()
+    single_view = json.loads((classifier / "metrics.json").read_text())["metrics"]["breastmnist"]
+    assert card_metrics(ModelCard.load(classifier / "README.md")) == {
+        "breastmnist": {"acc": round(single_view["acc"], 4), "auc": round(single_view["auc"], 4)}
+    }
+    own_labels = MedformerConfig(hidden_size=32, num_latents=4, num_hidden_layers=1, num_attention_heads=2)
+    own_labels.id2label = {0: "benign", 1: "malignant"}  # a classifier of the user's own data: no MedMNIST set
+    MedformerForImageClassification(own_labels).save_pretrained(tmp_path / "own")
+    result = run_main(monkeypatch, capsys, tmp_path, "evaluate.py", "--model", str(tmp_path / "own"))
+    assert result.returncode == 2 and "the classifier's config.tasks records no task" in result.stderr
 
 
 def test_a_model_folder_is_never_trained_over_and_a_missing_data_folder_is_named(tmp_path, monkeypatch, capsys):

@@ -597,6 +597,16 @@ def task_probabilities(logits: torch.Tensor, task_type: str, num_labels: int | N
     return logits  # regression
 
 
+def classifier_probabilities(logits: torch.Tensor, config: MedformerConfig) -> torch.Tensor:
+    """Per-class scores of a `MedformerForImageClassification`'s logits, by transformers' conventions: softmax over
+    class logits (a binary or ordinal task's too: the classifier gives them one logit per class), sigmoid for
+    multi-label heads and a single logit; a regression head's values stay raw."""
+    if config.problem_type == "regression":
+        return task_probabilities(logits, "regression")
+    sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
+    return task_probabilities(logits, "multilabel" if sigmoid else "multiclass")
+
+
 # ---------------------------------------------------------------------------------------------------------- layers
 
 
@@ -1719,5 +1729,6 @@ __all__ = [
     "MedformerForPreTrainingOutput",
     "task_loss",
     "task_probabilities",
+    "classifier_probabilities",
     "num_task_outputs",
 ]

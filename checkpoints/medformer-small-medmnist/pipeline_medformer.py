@@ -23,7 +23,7 @@ from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
 from .image_processing_medformer import load_dicom, load_nifti
-from .modeling_medformer import flip_views, mean_over_flips, task_probabilities
+from .modeling_medformer import classifier_probabilities, flip_views, mean_over_flips, task_probabilities
 
 TASK_NAME = next(iter(CUSTOM_PIPELINES))
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -115,12 +115,8 @@ class MedicalImageClassificationPipeline(Pipeline):
         return next(iter(tasks.values())) if len(tasks) == 1 else None
 
     def _probabilities(self, logits: torch.Tensor, task: str | None) -> torch.Tensor:
-        if task is None:  # single-task classifier: transformers' conventions, except that regression values stay raw
-            config = self.model.config
-            if config.problem_type == "regression":
-                return task_probabilities(logits, "regression")
-            sigmoid = config.problem_type == "multi_label_classification" or config.num_labels == 1
-            return task_probabilities(logits, "multilabel" if sigmoid else "multiclass")
+        if task is None:  # single-task classifier
+            return classifier_probabilities(logits, self.model.config)
         spec = self.model.config.tasks[task]
         return task_probabilities(logits, spec["type"], spec["num_labels"])
 
