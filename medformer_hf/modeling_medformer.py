@@ -319,6 +319,24 @@ def require_tensor(pixel_values: Any) -> None:
         )
 
 
+def record_size_when_trained(config: MedformerConfig, pixel_values: torch.Tensor, output: torch.Tensor) -> None:
+    """Record the input size of a forward in `config` (`image_size_2d` / `image_size_3d`) once its `output` is
+    back-propagated: the weights then learn at that size, so a checkpoint saved by any training loop (Trainer's too)
+    knows it, `MedformerImageProcessor.from_model_config` resizes to it, and the model warns away from it. A forward
+    without a backward (a shape check in training mode) records nothing."""
+    dims, spatial = pixel_values.ndim - 2, list(pixel_values.shape[2:])
+    name = f"image_size_{dims}d"
+    if torch.compiler.is_compiling() or not output.requires_grad or list(getattr(config, name) or []) == spatial:
+        return
+
+    def record(grad: torch.Tensor) -> None:
+        if list(getattr(config, name) or []) != spatial:
+            logger.info(f"Trained at {dims}D input size {tuple(spatial)}: recorded as config.{name}.")
+            setattr(config, name, spatial)
+
+    output.register_hook(record)
+
+
 def check_inputs(
     config: MedformerConfig,
     pixel_values: torch.Tensor,
@@ -326,14 +344,14 @@ def check_inputs(
     body_part_ids: torch.Tensor | None,
     dtype: torch.dtype,
     training: bool = False,
+    check_size: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raise a ValueError that names the problem and the fix; return `pixel_values` in the model's `dtype` (as
     transformers' vision models cast them) and the (defaulted) metadata ids.
 
-    `training` (a forward that trains the weights) records the input size in `config` (`image_size_2d` /
-    `image_size_3d`) where it differs: the weights now learn at that size, so a checkpoint saved by any training
-    loop (Trainer's too) knows it, `MedformerImageProcessor.from_model_config` resizes to it, and the model warns
-    away from it.
+    An input of another size than the recorded training size (`config.image_size_2d` / `image_size_3d`) is warned
+    about once, unless `training` (a forward that may train: `record_size_when_trained` records it if it does) or
+    not `check_size` (an auxiliary input, such as pre-training's 2D slices of volumes).
     """
     require_tensor(pixel_values)
     if pixel_values.ndim not in (4, 5):
@@ -365,11 +383,7 @@ def check_inputs(
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no images (batch size 0); skip empty batches before the model.")
     trained = config.image_size_2d if dims == 2 else config.image_size_3d
-    new_size = trained is None or list(trained) != list(spatial)
-    if new_size and training and not torch.compiler.is_compiling():
-        logger.info(f"Training at {dims}D input size {spatial}: recorded as config.image_size_{dims}d (was {trained}).")
-        setattr(config, f"image_size_{dims}d", list(spatial))
-    elif new_size and trained is not None and not torch.compiler.is_compiling():
+    if check_size and not training and trained is not None and list(trained) != list(spatial):
         # Any size runs, but a checkpoint is accurate at the size it learned (the released one: OrganMNIST3D test
         # ACC 0.95 at 28^3, 0.47 at 64^3), so say so once instead of answering worse in silence.
         logger.warning_once(
@@ -1084,6 +1098,7 @@ class MedformerModel(MedformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         adapter_rows: dict[str, torch.Tensor] | None = None,
+        track_input_size: bool = True,
     ) -> MedformerModelOutput:
         r"""
         Args:
@@ -1101,6 +1116,10 @@ class MedformerModel(MedformerPreTrainedModel):
                 `{task: row indices}`: those samples run the Main Body (and, for `config.input_adapter_tasks`, the
                 Input Adaptformer's layers) with that task's low-rank adapters (`config.adapter_tasks`); every
                 other sample runs them as they are. The tokenizer runs once for the whole batch.
+            track_input_size (`bool`, *optional*, defaults to `True`):
+                Whether the input's size is the model's: recorded in the config when a backward trains on it
+                (`record_size_when_trained`), warned about when it differs from the recorded one. False for auxiliary
+                inputs, such as pre-training's 2D slices of volumes.
 
         Example:
 
@@ -1121,6 +1140,7 @@ class MedformerModel(MedformerPreTrainedModel):
             body_part_ids,
             self.input_adaptformer.latents.dtype,
             training=self.training and torch.is_grad_enabled(),
+            check_size=track_input_size,
         )
         unknown = sorted(set(adapter_rows or {}) - set(self.task_adapters))
         if unknown:
@@ -1151,6 +1171,8 @@ class MedformerModel(MedformerPreTrainedModel):
 
         hidden_states, attentions = self._run_layers(latents, tokens, adapter_rows or {}, output_attentions)
         latents = self.main_body.norm(hidden_states[-1])
+        if track_input_size and self.training:
+            record_size_when_trained(self.config, pixel_values, latents)
 
         return MedformerModelOutput(
             last_hidden_state=latents,
@@ -1375,6 +1397,8 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
                 self.task_heads[name], self.output_adaptformer_of(name), task_latents, task_context
             )
             task_indices[name] = rows
+        if self.training:  # also when only the heads train (a frozen encoder's latents take no gradient)
+            record_size_when_trained(self.config, pixel_values, next(iter(task_logits.values())))
         loss, task_losses = None, None
         if labels is not None:
             loss, task_losses = multitask_loss(
@@ -1543,6 +1567,8 @@ class MedformerForImageClassification(MedformerPreTrainedModel):
         logits = self._read_task(
             self.classifier, self.output_adaptformer, outputs.last_hidden_state, outputs.context_embedding
         )
+        if self.training:  # also when only the head trains (a frozen encoder's latents take no gradient)
+            record_size_when_trained(self.config, pixel_values, logits)
         loss = None
         if labels is not None:
             require_label_rows(labels, pixel_values.shape[0])
@@ -1683,6 +1709,7 @@ class MedformerForPreTraining(MedformerPreTrainedModel):
                     modality_ids=modality_ids,
                     body_part_ids=body_part_ids,
                     return_dict=True,
+                    track_input_size=False,  # a volume's slices, not the 2D size the model is trained for
                 )
                 pooled = torch.cat([pooled, slices.pooler_output])
             # One projector call: its BatchNorm sees 2D and 3D rows together, so it cannot normalise away the

@@ -498,6 +498,7 @@ def test_training_at_a_new_size_records_it_so_the_saved_model_knows_it(tiny_conf
     model = MedformerForImageClassification(tiny_config)
     with torch.no_grad():  # a forward that trains nothing (e.g. dropout at inference) records nothing
         model(torch.rand(2, 1, 28, 28))
+    model(torch.rand(2, 1, 28, 28))  # nor does a shape check in training mode that no backward follows
     assert model.config.image_size_2d == [20, 20]
     with CaptureLogger(modeling_medformer.logger) as training:
         model(torch.rand(2, 1, 36, 36), labels=torch.tensor([0, 1])).loss.backward()
@@ -509,3 +510,22 @@ def test_training_at_a_new_size_records_it_so_the_saved_model_knows_it(tiny_conf
     with torch.no_grad(), CaptureLogger(modeling_medformer.logger) as inference:
         reloaded(torch.rand(2, 1, 36, 36))
     assert inference.out == ""
+    reloaded.train().medformer.requires_grad_(False)  # only the head trains: its logits take the gradient
+    reloaded(torch.rand(2, 1, 44, 44), labels=torch.tensor([0, 1])).loss.backward()
+    assert reloaded.config.image_size_2d == [44, 44]
+
+
+def test_pre_training_records_its_2d_size_not_that_of_the_slices_of_its_volumes():
+    """Slice consistency feeds each volume's 2D slices through the encoder beside the model's own 2D images: the
+    slices (16 x 16 here) are neither the 2D size it trains for (32) nor a size to warn about."""
+    from transformers.testing_utils import CaptureLogger
+
+    from medformer_hf import modeling_medformer
+
+    config = make_tiny_config(ssl_tasks=["masked_reconstruction", "slice_consistency"], image_size_2d=[32, 32])
+    model = MedformerForPreTraining(config)
+    with CaptureLogger(modeling_medformer.logger) as logged:
+        model(torch.rand(4, 1, 16, 16, 16)).loss.backward()
+        assert (config.image_size_2d, config.image_size_3d) == ([32, 32], [16, 16, 16])
+        model.eval()(torch.rand(4, 1, 16, 16, 16))  # validation: the slices are not warned about either
+    assert "trained at" not in logged.out
