@@ -41,14 +41,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--data_dir", help="folder of MedMNIST .npz files")
     parser.add_argument("--datasets", nargs="+", help="default: every task of the model it can score here")
-    parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test")
+    parser.add_argument("--split", choices=EVALUATION_SPLITS, default="test", help="which split to score")
     parser.add_argument(
         "--size",
         type=int,
         help="MedMNIST file size: 28, 64, 128 or 224 (default: 28; a model whose processor, or config without one, "
         "records one of the larger ones must be told which)",
     )
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=128, help="images per forward")
     parser.add_argument(
         "--test_time_flips",
         action="store_true",

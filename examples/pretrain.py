@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
     add_common_arguments(parser, default_output_dir="outputs/pretrain")
     add_model_arguments(parser)
     pretext = parser.add_argument_group("pretext tasks (MedformerConfig)")
-    pretext.add_argument("--mask_ratio", type=float, default=0.75)
+    pretext.add_argument("--mask_ratio", type=float, default=0.75, help="share of the patch tokens masked")
     pretext.add_argument(
         "--mask_unit", type=int, default=1, help="mask blocks of this many patches per axis (1: single patches)"
     )
@@ -169,9 +169,8 @@ def main() -> None:
             f"{args.seed}."
         )
         write_model_card(args.output_dir, repo_id=args.hub_model_id, datasets=args.datasets, training=training)
-        accelerator.print(
-            f"model folder: {Path(args.output_dir).resolve()} (reconstructions/*.png, runs/ for TensorBoard)"
-        )
+        logs = "" if args.report_to == "none" else f", runs/ for {args.report_to}"
+        accelerator.print(f"model folder: {Path(args.output_dir).resolve()} (reconstructions/*.png{logs})")
         if args.push_to_hub:
             url = push_or_exit(args.output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
             accelerator.print(f"pushed: {url}")

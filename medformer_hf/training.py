@@ -117,7 +117,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     data.add_argument("--sampling_alpha", type=float, default=0.5, help="dataset i is drawn with p ~ n_i^alpha")
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default=default_output_dir)
+    train.add_argument("--output_dir", default=default_output_dir, help="where the model, checkpoints and logs go")
     train.add_argument(
         "--overwrite_output_dir",
         action="store_true",
@@ -132,26 +132,31 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
     train.add_argument("--batch_size", type=int, default=64, help="per process")
     # With ViT's 0.02 init, 1e-3 left small models at the class prior; with the fan-in init (config.weight_init) it
     # learns, and 3e-4 is no better (BENCHMARKS.md, recipe ablation).
-    train.add_argument("--learning_rate", type=float, default=1e-3)
-    train.add_argument("--weight_decay", type=float, default=0.05)
+    train.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW's peak, after warm-up (cosine decay)")
+    train.add_argument("--weight_decay", type=float, default=0.05, help="AdamW's")
     train.add_argument("--warmup_ratio", type=float, default=0.05, help="share of the steps with linear warm-up")
     train.add_argument(
         "--ema_decay", type=float, default=0.999, help="EMA of the weights, evaluated and saved; 0 turns it off"
     )
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
     train.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="gradient-norm clipping; 0 turns it off (as in Trainer)"
     )
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate's")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--checkpointing_steps", type=int, default=100)
-    train.add_argument("--checkpoints_total_limit", type=int, default=2)
+    train.add_argument("--seed", type=int, default=0, help="of the weights, the sampling, masks and augmentation")
+    train.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=100,
+        help="steps between resumable checkpoints (fine-tuning validates there, pre-training draws reconstructions)",
+    )
+    train.add_argument("--checkpoints_total_limit", type=int, default=2, help="checkpoints kept; older ones go")
     train.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
     train.add_argument("--report_to", default="tensorboard", help="accelerate tracker, or 'none'")
     hub = parser.add_argument_group("hub")
-    hub.add_argument("--push_to_hub", action="store_true")
+    hub.add_argument("--push_to_hub", action="store_true", help="upload the model folder at the end")
     hub.add_argument("--hub_model_id", help="user/name of the model repo")
-    hub.add_argument("--hub_token", default=None)
+    hub.add_argument("--hub_token", help="default: $HF_TOKEN or the stored login")
     hub.add_argument("--hub_private_repo", action="store_true")
 
 

@@ -628,10 +628,22 @@ def test_evaluating_a_model_trained_on_larger_medmnist_files_asks_which_files(tm
     "script", ["pretrain.py", "finetune.py", "evaluate.py", "export_onnx.py", "extract_task.py", "average_weights.py"]
 )
 def test_help_lists_the_defaults_and_no_empty_ones(tmp_path, monkeypatch, capsys, script):
+    """argparse shows no default for an option without help text: each option with a default has one."""
+    parsers = []
+    parse_args = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(
+        argparse.ArgumentParser, "parse_args", lambda self, *a: parsers.append(self) or parse_args(self, *a)
+    )
     result = checked(run_main(monkeypatch, capsys, tmp_path, script, "--help"))
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default:" in help_text or script in ("extract_task.py", "average_weights.py")  # they have no defaults
     assert "default: None" not in help_text and "(default: (default" not in help_text
+    unexplained = [
+        action.dest
+        for action in parsers[0]._actions
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and not action.help
+    ]
+    assert unexplained == []
 
 
 def test_push_plan_and_clear_hub_errors(pretrained, tmp_path, monkeypatch):
