@@ -85,7 +85,11 @@ def test_the_readme_trainer_folder_loads_in_the_image_classification_pipeline(re
     block = next(block for block in BLOCKS if "Trainer(" in block)
     monkeypatch.chdir(readme_folder)
     exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
-    classify = pipeline("image-classification", model=str(readme_folder / "outputs" / "trainer"))
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("transformers asked whether to run the folder's code"))
+    classify = pipeline(
+        "image-classification", model=str(readme_folder / "outputs" / "trainer"), trust_remote_code=True
+    )
+    assert type(classify.model).__module__ == "medformer_hf.modeling_medformer"  # the package's, not the folder's
     assert classify.image_processor.size_2d == [28, 28]
     assert classify.model.config.image_size_2d == [28, 28]
     scores = classify(Image.fromarray(np.zeros((224, 224), np.uint8)))
