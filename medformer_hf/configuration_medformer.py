@@ -71,6 +71,22 @@ CUSTOM_PIPELINES = {
 TASK_TYPES = ("multiclass", "multilabel", "binary", "ordinal", "regression")
 TOKENIZERS = ("conv", "linear")
 WEIGHT_INITS = ("fan_in", "fixed")
+# A volume's orientation: for each spatial axis, the anatomical direction it points to (nibabel's axis codes), one
+# letter of each pair, e.g. "LPS": axis 0 toward the patient's left, axis 1 toward posterior, axis 2 toward superior.
+ORIENTATION_PAIRS = ("LR", "AP", "SI")
+
+
+def orientation_problem(code: Any) -> str | None:
+    """Why `code` is not a volume orientation ("LPS", "SPL", "RAS", ...); None when it is."""
+    if isinstance(code, str) and len(code) == 3:
+        if all(sum(letter in pair for letter in code) == 1 for pair in ORIENTATION_PAIRS):
+            return None
+    return (
+        f"{code!r} is not a volume orientation: give 3 letters, one of each of L/R, A/P and S/I, naming the direction "
+        "each axis points to (e.g. 'LPS': axis 0 toward the patient's left, 1 toward posterior, 2 toward superior)"
+    )
+
+
 SSL_TASKS = ("masked_reconstruction", "view_agreement", "slice_consistency")
 
 
@@ -183,7 +199,9 @@ class MedformerConfig(PretrainedConfig):
             Optional `spatial_dims` (2 or 3) and `num_channels` record the images a task was trained on; the models
             then refuse other inputs (a 2D stack given to a 3D task, colour given to a grayscale one). Optional
             `label_safe_flips` (spatial axes, with `spatial_dims`) are the mirrorings that keep the task's label: the
-            views the medical pipeline averages over with `test_time_flips=True`.
+            views the medical pipeline averages over with `test_time_flips=True`. Optional `orientation` (3D tasks)
+            names the anatomical direction each axis of the training volumes points to (e.g. "LPS"): the medical
+            pipeline turns volumes read from NIfTI or DICOM to it.
         mask_ratio (`float`, *optional*, defaults to 0.75):
             Fraction of patch tokens dropped before the Input Adaptformer during masked reconstruction.
         mask_unit (`int`, *optional*, defaults to 1):
@@ -469,6 +487,7 @@ class MedformerConfig(PretrainedConfig):
             "spatial_dims",
             "num_channels",
             "label_safe_flips",
+            "orientation",
         }
         unknown_keys = set(spec) - known_keys
         if unknown_keys:
@@ -526,6 +545,14 @@ class MedformerConfig(PretrainedConfig):
                     "together with spatial_dims and num_channels."
                 )
             normalized["label_safe_flips"] = sorted(set(axes))
+        if "orientation" in spec:
+            problem = orientation_problem(spec["orientation"])
+            if problem or normalized.get("spatial_dims") != 3:
+                raise ValueError(
+                    f"Task {name!r} has orientation {spec['orientation']!r}: "
+                    + (f"{problem}." if problem else "it is for 3D tasks, given with spatial_dims=3 and num_channels.")
+                )
+            normalized["orientation"] = spec["orientation"]
         for field, vocabulary in (("modality", self.modality_names), ("body_part", self.body_part_names)):
             if normalized[field] not in vocabulary:
                 raise ValueError(

@@ -10,7 +10,7 @@ import importlib
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import logging
 
-from .configuration_medformer import DEFAULT_BODY_PART_NAMES, DEFAULT_MODALITY_NAMES, UNSPECIFIED_ID
+from .configuration_medformer import (
+    DEFAULT_BODY_PART_NAMES,
+    DEFAULT_MODALITY_NAMES,
+    ORIENTATION_PAIRS,
+    UNSPECIFIED_ID,
+    orientation_problem,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -84,6 +90,7 @@ class MedformerImageProcessorKwargs(ImagesKwargs, total=False):
     modality: str | list[str] | None
     body_part: str | list[str] | None
     spatial_dims: int | None
+    orientation: str | None
     window: str | list[float] | None
     rescale_range: list[float] | None
     normalization: str | None
@@ -124,6 +131,10 @@ class MedformerImageProcessor(BaseImageProcessor):
             the training size here, so images of any size are brought to what the checkpoint knows.
         spatial_dims (`int`, *optional*):
             2 or 3, when the array layout alone cannot tell (see `to_channels_first`).
+        orientation (`str`, *optional*):
+            The orientation the model's volumes had in training (e.g. "LPS", a task's `config.tasks` entry records
+            it): volumes read from files (`MedicalImage`, which know their own) are turned to it. Plain arrays
+            cannot say which way they point and are taken as given.
         input_data_format (`str`, *optional*):
             `"channels_first"` or `"channels_last"`, when the channel axis cannot be told from its size.
         modality, body_part (`str` or `list[str]`, *optional*):
@@ -150,6 +161,7 @@ class MedformerImageProcessor(BaseImageProcessor):
         size_2d: list[int] | None = None,
         size_3d: list[int] | None = None,
         spatial_dims: int | None = None,
+        orientation: str | None = None,
         input_data_format: str | None = None,
         modality: str | list[str] | None = None,
         body_part: str | list[str] | None = None,
@@ -170,6 +182,7 @@ class MedformerImageProcessor(BaseImageProcessor):
         self.size_2d = size_2d
         self.size_3d = size_3d
         self.spatial_dims = spatial_dims
+        self.orientation = orientation
         self.input_data_format = input_data_format
         self.modality = modality
         self.body_part = body_part
@@ -234,6 +247,8 @@ class MedformerImageProcessor(BaseImageProcessor):
                 raise ValueError(f"modality_statistics[{name!r}] has std {std}; it must be > 0.")
         if settings["spatial_dims"] not in (None, 2, 3):
             raise ValueError(f"spatial_dims must be 2, 3 or None, got {settings['spatial_dims']!r}.")
+        if settings["orientation"] is not None and (problem := orientation_problem(settings["orientation"])):
+            raise ValueError(f"orientation: {problem}.")
         if settings["input_data_format"] not in (None, "channels_first", "channels_last"):
             raise ValueError(
                 f"input_data_format must be 'channels_first' or 'channels_last', got {settings['input_data_format']!r}."
@@ -270,6 +285,7 @@ class MedformerImageProcessor(BaseImageProcessor):
             files = images if isinstance(images, (list, tuple)) else [images]
             if settings[key] is None and any(_is_medical_image(image) for image in files):
                 settings[key] = [_known(getattr(image, key, None)) for image in files]
+        images = turned_to(images, settings["orientation"])
         groups = to_channels_first(images, settings["spatial_dims"], settings["input_data_format"])
         count = sum(len(group) for group in groups)
         modality_ids = self._ids(settings["modality"], count, settings["modality_names"], "modality")
@@ -317,6 +333,7 @@ class MedformerImageProcessor(BaseImageProcessor):
             "size_2d",
             "size_3d",
             "spatial_dims",
+            "orientation",
             "input_data_format",
             "modality",
             "body_part",
@@ -697,12 +714,52 @@ class MedicalImage:
     body_part: str = "unknown"
     spacing: tuple[float, ...] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    orientation: str | None = None  # of a volume: where each spatial axis points ("SPL"), None where unknown
 
     @property
     def layout(self) -> str:
         """Axes of `array`: spatial axes, then a channel axis when there is one more axis than spatial ones."""
         spatial = "HW" if self.spatial_dims == 2 else "DHW"
         return spatial + "C" if self.array.ndim == self.spatial_dims + 1 else spatial
+
+
+def reorient(array: np.ndarray, source: str, target: str) -> tuple[np.ndarray, list[int]]:
+    """`array` (spatial axes first) turned from orientation `source` to `target`, and the source axis of each new one.
+
+    E.g. "SPL" (`load_nifti`'s (z, y, x)) to "LPS" is a transpose; "RAS" to "LPS" flips the first two axes.
+    """
+    for code in (source, target):
+        if problem := orientation_problem(code):
+            raise ValueError(f"{problem}.")
+    pair_of = {letter: pair for pair in ORIENTATION_PAIRS for letter in pair}
+    axis_of = {pair_of[letter]: axis for axis, letter in enumerate(source)}
+    order = [axis_of[pair_of[wanted]] for wanted in target]
+    array = np.transpose(array, order + list(range(3, array.ndim)))
+    flips = [axis for axis, wanted in enumerate(target) if source[order[axis]] != wanted]
+    return (np.flip(array, flips) if flips else array), order
+
+
+def turned_to(images: Any, orientation: str | None) -> Any:
+    """The volumes read from files among `images` turned to `orientation` (None: as they are); other images as given.
+
+    A file volume whose orientation is unknown (a DICOM series without ImageOrientationPatient) is warned about."""
+    if orientation is None:
+        return images
+
+    def turn(image: Any) -> Any:
+        if not _is_medical_image(image) or image.spatial_dims != 3 or image.orientation == orientation:
+            return image
+        if image.orientation is None:
+            logger.warning_once(
+                f"A volume whose file records no orientation is taken as stored, not turned to {orientation!r} (the "
+                "orientation the model's volumes had): check which way its axes point."
+            )
+            return image
+        array, order = reorient(image.array, image.orientation, orientation)
+        spacing = None if image.spacing is None else tuple(image.spacing[axis] for axis in order)
+        return replace(image, array=np.ascontiguousarray(array), orientation=orientation, spacing=spacing)
+
+    return [turn(image) for image in images] if isinstance(images, (list, tuple)) else turn(images)
 
 
 def _import_optional(name: str) -> Any:
@@ -758,6 +815,7 @@ def load_nifti(
         modality=modality,
         body_part=body_part,
         spacing=spacing[::-1],
+        orientation="SPL" if array.ndim == 3 else None,  # LPS's (x, y, z), reversed
         metadata={
             "affine": image.affine.tolist(),
             "description": image.header["descrip"].item().decode(errors="replace"),
@@ -828,7 +886,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No DICOM file or folder at {path}.")
-    frame_spacing = None  # an enhanced multi-frame file's, from its functional groups
+    frame_spacing = orientation = None  # an enhanced multi-frame file's, from its functional groups
     if path.is_dir():  # hidden files (.DS_Store) are not slices; any other file must be DICOM
         files = [file for file in sorted(path.iterdir()) if file.is_file() and not file.name.startswith(".")]
         datasets = [_read_dicom(pydicom, file) for file in files]
@@ -850,9 +908,13 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
             "PerFrameFunctionalGroupsSequence" in first or "SharedFunctionalGroupsSequence" in first
         )
         array, frame_spacing = _enhanced_frames(first) if enhanced else (_dicom_slice(first), None)
+        if enhanced and frame_spacing is not None:  # its frames were sorted along the slice normal
+            orientation = _frame_attribute(first, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
     spacing = [float(s) for s in getattr(first, "PixelSpacing", [])]
     if path.is_dir() and len(datasets) > 1:
         spacing = [abs(_slice_position(datasets[1]) - _slice_position(datasets[0]))] + spacing
+        if all(getattr(dataset, "ImagePositionPatient", None) is not None for dataset in datasets):
+            orientation = getattr(first, "ImageOrientationPatient", None)  # then sorted along the slice normal
     elif frame_spacing is not None:
         pixel_spacing = _frame_attribute(first, 0, "PixelMeasuresSequence", "PixelSpacing")
         spacing = [frame_spacing, *map(float, pixel_spacing)] if pixel_spacing else []
@@ -862,6 +924,7 @@ def load_dicom(path: str | os.PathLike) -> MedicalImage:
         modality=DICOM_MODALITIES.get(str(getattr(first, "Modality", "")).upper(), "unknown"),
         body_part=DICOM_BODY_PARTS.get(str(getattr(first, "BodyPartExamined", "")).upper().replace(" ", ""), "unknown"),
         spacing=tuple(spacing) or None,
+        orientation=_volume_orientation(orientation) if spatial_dims == 3 else None,
         metadata={
             "Modality": getattr(first, "Modality", None),
             "BodyPartExamined": getattr(first, "BodyPartExamined", None),
@@ -913,6 +976,20 @@ def _slice_position(dataset: Any) -> float:
     if position is not None and orientation is not None:
         return _along_normal(position, orientation)
     return float(getattr(dataset, "InstanceNumber", 0))
+
+
+def _volume_orientation(image_orientation: Any) -> str | None:
+    """Where the axes of a volume stacked along the slice normal point (slices, rows, columns), from its slices'
+    ImageOrientationPatient (row then column direction cosines, in DICOM's LPS patient axes); None without it."""
+    if image_orientation is None:
+        return None
+    row, column = np.asarray(image_orientation[:3], float), np.asarray(image_orientation[3:], float)
+
+    def toward(vector: np.ndarray) -> str:
+        axis = int(np.argmax(np.abs(vector)))
+        return ("LPS" if vector[axis] > 0 else "RAI")[axis]
+
+    return "".join(toward(vector) for vector in (np.cross(row, column), column, row))
 
 
 def _along_normal(position: Any, orientation: Any) -> float:

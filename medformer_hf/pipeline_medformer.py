@@ -4,8 +4,9 @@
 folder is one volume; a picture keeps its stored mode, so a grayscale X-ray stays one channel), imaging modality and
 body part, `task=` for multi-task checkpoints, and `test_time_flips=True`: the mean over the flips the task's config
 entry records as label-safe (what the checkpoint card's flip-averaged table measures). Arrays are read as the task's
-2D images or 3D volumes (its recorded `spatial_dims`); one holding a batch (e.g. `(N, 1, D, H, W)`) gives one ranked
-list per image. Shipped with every checkpoint (Hub remote code):
+2D images or 3D volumes (its recorded `spatial_dims`), and NIfTI / DICOM volumes are turned to the orientation its
+training volumes had (its recorded `orientation`; OrganMNIST3D's is not the files'); an array holding a batch
+(e.g. `(N, 1, D, H, W)`) gives one ranked list per image. Shipped with every checkpoint (Hub remote code):
 
     classifier = pipeline("medical-image-classification", model="user/medformer", trust_remote_code=True)
     classifier("scan.nii.gz", modality="ct", body_part="abdomen", window="soft_tissue", task="organmnist3d")
@@ -51,11 +52,13 @@ class MedicalImageClassificationPipeline(Pipeline):
                 raise ValueError(f"Unknown task {task!r}; this model's tasks are {list(tasks)}.")
         elif task is not None:
             raise ValueError("task= is for multi-task models; this model has a single task.")
-        spec = self._task_spec(task)
+        spec = self._task_spec(task) or {}
         given = {**getattr(self, "_preprocess_params", {}), **processor_kwargs}  # to pipeline(...) or to this call
-        if spec and spec.get("spatial_dims") and given.get("spatial_dims") is None:
-            # The task's images are 2D or 3D: read an input as such (a batch of 2D images, a thin volume) unasked.
-            processor_kwargs["spatial_dims"] = spec["spatial_dims"]
+        # What the task's images were, unless asked otherwise: 2D or 3D (an array is read as such: a batch of 2D
+        # images, a thin volume), and the orientation its volumes had (file volumes are turned to it).
+        for key in ("spatial_dims", "orientation"):
+            if spec.get(key) and given.get(key) is None:
+                processor_kwargs[key] = spec[key]
         forward = {} if task is None else {"task": task}
         if test_time_flips is not None:  # given per call, it replaces the one given to pipeline(...)
             forward["test_time_flips"] = bool(test_time_flips)

@@ -31,7 +31,13 @@ from .data.medmnist import find_local, local_datasets, search_folders
 from .hub import EVALUATION_SPLITS, EXPORT_PARTIAL, TEST_TIME_FLIPS_FOLDER
 from .image_processing_medformer import MedformerImageProcessor
 from .metrics import medmnist_metrics
-from .modeling_medformer import MedformerForPreTraining, classifier_probabilities, mean_over_flips, task_probabilities
+from .modeling_medformer import (
+    MedformerForImageClassification,
+    MedformerForPreTraining,
+    classifier_probabilities,
+    mean_over_flips,
+    task_probabilities,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -989,7 +995,7 @@ def predict(
     spec = config.tasks[task]
 
     def probabilities_of(pixels: torch.Tensor, metadata: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not hasattr(unwrapped, "task_heads"):  # a single-task classifier: class logits, no task= to pass
+        if isinstance(unwrapped, MedformerForImageClassification):  # class logits, no task= to pass
             return classifier_probabilities(model(pixels, **metadata).logits.float(), config)
         logits = model(pixels, task=task, **metadata).logits.float()
         return task_probabilities(logits, spec["type"], spec["num_labels"])

@@ -159,6 +159,61 @@ def test_a_dicom_series_and_a_nifti_file_of_one_scan_give_one_array(tmp_path):
     np.testing.assert_array_equal(dicom.array, scan.astype(np.float32))
     np.testing.assert_array_equal(nifti.array, dicom.array)
     assert nifti.spacing == dicom.spacing == (2.0, 1.0, 1.0)
+    assert nifti.orientation == dicom.orientation == "SPL"  # slices up, rows to the back, columns to the left
+
+
+def test_turning_volumes_between_orientations_by_hand():
+    """Hand-checked: "SPL" (how files are read) to "LPS" (OrganMNIST3D's arrays) swaps the first and last axes; "RAS"
+    to "LPS" mirrors the first two; a sagittal series ("RIP": slices to the right, rows down, columns to the back)
+    turns to "LPS" by swapping its last two axes and mirroring the first and last. Spacing follows its axes."""
+    from medformer_hf.image_processing_medformer import MedicalImage, reorient, turned_to
+
+    array = np.arange(24).reshape(2, 3, 4)
+    assert reorient(array, "SPL", "LPS")[0].tolist() == array.transpose(2, 1, 0).tolist()
+    assert reorient(array, "RAS", "LPS")[0].tolist() == array[::-1, ::-1, :].tolist()
+    sagittal = reorient(array, "RIP", "LPS")[0]
+    assert sagittal.shape == (2, 4, 3) and sagittal[0, 0, 0] == array[1, 2, 0] == 20
+    assert sagittal.tolist() == array.transpose(0, 2, 1)[::-1, :, ::-1].tolist()
+    assert reorient(reorient(array, "RIP", "LPS")[0], "LPS", "RIP")[0].tolist() == array.tolist()
+    with pytest.raises(ValueError, match="one of each of L/R, A/P and S/I"):
+        reorient(array, "LPP", "LPS")
+    volume = MedicalImage(array=array.astype(np.float32), spatial_dims=3, spacing=(3.0, 2.0, 1.0), orientation="SPL")
+    turned = turned_to([volume], "LPS")[0]
+    assert turned.orientation == "LPS" and turned.spacing == (1.0, 2.0, 3.0) and turned.array.shape == (4, 3, 2)
+
+
+def test_the_processor_turns_file_volumes_to_the_orientation_asked_and_leaves_arrays_alone():
+    from transformers.testing_utils import CaptureLogger
+
+    from medformer_hf import image_processing_medformer
+    from medformer_hf.image_processing_medformer import MedicalImage
+
+    processor = MedformerImageProcessor()
+    array = np.random.default_rng(0).random((8, 12, 16), dtype=np.float32)
+    file_volume = MedicalImage(array=array, spatial_dims=3, orientation="SPL")
+    turned = processor(file_volume, orientation="LPS").pixel_values
+    torch.testing.assert_close(turned, processor(array.transpose(2, 1, 0).copy(), spatial_dims=3).pixel_values)
+    as_given = processor(array, spatial_dims=3).pixel_values
+    torch.testing.assert_close(processor(array, spatial_dims=3, orientation="LPS").pixel_values, as_given)
+    with CaptureLogger(image_processing_medformer.logger) as logged:
+        unknown = processor(MedicalImage(array=array, spatial_dims=3), orientation="LPS").pixel_values
+    torch.testing.assert_close(unknown, as_given)
+    assert "records no orientation" in logged.out
+    with pytest.raises(ValueError, match="orientation: 'XYZ' is not a volume orientation"):
+        processor(file_volume, orientation="XYZ")
+
+
+def test_a_sagittal_dicom_series_knows_which_way_it_points(tmp_path):
+    """Rows along -z (head at the top), columns along +y, slices stacked toward the patient's right: "RIP"."""
+    for index in range(3):
+        dataset = _ct_dataset(rows=4, columns=5)
+        dataset.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        dataset.ImagePositionPatient = [-2.0 * index, 0.0, 0.0]
+        dataset.PixelSpacing = [1.0, 1.0]
+        dataset.PixelData = np.full((4, 5), index, np.int16).tobytes()
+        dataset.save_as(tmp_path / f"{index}.dcm", enforce_file_format=True)
+    volume = load_dicom(tmp_path)
+    assert volume.orientation == "RIP" and volume.array[:, 0, 0].tolist() == [0.0, 1.0, 2.0]
 
 
 def _ct_dataset(rows: int = 4, columns: int = 4) -> pydicom.Dataset:
@@ -235,7 +290,7 @@ def test_an_enhanced_multi_frame_ct_comes_out_in_hounsfield_units_sorted_by_posi
     dataset.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
     volume = load_dicom(tmp_path / "enhanced.dcm")
     assert volume.spatial_dims == 3 and volume.array[:, 0, 0].tolist() == [0.0, 5.0, 10.0]
-    assert volume.spacing == (5.0, 0.5, 0.5)
+    assert volume.spacing == (5.0, 0.5, 0.5) and volume.orientation == "SPL"
 
 
 @pytest.mark.skipif(not MRICRON_TEMPLATES.is_dir(), reason="Debian's mricron-data is not installed")

@@ -105,6 +105,11 @@ LABEL_SAFE_AUGMENTATIONS = {
     "vesselmnist3d": ALL_3D,
     "synapsemnist3d": ALL_3D,
 }
+# The anatomical direction each axis of a set's volumes points to (ORIENTATION_PAIRS), where it was measured from the
+# anatomy in the crops (BENCHMARKS.md, "Which way do MedMNIST's volumes point?"): OrganMNIST3D's arrays are (x, y, z)
+# in LPS, i.e. toward the patient's left, posterior, superior; `load_nifti` / `load_dicom` give (z, y, x) = "SPL".
+# Unmeasured sets have none, and file volumes reach them as read.
+VOLUME_ORIENTATIONS = {"organmnist3d": "LPS"}
 # MedMNIST task names -> MedformerConfig task types.
 TASK_TYPES = {
     "multi-class": "multiclass",
@@ -133,6 +138,7 @@ class MedMNISTInfo:
     urls: dict[int, str]
     md5s: dict[int, str]
     augmentation: AugmentationPolicy
+    orientation: str | None = None
 
     def filename(self, size: int) -> str:
         """The official file name: `pneumoniamnist.npz` at 28, `pneumoniamnist_64.npz` otherwise."""
@@ -152,6 +158,7 @@ class MedMNISTInfo:
             "spatial_dims": self.spatial_dims,
             "num_channels": self.num_channels,
             "label_safe_flips": list(self.augmentation.flip_axes),
+            **({"orientation": self.orientation} if self.orientation else {}),
         }
 
 
@@ -172,6 +179,7 @@ def _from_info(name: str, info: dict[str, Any]) -> MedMNISTInfo:
         urls={size: info[f"url{suffix[size]}"] for size in sizes},
         md5s={size: info[f"MD5{suffix[size]}"] for size in sizes},
         augmentation=AugmentationPolicy(**LABEL_SAFE_AUGMENTATIONS[name]),
+        orientation=VOLUME_ORIENTATIONS.get(name),
     )
 
 
