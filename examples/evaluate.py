@@ -9,7 +9,8 @@ evaluation to its own place so none overwrites another: the test split into the 
 (README.md, with a `model-index`), `--split validation` into <model>/validation/, `--test_time_flips` (each task's
 probabilities averaged over the flips its catalogue entry declares label-safe) into <model>/test_time_flips/, and the
 card keeps the single-view numbers a plain forward pass gives. Evaluating some of the model's sets (--datasets) there
-updates theirs and keeps the others'. Every sample is counted exactly once, also across processes.
+updates theirs and keeps the others', if they were measured on the same weights (metrics.json records a hash of
+them). Every sample is counted exactly once, also across processes.
 """
 
 import argparse
@@ -22,7 +23,13 @@ from accelerate import Accelerator
 from medformer_hf import MedformerConfig, MedformerForImageClassification, MedformerForMultiTask
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
 from medformer_hf.data.medmnist import search_folders
-from medformer_hf.hub import EVALUATION_SPLITS, evaluation_folder, metrics_table, write_model_card
+from medformer_hf.hub import (
+    EVALUATION_SPLITS,
+    evaluation_folder,
+    metrics_table,
+    weights_fingerprint,
+    write_model_card,
+)
 from medformer_hf.training import (
     HelpFormatter,
     check_data_dir,
@@ -144,7 +151,8 @@ def update_card_with_flips(model: str, split: str, task_names: list[str]) -> Non
 
 def recorded_metrics(folder: Path, evaluation: dict[str, Any], task_names: list[str]) -> dict[str, dict[str, float]]:
     """The per-set metrics an earlier evaluation recorded in one of the model's own folders, for sets the model
-    still has, if it was the same evaluation (split, views, image size); otherwise none, and the record is replaced."""
+    still has, if it was the same evaluation (split, views, image size) of the same weights; otherwise none, and the
+    record is replaced."""
     path = folder / "metrics.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     if any(record.get(key) != value for key, value in evaluation.items()):
@@ -174,7 +182,12 @@ def main() -> None:
     if accelerator.is_main_process:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         model_folder = Path(args.model).resolve()
-        evaluation = {"split": args.split, "test_time_flips": args.test_time_flips, "size": args.size}
+        evaluation = {
+            "split": args.split,
+            "test_time_flips": args.test_time_flips,
+            "size": args.size,
+            "weights": weights_fingerprint(model_folder),
+        }
         if args.output_dir == evaluation_folder(model_folder, args.split, args.test_time_flips):
             metrics = {**recorded_metrics(args.output_dir, evaluation, task_names), **metrics}  # keep the other sets
         record = {**evaluation, "metrics": metrics}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -47,6 +48,17 @@ def evaluation_folder(model_folder: str | os.PathLike, split: str, test_time_fli
 
 class HubError(RuntimeError):
     """A push that cannot happen (no token, Hub unreachable, refused); the message says what to do."""
+
+
+def weights_fingerprint(model_folder: str | os.PathLike) -> str:
+    """A hash of the folder's weights (its safetensors files), which `evaluate.py` records beside its metrics: an
+    earlier evaluation's figures are kept only for the weights they were measured on."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_folder).glob("*.safetensors")):
+        with path.open("rb") as weights:
+            for block in iter(lambda: weights.read(2**20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def metrics_table(metrics: dict[str, dict[str, float]], split: str = "test") -> str:

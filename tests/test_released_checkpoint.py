@@ -7,6 +7,7 @@ from accelerate import Accelerator
 
 from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset
+from medformer_hf.hub import weights_fingerprint
 from medformer_hf.training import evaluate_tasks
 
 from .conftest import DATA_DIR, REPO_ROOT
@@ -22,6 +23,10 @@ def test_released_checkpoint_is_complete_and_small():
     config = json.loads((CHECKPOINT / "config.json").read_text())
     recorded = json.loads((CHECKPOINT / "metrics.json").read_text())
     assert recorded["split"] == "test"
+    for evaluation in ("", "test_time_flips", "validation"):  # evaluate.py keeps these rows for these weights only
+        assert json.loads((CHECKPOINT / evaluation / "metrics.json").read_text())["weights"] == weights_fingerprint(
+            CHECKPOINT
+        )
     assert set(recorded["metrics"]) == set(config["tasks"]) and set(config["tasks"]) <= set(CATALOGUE)
     assert "ResNet-18" in (CHECKPOINT / "README.md").read_text()
 

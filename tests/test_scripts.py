@@ -690,11 +690,13 @@ def test_push_to_unreachable_hub_ends_with_a_clear_message(workdir, tmp_path):
 
 def test_a_subset_evaluation_keeps_only_the_same_evaluations_metrics(tmp_path):
     """evaluate.py merges a subset into the model folder's record only when that record is the same evaluation
-    (split, views, image size); an older record of another kind is replaced, never mixed in under the wrong label."""
+    (split, views, image size) of the same weights; an older record of another kind, or of weights since replaced
+    (saved over the folder by hand), is replaced, never mixed in under the wrong label."""
     script = load_example("evaluate")
-    evaluation = {"split": "test", "test_time_flips": False, "size": 28}
+    evaluation = {"split": "test", "test_time_flips": False, "size": 28, "weights": "1f2e3d4c5b6a7988"}
     values = {"acc": 0.5, "auc": 0.6, "samples": 10}
-    for recorded_as, kept in ((evaluation, {"breastmnist": values}), ({**evaluation, "split": "validation"}, {})):
+    others = ({**evaluation, "split": "validation"}, {**evaluation, "weights": "0000000000000000"})
+    for recorded_as, kept in ((evaluation, {"breastmnist": values}), *((other, {}) for other in others)):
         (tmp_path / "metrics.json").write_text(json.dumps({**recorded_as, "metrics": {"breastmnist": values}}))
         assert script.recorded_metrics(tmp_path, evaluation, ["breastmnist", "organmnist3d"]) == kept
     assert script.recorded_metrics(tmp_path / "nothing_yet", evaluation, ["breastmnist"]) == {}
