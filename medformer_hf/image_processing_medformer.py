@@ -6,6 +6,7 @@ sibling `configuration_medformer.py`. nibabel and pydicom (the `[medical]` extra
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import numbers
@@ -190,6 +191,21 @@ class MedformerImageProcessor(BaseImageProcessor):
         self.modality_names = list(modality_names or DEFAULT_MODALITY_NAMES)
         self.body_part_names = list(body_part_names or DEFAULT_BODY_PART_NAMES)
         self._check_settings(vars(self))
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs) -> Any:
+        """transformers' `from_dict` (behind `from_pretrained`), which passes the options it knows and drops the rest
+        silently: a misspelt option (`size2d=`) is refused here, naming the real one. Other leftovers (a pipeline's
+        model arguments) stay transformers' to handle."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        processor, unused = super().from_dict(image_processor_dict, return_unused_kwargs=True, **kwargs)
+        settings = processor._setting_names()
+        misspelt = {key: difflib.get_close_matches(key, settings, n=1, cutoff=0.8) for key in unused}
+        misspelt = {key: close[0] for key, close in misspelt.items() if close}
+        if misspelt:
+            named = ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in misspelt.items())
+            raise ValueError(f"Unknown option(s) {named} for MedformerImageProcessor. Its options: {settings}.")
+        return (processor, unused) if return_unused_kwargs else processor
 
     @classmethod
     def from_model_config(cls, config: Any, training_size: int | None = None, **kwargs) -> MedformerImageProcessor:

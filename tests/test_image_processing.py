@@ -242,3 +242,15 @@ def test_transformers_usual_options_are_refused_naming_what_does_their_job(tmp_p
     ):
         with pytest.raises(ValueError, match=rf"Unknown option.*{option}.*{equivalent}.*Its options: .*'size_3d'"):
             make()
+
+
+def test_a_misspelt_option_when_loading_is_refused_not_dropped(tmp_path):
+    """transformers' `from_pretrained` drops options it does not know without a word: `size2d=` would leave the
+    saved size in place. A near miss of a real option is refused, naming it; exact options still load."""
+    MedformerImageProcessor(size_2d=[84, 84]).save_pretrained(tmp_path)
+    for load in (MedformerImageProcessor.from_pretrained, AutoImageProcessor.from_pretrained):
+        with pytest.raises(ValueError, match=r"'size2d' \(did you mean 'size_2d'\?\)"):
+            load(tmp_path, size2d=[28, 28])
+        with pytest.raises(ValueError, match=r"'normalisation' \(did you mean 'normalization'\?\)"):
+            load(tmp_path, normalisation="image")
+        assert load(tmp_path, size_2d=[28, 28]).size_2d == [28, 28]

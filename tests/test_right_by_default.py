@@ -613,6 +613,17 @@ def test_a_nifti_ct_reaches_the_released_organ_head_as_its_training_volumes_poin
     assert turned_away  # the turn is what makes them agree
 
 
+def test_a_misspelt_medical_pipeline_option_names_the_pipelines_options_too():
+    from transformers import pipeline
+
+    folder = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
+    classify = pipeline("medical-image-classification", model=str(folder), trust_remote_code=True)
+    image = np.load(DATA_DIR / "breastmnist.npz")["test_images"][0]
+    for misspelt, meant in (("topk", "top_k"), ("test_time_flip", "test_time_flips"), ("spatial_dim", "spatial_dims")):
+        with pytest.raises(ValueError, match=rf"'{misspelt}' \(did you mean '{meant}'\?\) for the medical pipeline"):
+            classify(image, task="breastmnist", **{misspelt: 1})
+
+
 def test_a_task_orientation_is_a_3d_tasks_and_names_each_axis_once():
     spec = CATALOGUE["organmnist3d"].task_spec()
     assert spec["orientation"] == "LPS" and "orientation" not in CATALOGUE["nodulemnist3d"].task_spec()

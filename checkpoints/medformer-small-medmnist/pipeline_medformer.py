@@ -14,6 +14,7 @@ training volumes had (its recorded `orientation`; OrganMNIST3D's is not the file
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ class MedicalImageClassificationPipeline(Pipeline):
         test_time_flips: bool | None = None,
         **processor_kwargs: Any,
     ):
+        settings = self.image_processor._setting_names()
+        unknown = sorted(set(processor_kwargs) - set(settings))
+        if unknown:
+            own = ["task", "top_k", "test_time_flips"]
+            close = {key: difflib.get_close_matches(key, own + settings, n=1, cutoff=0.75) for key in unknown}
+            named = ", ".join(
+                f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown
+            )
+            raise ValueError(
+                f"Unknown option(s) {named} for the medical pipeline. Its own: {own}; its image processor's: "
+                f"{settings}."
+            )
         tasks = self.model.config.tasks
         if hasattr(self.model, "task_heads"):
             task = next(iter(tasks)) if task is None and len(tasks) == 1 else task
