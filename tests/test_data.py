@@ -244,6 +244,11 @@ def test_download_from_a_mirror_checks_md5_and_caches(tmp_path, local_server, mo
     # Now cached: no server needed.
     again = load_medmnist("breastmnist", mirror="http://127.0.0.1:9/unused", cache_dir=cache)
     assert again["train"][0]["label"] == dataset["train"][0]["label"]
+    shutil.copy(DATA_DIR / "retinamnist.npz", tmp_path / "served" / "good")
+    monkeypatch.setenv("MEDMNIST_MIRROR", f"{local_server}/good")  # the scripts' way (they have no mirror flag)
+    from_environment = load_medmnist("retinamnist", data_dir=None, cache_dir=cache)
+    assert (cache / "npz" / "retinamnist.npz").read_bytes() == (DATA_DIR / "retinamnist.npz").read_bytes()
+    assert len(from_environment["test"]) == 400
 
 
 def test_truncated_download_is_an_error_and_leaves_nothing(tmp_path, local_server, monkeypatch):
@@ -258,7 +263,9 @@ def test_truncated_download_is_an_error_and_leaves_nothing(tmp_path, local_serve
 
 def test_unreachable_mirror_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("MEDMNIST_ROOT", raising=False)
-    with pytest.raises(ConnectionError, match="Could not download breastmnist.npz from http://127.0.0.1:9/"):
+    with pytest.raises(
+        ConnectionError, match="Could not download breastmnist.npz from http://127.0.0.1:9/.*MEDMNIST_MIRROR"
+    ):
         load_medmnist("breastmnist", mirror="http://127.0.0.1:9", cache_dir=tmp_path / "cache")
     assert not any(path.is_file() for path in (tmp_path / "cache").rglob("*"))
 

@@ -56,7 +56,8 @@ def load_medmnist(
         size: 28, 64, 128 or 224 (3D sets: 28 or 64).
         data_dir: folder searched first for the official file name (then `$MEDMNIST_ROOT`, then the cache).
         download: fetch a missing file from the official URL (or `mirror`), checking its MD5.
-        mirror: base URL serving the official file names, used instead of the official URL.
+        mirror: base URL serving the official file names, used instead of the official URL (default:
+            `$MEDMNIST_MIRROR`, which the example scripts read too).
         cache_dir: where downloads and Arrow caches go (default: `default_cache_dir()`).
     """
     info = dataset_info(name)
@@ -169,6 +170,7 @@ def find_or_download(
         raise FileNotFoundError(
             f"{filename} is not in {searched}. Put it in one of them (or set MEDMNIST_ROOT), or pass download=True."
         )
+    mirror = mirror or os.environ.get("MEDMNIST_MIRROR")  # the scripts' way to name one
     url = f"{mirror.rstrip('/')}/{filename}" if mirror else info.urls[size]
     target = cache_dir / "npz" / filename
     download_file(url, target, info.md5s[size], searched)
@@ -199,7 +201,8 @@ def download_file(url: str, target: Path, md5: str, searched: str) -> None:
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         raise ConnectionError(
             f"Could not download {target.name} from {url} ({error}). Without internet, put the file in one of "
-            f"{searched} (or set MEDMNIST_ROOT), or pass mirror=<base URL>."
+            f"{searched} (or set MEDMNIST_ROOT), or name a mirror serving the official file names: set "
+            "MEDMNIST_MIRROR=<base URL> (also for the example scripts), or pass mirror=<base URL> to load_medmnist."
         ) from error
     finally:
         partial.unlink(missing_ok=True)
