@@ -622,6 +622,10 @@ def test_a_misspelt_medical_pipeline_option_names_the_pipelines_options_too():
     for misspelt, meant in (("topk", "top_k"), ("test_time_flip", "test_time_flips"), ("spatial_dim", "spatial_dims")):
         with pytest.raises(ValueError, match=rf"'{misspelt}' \(did you mean '{meant}'\?\) for the medical pipeline"):
             classify(image, task="breastmnist", **{misspelt: 1})
+    for top_k in (0, -1, 1.5):  # 0 once gave every label
+        with pytest.raises(ValueError, match="top_k must be a positive number of labels"):
+            classify(image, task="breastmnist", top_k=top_k)
+    assert len(classify(image, task="breastmnist", top_k=1)) == 1 and len(classify(image, task="breastmnist")) == 2
 
 
 def test_a_task_orientation_is_a_3d_tasks_and_names_each_axis_once():

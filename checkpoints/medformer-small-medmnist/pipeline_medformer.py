@@ -58,6 +58,8 @@ class MedicalImageClassificationPipeline(Pipeline):
                 f"Unknown option(s) {named} for the medical pipeline. Its own: {own}; its image processor's: "
                 f"{settings}."
             )
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive number of labels, got {top_k!r}; leave it out for every label.")
         tasks = self.model.config.tasks
         if hasattr(self.model, "task_heads"):
             task = next(iter(tasks)) if task is None and len(tasks) == 1 else task
@@ -147,5 +149,5 @@ class MedicalImageClassificationPipeline(Pipeline):
                 key=lambda item: item["score"],
                 reverse=True,
             )
-            results.append(ranked[:top_k] if top_k else ranked)
+            results.append(ranked[:top_k])
         return results[0] if len(results) == 1 else results
