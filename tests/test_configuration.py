@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from medformer_hf import MedformerConfig
@@ -85,3 +87,21 @@ def test_tasks_set_after_construction_are_checked_like_those_given_to_it(tmp_pat
         config.tasks = {"x": {"type": "binary", "num_labels": 2, "modality": "sonar"}}
     config.tasks = {"x": {"type": "binary", "num_labels": 2}}
     assert config.tasks["x"]["id2label"] == {0: "LABEL_0", 1: "LABEL_1"}
+
+
+def test_a_near_miss_of_an_option_is_refused_not_kept_as_an_attribute(tmp_path):
+    """PretrainedConfig keeps any keyword: `hidden_dim=64` would build a default-width model without a word. A saved
+    config (which may hold fields of older versions) still loads, and transformers' own keywords still pass."""
+    for misspelt, meant in (
+        ("hidden_dim", "hidden_size"),
+        ("mask_ration", "mask_ratio"),
+        ("drop_path", "drop_path_rate"),
+    ):
+        with pytest.raises(ValueError, match=f"no option '{misspelt}'; did you mean '{meant}'"):
+            MedformerConfig(**{misspelt: 1})
+    config = MedformerConfig(num_labels=3, problem_type="single_label_classification", output_hidden_states=True)
+    assert config.num_labels == 3 and config.output_hidden_states
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "mask_units": 2}))  # a field some older version wrote
+    assert MedformerConfig.from_pretrained(tmp_path).hidden_size == config.hidden_size

@@ -7,6 +7,8 @@ This file is shipped with every checkpoint (Hub remote code): it may import only
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -281,6 +283,8 @@ class MedformerConfig(PretrainedConfig):
         input_adapter_tasks: list[str] | None = None,
         **kwargs,
     ):
+        if "transformers_version" not in kwargs:  # built here, not read from a saved config (which may hold old fields)
+            self._refuse_near_misses(kwargs)
         self.hidden_size = hidden_size
         self.num_latents = num_latents
         self.num_hidden_layers = num_hidden_layers
@@ -567,6 +571,21 @@ class MedformerConfig(PretrainedConfig):
         if key == "tasks" and isinstance(value, dict) and "body_part_names" in self.__dict__:
             value = {name: self._normalize_task(name, spec) for name, spec in value.items()}
         super().__setattr__(key, value)
+
+    @classmethod
+    def _refuse_near_misses(cls, kwargs: dict[str, Any]) -> None:
+        """PretrainedConfig keeps any keyword as an attribute, so `hidden_dim=64` would build a default-width model
+        without a word: a keyword that is not transformers' and nearly names one of ours is refused."""
+        own = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")]
+        transformers_own = {
+            *inspect.signature(PretrainedConfig.__init__).parameters,
+            *PretrainedConfig().to_dict(),
+            *dir(PretrainedConfig),  # properties such as num_labels
+        }
+        for key in sorted(set(kwargs) - transformers_own - {"task_order"}):
+            close = difflib.get_close_matches(key, own, n=1, cutoff=0.75)
+            if close:
+                raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close[0]!r}?")
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
