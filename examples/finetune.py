@@ -345,6 +345,10 @@ def main() -> None:
         if accelerator.is_main_process:
             export_model_folder(output_dir, write)
 
+    if args.init_from and state.step == 0 and set(args.datasets) <= set(old_tasks):
+        # A continuation (a warm restart, more epochs): the starting weights are a candidate too, so a run that only
+        # loses validation AUC exports them, not the best of its worse steps.
+        validate_and_keep_best(0)
     train(
         accelerator,
         trained,

@@ -1001,7 +1001,12 @@ def predict(
         return task_probabilities(logits, spec["type"], spec["num_labels"])
 
     sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(dataset), batch_size, drop_last=False)
-    loader = accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator))
+    # Its own generator: starting an iterator would otherwise draw from the global torch RNG, so a validation would
+    # change the augmentations after it, and how often a run validates would change the weights it ends with.
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator()
+    )
+    loader = accelerator.prepare(loader)
     flips = CATALOGUE[task].augmentation.flip_combinations() if test_time_flips else [()]
     scores, labels = [], []
     was_training = model.training

@@ -27,6 +27,7 @@ from medformer_hf.training import (
     create_optimizer,
     describe_batch,
     describe_input_size,
+    evaluate_tasks,
     greedy_soup,
     mix_within_tasks,
     predict,
@@ -101,6 +102,19 @@ class _Viewed(torch.nn.Module):
         output = self.model(pixel_values.flip([axis + 2 for axis in self.axes]), **kwargs)
         output.logits = output.logits * self.logit_scale
         return output
+
+
+def test_a_validation_leaves_the_training_random_state_alone(tmp_path):
+    """Augmentation, masks and dropout draw from the global torch RNG; a validation that drew from it too would make
+    the weights depend on how often a run validates (--checkpointing_steps, which a resume may change)."""
+    config = MedformerConfig(**MODEL_SIZES["tiny"], tasks={"breastmnist": CATALOGUE["breastmnist"].task_spec()})
+    model = MedformerForMultiTask(config).eval()
+    data = build_multitask_dataset(["breastmnist"], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
+    collator = MedformerCollator(data, MedformerImageProcessor.from_model_config(config), ["breastmnist"])
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    evaluate_tasks(Accelerator(cpu=True), model, {"breastmnist": data}, {"breastmnist": collator}, batch_size=32)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 @pytest.mark.parametrize("name", ["breastmnist", "nodulemnist3d"])

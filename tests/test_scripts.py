@@ -204,6 +204,23 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert loaded["class"] == "MedformerModel" and loaded["output"].shape[0] == 2
 
 
+def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(workdir, tmp_path):
+    """Fine-tuning a model on its own tasks again (a warm restart) validates the starting weights first: a run whose
+    steps never beat them exports them, not the best of its worse steps (learning rate 0: no step can be better)."""
+    finetuned = workdir / "finetune"
+    if not (finetuned / "config.json").exists():
+        pytest.skip("needs the end-to-end test's fine-tuned model")
+    again = tmp_path / "again"
+    run = [*SMALL_RUN, "--init_from", str(finetuned), "--learning_rate", "0", "--ema_decay", "0", "--max_steps", "2"]
+    result = checked(
+        run_script(tmp_path, "finetune.py", *run, "--checkpointing_steps", "1", "--output_dir", str(again))
+    )
+    assert "step 0 validation AUC" in result.stdout
+    assert json.loads((again / "validation_metrics.json").read_text())["step"] == 0
+    started, exported = load_file(finetuned / "model.safetensors"), load_file(again / "model.safetensors")
+    assert all(torch.equal(exported[key], started[key]) for key in started)
+
+
 def test_attentive_probing_trains_the_output_and_heads_on_the_frozen_pre_trained_encoder(pretrained, tmp_path):
     """`--train output_and_heads` from an SSL checkpoint (which has no Output Adaptformer): the encoder stays the
     pre-training's, bit for bit, while the Output Adaptformer and the heads train."""
