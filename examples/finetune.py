@@ -125,6 +125,14 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--pretext_weight trains the encoder, which --train {args.train} freezes: drop one of them.")
     if args.pretext_weight and args.init_from is None:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
+    init_config = Path(args.init_from or "", "config.json")
+    if args.pretext_weight and init_config.is_file():
+        if "MedformerForPreTraining" not in (json.loads(init_config.read_text()).get("architectures") or []):
+            parser.error(
+                f"--pretext_weight keeps a pre-training's pretext tasks running, but --init_from {args.init_from} is "
+                "not a pre-training (pretrain.py's folder): its pretext heads would start untrained. Pass a "
+                "pre-training, or drop --pretext_weight."
+            )
     if args.drop_path_rate is not None and not 0.0 <= args.drop_path_rate < 1.0:
         parser.error(f"--drop_path_rate must be in [0, 1), got {args.drop_path_rate}.")
     if args.adapter_rank is not None and args.train != "new_heads_and_adapters":

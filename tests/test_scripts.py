@@ -544,6 +544,12 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
             + ["--pretext_weight", "1"],
             "--pretext_weight trains the encoder, which --train output_and_heads freezes",
         ),
+        (  # a fine-tuned model has no trained decoder or projector: the pretext tasks would start from nothing
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(REPO_ROOT / "checkpoints" / "medformer-small-medmnist")]
+            + ["--pretext_weight", "1"],
+            "is not a pre-training (pretrain.py's folder)",
+        ),
     ],
 )
 def test_bad_arguments_stop_at_start_up_with_one_line(tmp_path, monkeypatch, capsys, script, arguments, message):
