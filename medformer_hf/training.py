@@ -316,6 +316,10 @@ def log_line(accelerator: Accelerator, text: str) -> None:
         tqdm.write(text)
 
 
+# What a run logs beside its model: TensorBoard's event files, pre-training's reconstruction pictures.
+RUN_LOG_FOLDERS = ("runs", "reconstructions")
+
+
 def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator:
     """Accelerator with TensorBoard (unless --report_to none) under output_dir/runs, and DDP that tolerates the
     parameters a step leaves unused (other tasks' heads, the other dimensionality's patch embedding)."""
@@ -329,6 +333,12 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
         ),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        # Starting over: the earlier run's logs and pictures would otherwise read as this run's (two values per step
+        # in TensorBoard). Its checkpoints go when the run starts (CheckpointManager.resume), its model at export.
+        for leftover in RUN_LOG_FOLDERS:
+            shutil.rmtree(Path(args.output_dir) / leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
     if log_with:
         hyperparameters = {
             key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))

@@ -221,6 +221,19 @@ def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(
     assert all(torch.equal(exported[key], started[key]) for key in started)
 
 
+def test_starting_over_in_a_folder_removes_the_earlier_runs_logs_and_pictures(tmp_path):
+    """--overwrite_output_dir: the earlier run's TensorBoard events would read as this run's (two values per step),
+    and its reconstruction pictures as this run's."""
+    output = tmp_path / "pretrain"
+    run = [*SMALL_RUN, "--datasets", "breastmnist", "--report_to", "tensorboard", "--output_dir", str(output)]
+    checked(run_script(tmp_path, "pretrain.py", *run, "--max_steps", "2", "--checkpointing_steps", "2"))
+    first = set((output / "runs").rglob("events.out.tfevents.*"))
+    checked(run_script(tmp_path, "pretrain.py", *run, "--max_steps", "1", "--overwrite_output_dir"))
+    second = set((output / "runs").rglob("events.out.tfevents.*"))
+    assert first and len(second) == len(first) and not first & second
+    assert [path.name for path in (output / "reconstructions").iterdir()] == ["step_00000001_breastmnist.png"]
+
+
 def test_attentive_probing_trains_the_output_and_heads_on_the_frozen_pre_trained_encoder(pretrained, tmp_path):
     """`--train output_and_heads` from an SSL checkpoint (which has no Output Adaptformer): the encoder stays the
     pre-training's, bit for bit, while the Output Adaptformer and the heads train."""
