@@ -24,6 +24,7 @@ from medformer_hf.data import (
     build_multitask_dataset,
     dataset_info,
     load_medmnist,
+    multitask_dataloader,
     stratified_subset,
 )
 from medformer_hf.data import medmnist as medmnist_module
@@ -319,6 +320,27 @@ def test_sampler_is_deterministic_and_epochs_differ():
     resumed = TaskBatchSampler([30, 50], batch_size=4, seed=0, num_batches=10, num_replicas=1, rank=0)
     resumed.set_epoch(1, start_batch=6)
     assert len(resumed) == 4 and list(resumed) == batches(1)[6:]
+
+
+def test_a_batch_is_augmented_alike_in_workers_and_after_a_resume(cache_dir):
+    """Each batch's augmentation draws from its own seed (run seed, epoch, batch, rank): loading in worker processes
+    (whose RNG a checkpoint cannot hold) or resuming mid-epoch gives the very batches an uninterrupted run gets."""
+    dataset = build_multitask_dataset(["breastmnist", "vesselmnist3d"], "train", cache_dir=cache_dir, data_dir=DATA_DIR)
+    collator = MedformerCollator(dataset, MedformerImageProcessor(), augment=True, views=2)
+
+    def batches(num_workers: int, start_batch: int = 0) -> list[dict[str, torch.Tensor]]:
+        loader = multitask_dataloader(dataset, collator, batch_size=4, seed=3, num_batches=6, num_workers=num_workers)
+        loader.batch_sampler.set_epoch(1, start_batch)
+        torch.manual_seed(100 * num_workers + start_batch)  # the global RNG plays no part
+        return list(loader)
+
+    plain = batches(0)
+    for other in (batches(2), [None] * 4 + batches(0, start_batch=4)):
+        for expected, found in zip(plain, other, strict=True):
+            if found is not None:
+                assert torch.equal(expected["pixel_values"], found["pixel_values"])
+                assert torch.equal(expected["view_pixel_values"], found["view_pixel_values"])
+    assert not torch.equal(plain[0]["pixel_values"], plain[0]["view_pixel_values"])  # two independent views
 
 
 def test_ranks_take_the_same_task_and_disjoint_samples():

@@ -152,7 +152,7 @@ def test_a_run_at_another_input_size_trains_at_it_saves_it_and_scales_its_shifts
     assert MedformerImageProcessor.from_model_config(MedformerConfig.from_dict(config.to_dict())).size_2d == [56, 56]
     data = build_multitask_dataset(["breastmnist"], "validation", data_dir=DATA_DIR, cache_dir=tmp_path)
     policies = []
-    monkeypatch.setattr(multitask, "augment", lambda pixels, policy: policies.append(policy) or pixels)
+    monkeypatch.setattr(multitask, "augment", lambda pixels, policy, generator=None: policies.append(policy) or pixels)
     batch = MedformerCollator(data, processor, augment=True)(data.__getitems__([0, 1, 2]))
     assert batch["pixel_values"].shape == (3, 1, 56, 56)
     stored_policy = CATALOGUE["breastmnist"].augmentation

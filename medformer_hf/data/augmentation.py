@@ -37,8 +37,11 @@ class AugmentationPolicy:
         return flip_views(self.flip_axes)
 
 
-def augment(pixel_values: torch.Tensor, policy: AugmentationPolicy) -> torch.Tensor:
-    """A randomly transformed copy of a normalised batch, each sample drawn independently."""
+def augment(
+    pixel_values: torch.Tensor, policy: AugmentationPolicy, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """A randomly transformed copy of a normalised batch, each sample drawn independently, from `generator` (default:
+    the global torch RNG)."""
     batch_size, _, *spatial = pixel_values.shape
     dims = len(spatial)
     bad_axes = [axis for axis in policy.flip_axes if not 0 <= axis < dims]
@@ -48,7 +51,7 @@ def augment(pixel_values: torch.Tensor, policy: AugmentationPolicy) -> torch.Ten
     if policy.max_shift > 0:
         shift = policy.max_shift
         padded = F.pad(pixel_values, [shift] * (2 * dims), mode="replicate")
-        offsets = torch.randint(0, 2 * shift + 1, (batch_size, dims)).tolist()
+        offsets = torch.randint(0, 2 * shift + 1, (batch_size, dims), generator=generator).tolist()
         images = torch.stack(
             [
                 padded[(index, slice(None), *(slice(o, o + size) for o, size in zip(offset, spatial, strict=True)))]
@@ -57,17 +60,21 @@ def augment(pixel_values: torch.Tensor, policy: AugmentationPolicy) -> torch.Ten
         )
     samples = list(images.unbind(0))
     for index, sample in enumerate(samples):
-        flips = [axis + 1 for axis in policy.flip_axes if torch.rand(()) < 0.5]
+        flips = [axis + 1 for axis in policy.flip_axes if torch.rand((), generator=generator) < 0.5]
         if flips:
             sample = sample.flip(flips)
         if policy.rotate_90:  # quarter turns only where they keep the shape, else half turns
-            turns = int(torch.randint(0, 4, ())) if spatial[-1] == spatial[-2] else 2 * int(torch.randint(0, 2, ()))
+            turns = (
+                int(torch.randint(0, 4, (), generator=generator))
+                if spatial[-1] == spatial[-2]
+                else 2 * int(torch.randint(0, 2, (), generator=generator))
+            )
             sample = sample.rot90(turns, dims=(-2, -1))
         samples[index] = sample
     images = torch.stack(samples)
     if policy.intensity_jitter > 0:
         shape = (batch_size,) + (1,) * (images.ndim - 1)
-        contrast = 1 + (torch.rand(shape) * 2 - 1) * policy.intensity_jitter
-        brightness = (torch.rand(shape) * 2 - 1) * policy.intensity_jitter
+        contrast = 1 + (torch.rand(shape, generator=generator) * 2 - 1) * policy.intensity_jitter
+        brightness = (torch.rand(shape, generator=generator) * 2 - 1) * policy.intensity_jitter
         images = images * contrast.to(images) + brightness.to(images)
     return images

@@ -75,7 +75,9 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         return int(self.offsets[-1])
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        """A batch of one task: uint8 `pixel_values` (N, C, ...), `labels` (N,) or (N, K), `task_index`."""
+        """A batch of one task: uint8 `pixel_values` (N, C, ...), `labels` (N,) or (N, K), `task_index`, and the
+        batch's `augmentation_seed` when the sampler gives one (`SeededBatch`)."""
+        seed = getattr(indices, "seed", None)
         indices = np.asarray(indices)
         task_index = int(np.searchsorted(self.offsets, indices[0], side="right") - 1)
         local = indices - self.offsets[task_index]
@@ -87,6 +89,8 @@ class MultiTaskDataset(torch.utils.data.Dataset):
             "pixel_values": _arrow_to_numpy(table.column("pixel_values"), (len(local), *info.image_shape(self.size))),
             "task_index": task_index,
         }
+        if seed is not None:
+            batch["augmentation_seed"] = seed
         if self.with_labels:
             label = table.column("label")
             batch["labels"] = (
@@ -135,6 +139,14 @@ def build_multitask_dataset(
             data = data.select(stratified_subset(labels, label_fraction, seed))
         splits[name] = data
     return MultiTaskDataset(splits, infos, size, with_labels)
+
+
+class SeededBatch(list):
+    """A batch's sample indices, with the seed its augmentation draws from (`MedformerCollator`)."""
+
+    def __init__(self, indices: Any, seed: int):
+        super().__init__(indices)
+        self.seed = seed
 
 
 class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -203,7 +215,10 @@ class TaskBatchSampler(torch.utils.data.Sampler[list[int]]):
             if batch_index < self.start_batch:
                 continue
             mine = picked[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-            yield [int(self.offsets[task] + index) for index in mine]
+            # The batch's own augmentation seed, a function of where it is in the run: the same batch is augmented
+            # alike in the main process or a worker, and in a resumed run (whose workers start afresh).
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, batch_index, self.rank]).generate_state(1)[0])
+            yield SeededBatch((int(self.offsets[task] + index) for index in mine), seed)
 
 
 class MedformerCollator:
@@ -248,9 +263,11 @@ class MedformerCollator:
         if self.augment:
             scale = inputs["pixel_values"].shape[-1] / self.stored_size
             policy = dataclasses.replace(info.augmentation, max_shift=round(info.augmentation.max_shift * scale))
+            seed = batch.get("augmentation_seed")
+            generator = None if seed is None else torch.Generator().manual_seed(seed)  # else the global RNG
             if self.views == 2:
-                inputs["view_pixel_values"] = augment(inputs["pixel_values"], policy)
-            inputs["pixel_values"] = augment(inputs["pixel_values"], policy)
+                inputs["view_pixel_values"] = augment(inputs["pixel_values"], policy, generator)
+            inputs["pixel_values"] = augment(inputs["pixel_values"], policy, generator)
         inputs["task_ids"] = torch.full((len(pixels),), self.task_ids[batch["task_index"]], dtype=torch.long)
         if "labels" in batch:
             labels = torch.from_numpy(np.asarray(batch["labels"]))
