@@ -106,6 +106,9 @@ def model_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
+DEFAULT_MAX_STEPS = 300  # the scripts' budget when neither --max_steps nor --num_train_epochs is given
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
     """Data, optimisation, checkpointing, tracking and Hub flags shared by pre-training and fine-tuning."""
     data = parser.add_argument_group("data")
@@ -129,7 +132,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_output_dir: st
         action="store_true",
         help="write into a non-empty --output_dir (otherwise refused, unless resuming)",
     )
-    train.add_argument("--max_steps", type=int, default=300, help="optimizer steps (unless --num_train_epochs)")
+    train.add_argument(
+        "--max_steps", type=int, help=f"optimizer steps (default: {DEFAULT_MAX_STEPS}, or what --num_train_epochs sets)"
+    )
     train.add_argument(
         "--num_train_epochs",
         type=float,
@@ -222,12 +227,16 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
             f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
             "--overwrite_output_dir to write over it, or another --output_dir."
         )
+    if args.max_steps is not None and args.num_train_epochs is not None:
+        parser.error("--max_steps and --num_train_epochs both set the budget: pass one of them.")
     positive = ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpointing_steps", "input_size_2d")
     for name in (*positive, "input_size_3d", "checkpoints_total_limit"):  # a limit of 0 would keep every checkpoint
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.num_train_epochs is not None and not args.num_train_epochs > 0:
         parser.error(f"--num_train_epochs must be > 0, got {args.num_train_epochs}.")
+    if args.max_steps is None and args.num_train_epochs is None:
+        args.max_steps = DEFAULT_MAX_STEPS
     if not 0.0 <= args.warmup_ratio < 1.0:
         parser.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}.")
     if not 0.0 <= args.ema_decay < 1.0:

@@ -551,6 +551,11 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
             "which --train new_heads freezes",
         ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--pretext_weight", "1"], "pass --init_from <its folder>"),
+        (  # --num_train_epochs once replaced the --max_steps given beside it without a word
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--max_steps", "5", "--num_train_epochs", "0.3"],
+            "--max_steps and --num_train_epochs both set the budget",
+        ),
         (
             "finetune.py",
             ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
