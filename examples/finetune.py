@@ -25,6 +25,7 @@ from medformer_hf.training import (
     add_model_arguments,
     carry_best_model,
     check_common_arguments,
+    checkpoint_processor,
     create_accelerator,
     create_ema,
     create_optimizer,
@@ -156,6 +157,23 @@ def parse_args() -> argparse.Namespace:
     if args.train != "all" and args.init_from is None:
         parser.error(f"--train {args.train} freezes a trained checkpoint's encoder: pass --init_from <folder>.")
     check_common_arguments(parser, args)
+    resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
+    if args.init_from is not None and resized:  # the saved processor resizes every task's images, trained here or not
+        init_config = MedformerConfig.from_pretrained(args.init_from)
+        trained_at = checkpoint_processor(args.init_from, init_config)
+        for dims in resized:
+            side, was = getattr(args, f"input_size_{dims}d"), getattr(trained_at, f"size_{dims}d")
+            kept = [
+                name
+                for name, spec in init_config.tasks.items()
+                if spec.get("spatial_dims") == dims and name not in args.datasets
+            ]
+            if kept and was is not None and list(was) != [side] * dims:
+                parser.error(
+                    f"--input_size_{dims}d {side}: the --init_from checkpoint's {dims}D tasks {kept}, which this run "
+                    f"does not train, learned at {'x'.join(map(str, was))} px, and the saved model would feed them "
+                    f"{side} px: add them to --datasets, or leave --input_size_{dims}d out."
+                )
     return args
 
 

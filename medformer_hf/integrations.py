@@ -200,6 +200,12 @@ def export_onnx(
         task = tasks[0] if task is None and len(tasks) == 1 else task
         if task not in tasks:
             raise ValueError(f"Pass the task to export; this multi-task model has {tasks}.")
+        if task in model.config.adapter_tasks:  # its rows take a data-dependent route that torch.export cannot trace
+            raise ValueError(
+                f"Task {task!r} runs through adapters of its own inside the shared model, which the ONNX exporter "
+                "cannot trace: take it out first (examples/extract_task.py, or "
+                "MedformerForImageClassification.from_multi_task(model, task)) and export that classifier."
+            )
         model = _TaskLogits(model, task).eval()
     elif task is not None:
         raise ValueError("task= is for multi-task models; this model has a single head.")

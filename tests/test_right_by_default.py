@@ -1,6 +1,7 @@
 """What a new user meets on the documented paths gives the right answer, or a clear error naming an option that
 exists: raw CT units, metadata defaults, one task of a multi-task model, LoRA heads, other image sizes."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -250,6 +251,11 @@ def test_onnx_export_of_one_task_of_a_multi_task_model(multi_task, tmp_path):
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
     with pytest.raises(ValueError, match="Pass the task"):
         export_onnx(multi_task, tmp_path / "x.onnx", (2, 1, 28, 28))
+    # A task grown with adapters of its own takes a route the exporter cannot trace: the way out is named.
+    grown = copy.deepcopy(multi_task)  # the fixture is shared
+    grown.add_task("grown", adapter_rank=2, **CATALOGUE["breastmnist"].task_spec())
+    with pytest.raises(ValueError, match="adapters of its own.*examples/extract_task.py"):
+        export_onnx(grown.eval(), tmp_path / "grown.onnx", (2, 1, 28, 28), task="grown")
 
 
 @pytest.mark.parametrize("saved", ["multitask-without-task", "pretraining"])

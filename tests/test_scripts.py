@@ -551,6 +551,12 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
             "which --train new_heads freezes",
         ),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--pretext_weight", "1"], "pass --init_from <its folder>"),
+        (  # the saved processor would feed the release's other 2D heads (trained at 84 px) 28 px images
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--init_from", str(REPO_ROOT / "checkpoints" / "medformer-small-medmnist")]
+            + ["--datasets", "breastmnist", "--input_size_2d", "28"],
+            "2D tasks ['pneumoniamnist', 'retinamnist'], which this run does not train, learned at 84x84 px",
+        ),
         (  # --num_train_epochs once replaced the --max_steps given beside it without a word
             "finetune.py",
             ["--data_dir", str(DATA_DIR), "--max_steps", "5", "--num_train_epochs", "0.3"],
