@@ -126,9 +126,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--pretext_weight trains the encoder, which --train {args.train} freezes: drop one of them.")
     if args.pretext_weight and args.init_from is None:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
-    init_config = Path(args.init_from or "", "config.json")
-    if args.pretext_weight and init_config.is_file():
-        if "MedformerForPreTraining" not in (json.loads(init_config.read_text()).get("architectures") or []):
+    if args.pretext_weight:
+        if "MedformerForPreTraining" not in (MedformerConfig.from_pretrained(args.init_from).architectures or []):
             parser.error(
                 f"--pretext_weight keeps a pre-training's pretext tasks running, but --init_from {args.init_from} is "
                 "not a pre-training (pretrain.py's folder): its pretext heads would start untrained. Pass a "
@@ -374,7 +373,9 @@ def main() -> None:
     if args.init_from and state.step == 0 and set(args.datasets) <= set(old_tasks):
         # A continuation (a warm restart, more epochs): the starting weights are a candidate too, so a run that only
         # loses validation AUC exports them, not the best of its worse steps.
+        checkpoints.save(0)  # first, as train() does: a folder with an exported model always has a checkpoint
         validate_and_keep_best(0)
+        checkpoints.save(0)  # again, holding the step-0 score: a run resumed from here keeps it as the best so far
     train(
         accelerator,
         trained,

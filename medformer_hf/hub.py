@@ -51,10 +51,11 @@ class HubError(RuntimeError):
 
 
 def weights_fingerprint(model_folder: str | os.PathLike) -> str:
-    """A hash of the folder's weights (its safetensors files), which `evaluate.py` records beside its metrics: an
-    earlier evaluation's figures are kept only for the weights they were measured on."""
+    """A hash of the folder's weight files (safetensors, or older `.bin` / `.pt`), which `evaluate.py` records beside
+    its metrics: an earlier evaluation's figures are kept only for the weights they were measured on."""
     digest = hashlib.sha256()
-    for path in sorted(Path(model_folder).glob("*.safetensors")):
+    files = [path for pattern in ("*.safetensors", "*.bin", "*.pt") for path in Path(model_folder).glob(pattern)]
+    for path in sorted(files):
         with path.open("rb") as weights:
             for block in iter(lambda: weights.read(2**20), b""):
                 digest.update(block)

@@ -1398,7 +1398,9 @@ class MedformerForMultiTask(MedformerPreTrainedModel):
             )
             task_indices[name] = rows
         if self.training:  # also when only the heads train (a frozen encoder's latents take no gradient)
-            record_size_when_trained(self.config, pixel_values, next(iter(task_logits.values())))
+            trained = next((logits for logits in task_logits.values() if logits.requires_grad), None)
+            if trained is not None:
+                record_size_when_trained(self.config, pixel_values, trained)
         loss, task_losses = None, None
         if labels is not None:
             loss, task_losses = multitask_loss(

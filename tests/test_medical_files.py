@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from medformer_hf import MedformerImageProcessor, MedformerModel, load_dicom, load_nifti
+from medformer_hf.configuration_medformer import orientation_problem
 
 from .conftest import make_tiny_config
 
@@ -214,6 +215,13 @@ def test_a_sagittal_dicom_series_knows_which_way_it_points(tmp_path):
         dataset.save_as(tmp_path / f"{index}.dcm", enforce_file_format=True)
     volume = load_dicom(tmp_path)
     assert volume.orientation == "RIP" and volume.array[:, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    # Oblique slices still name each pair once (taking each direction's largest component alone gave e.g. "PLL").
+    from medformer_hf.image_processing_medformer import _volume_orientation
+
+    s = 0.5**0.5
+    assert _volume_orientation([s, s, 0, -s, s, 0])[0] == "S"  # an axial plane turned 45 degrees
+    for orientation in ([0.6, 0.57, 0.57, 0.8, -0.42, -0.42], [s, s, 0, -s, s, 0]):
+        assert orientation_problem(_volume_orientation(orientation)) is None
 
 
 def _ct_dataset(rows: int = 4, columns: int = 4) -> pydicom.Dataset:

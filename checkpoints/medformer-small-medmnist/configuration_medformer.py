@@ -89,6 +89,8 @@ def orientation_problem(code: Any) -> str | None:
     )
 
 
+# Keys every config.json that save_pretrained writes holds, and a config built in code does not.
+SAVED_CONFIG_KEYS = frozenset({"transformers_version", "model_type", "architectures", "auto_map", "task_order"})
 SSL_TASKS = ("masked_reconstruction", "view_agreement", "slice_consistency")
 
 
@@ -283,7 +285,7 @@ class MedformerConfig(PretrainedConfig):
         input_adapter_tasks: list[str] | None = None,
         **kwargs,
     ):
-        if "transformers_version" not in kwargs:  # built here, not read from a saved config (which may hold old fields)
+        if not SAVED_CONFIG_KEYS & set(kwargs):  # built here, not read from a saved config (which may hold old fields)
             self._refuse_near_misses(kwargs)
         self.hidden_size = hidden_size
         self.num_latents = num_latents

@@ -1000,12 +1000,14 @@ def _volume_orientation(image_orientation: Any) -> str | None:
     if image_orientation is None:
         return None
     row, column = np.asarray(image_orientation[:3], float), np.asarray(image_orientation[3:], float)
-
-    def toward(vector: np.ndarray) -> str:
-        axis = int(np.argmax(np.abs(vector)))
-        return ("LPS" if vector[axis] > 0 else "RAI")[axis]
-
-    return "".join(toward(vector) for vector in (np.cross(row, column), column, row))
+    directions = np.abs(np.stack([np.cross(row, column), column, row]))  # array axis x patient axis
+    signs = np.sign(np.stack([np.cross(row, column), column, row]))
+    letters = [""] * 3
+    for _ in range(3):  # the closest pair first, then the next among those left: an oblique scan gets each pair once
+        axis, patient = np.unravel_index(int(np.argmax(directions)), directions.shape)
+        letters[axis] = ("LPS" if signs[axis, patient] > 0 else "RAI")[patient]
+        directions[axis, :], directions[:, patient] = -1.0, -1.0
+    return "".join(letters)
 
 
 def _along_normal(position: Any, orientation: Any) -> float:
