@@ -126,8 +126,11 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--pretext_weight trains the encoder, which --train {args.train} freezes: drop one of them.")
     if args.pretext_weight and args.init_from is None:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
+    resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
+    needed = args.init_from is not None and (args.pretext_weight or resized)  # read once, for the checks below
+    init_config = MedformerConfig.from_pretrained(args.init_from) if needed else None
     if args.pretext_weight:
-        if "MedformerForPreTraining" not in (MedformerConfig.from_pretrained(args.init_from).architectures or []):
+        if "MedformerForPreTraining" not in (init_config.architectures or []):
             parser.error(
                 f"--pretext_weight keeps a pre-training's pretext tasks running, but --init_from {args.init_from} is "
                 "not a pre-training (pretrain.py's folder): its pretext heads would start untrained. Pass a "
@@ -156,9 +159,7 @@ def parse_args() -> argparse.Namespace:
     if args.train != "all" and args.init_from is None:
         parser.error(f"--train {args.train} freezes a trained checkpoint's encoder: pass --init_from <folder>.")
     check_common_arguments(parser, args)
-    resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
     if args.init_from is not None and resized:  # the saved processor resizes every task's images, trained here or not
-        init_config = MedformerConfig.from_pretrained(args.init_from)
         trained_at = checkpoint_processor(args.init_from, init_config)
         for dims in resized:
             side, was = getattr(args, f"input_size_{dims}d"), getattr(trained_at, f"size_{dims}d")

@@ -89,6 +89,12 @@ def orientation_problem(code: Any) -> str | None:
     )
 
 
+def closest_option(name: str, options: list[str], cutoff: float = 0.75) -> str | None:
+    """The option `name` most likely misspells (difflib's similarity at least `cutoff`), or None."""
+    close = difflib.get_close_matches(name, options, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 # Keys every config.json that save_pretrained writes holds, and a config built in code does not.
 SAVED_CONFIG_KEYS = frozenset({"transformers_version", "model_type", "architectures", "auto_map", "task_order"})
 SSL_TASKS = ("masked_reconstruction", "view_agreement", "slice_consistency")
@@ -584,10 +590,9 @@ class MedformerConfig(PretrainedConfig):
             *PretrainedConfig().to_dict(),
             *dir(PretrainedConfig),  # properties such as num_labels
         }
-        for key in sorted(set(kwargs) - transformers_own - {"task_order"}):
-            close = difflib.get_close_matches(key, own, n=1, cutoff=0.75)
-            if close:
-                raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close[0]!r}?")
+        for key in sorted(set(kwargs) - transformers_own):
+            if close := closest_option(key, own):
+                raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close!r}?")
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

@@ -6,7 +6,6 @@ sibling `configuration_medformer.py`. nibabel and pydicom (the `[medical]` extra
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 import numbers
@@ -28,6 +27,7 @@ from .configuration_medformer import (
     DEFAULT_MODALITY_NAMES,
     ORIENTATION_PAIRS,
     UNSPECIFIED_ID,
+    closest_option,
     orientation_problem,
 )
 
@@ -74,15 +74,17 @@ HF_OPTION_EQUIVALENTS = {
 }
 
 
-def unknown_options_message(unknown: set[str], options: list[str]) -> str:
-    """Names the options that do not exist, what does the job of transformers' usual ones, and the real ones."""
+def unknown_options_message(unknown: set[str], options: list[str], owner: str = "MedformerImageProcessor") -> str:
+    """Names the options that do not exist (with the real one each most likely misspells), what does the job of
+    transformers' usual ones, and the real ones."""
+    named = ", ".join(
+        f"{name!r}" + (f" (did you mean {close!r}?)" if (close := closest_option(name, options)) else "")
+        for name in sorted(unknown)
+    )
     hints = "; ".join(
         f"for {name} use {HF_OPTION_EQUIVALENTS[name]}" for name in sorted(unknown & HF_OPTION_EQUIVALENTS.keys())
     )
-    return (
-        f"Unknown option(s) {sorted(unknown)} for MedformerImageProcessor{f' ({hints})' if hints else ''}. "
-        f"Its options: {options}."
-    )
+    return f"Unknown option(s) {named} for {owner}{f' ({hints})' if hints else ''}. Its options: {options}."
 
 
 class MedformerImageProcessorKwargs(ImagesKwargs, total=False):
@@ -200,11 +202,9 @@ class MedformerImageProcessor(BaseImageProcessor):
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         processor, unused = super().from_dict(image_processor_dict, return_unused_kwargs=True, **kwargs)
         settings = processor._setting_names()
-        misspelt = {key: difflib.get_close_matches(key, settings, n=1, cutoff=0.8) for key in unused}
-        misspelt = {key: close[0] for key, close in misspelt.items() if close}
+        misspelt = {key for key in unused if closest_option(key, settings, cutoff=0.8)}
         if misspelt:
-            named = ", ".join(f"{key!r} (did you mean {close!r}?)" for key, close in misspelt.items())
-            raise ValueError(f"Unknown option(s) {named} for MedformerImageProcessor. Its options: {settings}.")
+            raise ValueError(unknown_options_message(misspelt, settings))
         return (processor, unused) if return_unused_kwargs else processor
 
     @classmethod
@@ -1000,12 +1000,12 @@ def _volume_orientation(image_orientation: Any) -> str | None:
     if image_orientation is None:
         return None
     row, column = np.asarray(image_orientation[:3], float), np.asarray(image_orientation[3:], float)
-    directions = np.abs(np.stack([np.cross(row, column), column, row]))  # array axis x patient axis
-    signs = np.sign(np.stack([np.cross(row, column), column, row]))
+    vectors = np.stack([np.cross(row, column), column, row])  # array axis x patient axis
+    directions = np.abs(vectors)
     letters = [""] * 3
     for _ in range(3):  # the closest pair first, then the next among those left: an oblique scan gets each pair once
         axis, patient = np.unravel_index(int(np.argmax(directions)), directions.shape)
-        letters[axis] = ("LPS" if signs[axis, patient] > 0 else "RAI")[patient]
+        letters[axis] = ("LPS" if vectors[axis, patient] > 0 else "RAI")[patient]
         directions[axis, :], directions[:, patient] = -1.0, -1.0
     return "".join(letters)
 

@@ -14,7 +14,6 @@ training volumes had (its recorded `orientation`; OrganMNIST3D's is not the file
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from PIL import Image, ImageOps
 from transformers import Pipeline
 
 from .configuration_medformer import CUSTOM_PIPELINES
-from .image_processing_medformer import load_dicom, load_nifti
+from .image_processing_medformer import load_dicom, load_nifti, unknown_options_message
 from .modeling_medformer import classifier_probabilities, flip_views, mean_over_flips, task_probabilities
 
 TASK_NAME = next(iter(CUSTOM_PIPELINES))
@@ -46,18 +45,10 @@ class MedicalImageClassificationPipeline(Pipeline):
         test_time_flips: bool | None = None,
         **processor_kwargs: Any,
     ):
-        settings = self.image_processor._setting_names()
-        unknown = sorted(set(processor_kwargs) - set(settings))
+        options = ["task", "top_k", "test_time_flips", *self.image_processor._setting_names()]
+        unknown = set(processor_kwargs) - set(options)
         if unknown:
-            own = ["task", "top_k", "test_time_flips"]
-            close = {key: difflib.get_close_matches(key, own + settings, n=1, cutoff=0.75) for key in unknown}
-            named = ", ".join(
-                f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown
-            )
-            raise ValueError(
-                f"Unknown option(s) {named} for the medical pipeline. Its own: {own}; its image processor's: "
-                f"{settings}."
-            )
+            raise ValueError(unknown_options_message(unknown, options, owner="the medical pipeline"))
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive number of labels, got {top_k!r}; leave it out for every label.")
         tasks = self.model.config.tasks
