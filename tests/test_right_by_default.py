@@ -357,7 +357,9 @@ def test_both_pipelines_on_a_multi_task_folder_without_the_package(multi_task, o
         probabilities = task_probabilities(multi_task(pixels, task="organ").logits, "multiclass")[0]
     id2label = multi_task.config.tasks["organ"]["id2label"]
     by_label = {item["label"]: item["score"] for item in results["medical"]}
-    assert by_label == pytest.approx({id2label[i]: float(p) for i, p in enumerate(probabilities)}, abs=1e-6)
+    # Across two processes the CPU kernels may differ (1.9e-5 seen in CI, 0.0 here); a transposed or flipped volume
+    # moves these probabilities by 6e-2, so 1e-4 still tells a wrong reading from float noise.
+    assert by_label == pytest.approx({id2label[i]: float(p) for i, p in enumerate(probabilities)}, abs=1e-4)
     assert "medical-image-classification" in results["standard_on_multi"]
     assert "from_multi_task" in results["standard_on_multi"]
     single = {item["label"]: item["score"] for item in results["standard_on_single"]}
