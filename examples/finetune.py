@@ -40,6 +40,7 @@ from medformer_hf.training import (
     log_line,
     mix_within_tasks,
     model_config_kwargs,
+    refusals_in_one_line,
     resolve_budget,
     scorable_tasks,
     train,
@@ -246,6 +247,7 @@ def old_tasks_report(before: dict[str, dict[str, float]], after: dict[str, dict[
     return "\n".join(lines)
 
 
+@refusals_in_one_line
 def main() -> None:
     args = parse_args()
     accelerator = create_accelerator(args, "medformer-finetune")

@@ -31,6 +31,7 @@ from medformer_hf.training import (
     export_model_folder,
     exported_state_dict,
     model_config_kwargs,
+    refusals_in_one_line,
     resolve_budget,
     train,
     training_processor,
@@ -86,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+@refusals_in_one_line
 def main() -> None:
     args = parse_args()
     accelerator = create_accelerator(args, "medformer-pretrain")

@@ -8,9 +8,10 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Any
 
@@ -546,6 +547,24 @@ class TrainState:
             setattr(self, name, value)
 
 
+class RunRefused(ValueError):
+    """A checkpoint that this command line cannot continue; `refusals_in_one_line` prints it as argparse's errors."""
+
+
+def refusals_in_one_line(main: Callable[[], None]) -> Callable[[], None]:
+    """Wrap a script's `main`: a `RunRefused` found after start-up (at resume) ends the run with one line, not a
+    traceback, like the command-line errors found before it."""
+
+    @wraps(main)
+    def run() -> None:
+        try:
+            main()
+        except RunRefused as error:
+            raise SystemExit(f"{Path(sys.argv[0]).name}: error: {error}") from None
+
+    return run
+
+
 def checkpoints_in(directory: str | os.PathLike) -> list[Path]:
     """The complete checkpoints in a run's checkpoint folder, oldest first (saves in progress have another name)."""
     directory = Path(directory)
@@ -647,7 +666,7 @@ class CheckpointManager:
             return None
         pickles = sorted(file.name for file in path.glob("custom_checkpoint_*.pkl"))
         if pickles:
-            raise ValueError(
+            raise RunRefused(
                 f"{path} carries pickled objects {pickles}, which are never loaded (unpickling them could run code); "
                 "it was not written by this version of medformer-hf. Start a new run, or remove them if you wrote them."
             )
@@ -655,7 +674,7 @@ class CheckpointManager:
         missing = [name for name in expected if not (path / name).is_file()]
         if missing:
             hint = " (pass --ema_decay 0 if the run had no EMA)" if self.ema_file in missing else ""
-            raise ValueError(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)}{hint}.")
+            raise RunRefused(f"{path} is not a checkpoint of this run: it lacks {', '.join(missing)}{hint}.")
         self.check_arguments(path)
         self.accelerator.load_state(str(path))
         self.state.load(path / self.state_file)
@@ -680,7 +699,7 @@ class CheckpointManager:
             if saved[name] != now[name]
         ]
         if changed:
-            raise ValueError(
+            raise RunRefused(
                 f"{path} was saved by a run with other arguments ({'; '.join(changed)}): the optimizer, schedule and "
                 "data order would come back as they were. Resume with the run's own arguments, or start a new run in "
                 "another --output_dir (--init_from a model folder to start from its weights)."
@@ -765,7 +784,7 @@ def carry_best_model(
         accelerator.print(f"the best model of {resumed}'s run is not beside it: the next validation exports one")
         state.best_metric = state.best_accuracy = -math.inf
     else:
-        raise ValueError(
+        raise RunRefused(
             f"{resumed} ends its run, and the best model of that run is not beside it, so {output_dir} would end "
             "without a model: resume in the run's own folder, or start a new run with --init_from <a model folder>."
         )

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from transformers import AutoConfig
 
 from medformer_hf import MedformerConfig
 from medformer_hf.configuration_medformer import AUTO_MAP
@@ -105,3 +106,7 @@ def test_a_near_miss_of_an_option_is_refused_not_kept_as_an_attribute(tmp_path):
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "mask_units": 2}))  # a field some older version wrote
     assert MedformerConfig.from_pretrained(tmp_path).hidden_size == config.hidden_size
+    # An override at loading that transformers would drop is refused too; a real one applies.
+    with pytest.raises(ValueError, match="no option 'hidden_dim'; did you mean 'hidden_size'"):
+        AutoConfig.from_pretrained(tmp_path, hidden_dim=64)
+    assert MedformerConfig.from_pretrained(tmp_path, hidden_size=64).hidden_size == 64

@@ -184,6 +184,12 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
     assert set(json.loads((finetuned / "validation" / "metrics.json").read_text())["metrics"]) == {"breastmnist"}
     assert json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card
+    # A resume that changes what is trained is refused in one line, not a traceback, and changes nothing.
+    refused = run_script(workdir, "finetune.py", *run, "--resume_from_checkpoint", "latest", "--learning_rate", "0.5")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("finetune.py: error: ")
+    assert "other arguments (--learning_rate" in refused.stderr
+    assert json.loads((finetuned / "metrics.json").read_text())["metrics"] == metrics
     # Resuming the finished run (to push it, say) keeps the card's test metrics: they are of the same weights.
     checked(run_script(workdir, "finetune.py", *run, "--resume_from_checkpoint", "latest"))
     assert card_metrics(ModelCard.load(finetuned / "README.md")) == card

@@ -594,6 +594,17 @@ class MedformerConfig(PretrainedConfig):
             if close := closest_option(key, own):
                 raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close!r}?")
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers drops an override that is no config field, so `from_pretrained(folder, hidden_dim=64)` would
+        load the saved width without a word: near misses are refused as in `__init__`. A model's `from_pretrained`
+        asks for the unused keywords and passes them to the model, which refuses what it does not take."""
+        if kwargs.get("return_unused_kwargs"):
+            return super().from_dict(config_dict, **kwargs)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        cls._refuse_near_misses(unused)
+        return config
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output["task_order"] = list(self.tasks)  # config.json sorts keys; task ids need the order
