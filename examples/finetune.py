@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from medformer_hf import MedformerConfig, MedformerForMultiTask, multitask_loss
+from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
 from medformer_hf.hub import metrics_table, push_or_exit, write_model_card
 from medformer_hf.training import (
@@ -257,6 +257,12 @@ def main() -> None:
         train_set = build_multitask_dataset(args.datasets, "train", args.label_fraction, args.seed, **load)
         validation = {name: build_multitask_dataset([name], "validation", **load) for name in args.datasets}
     model, old_tasks = build_model(args)
+    # The checkpoint's own tasks (those with a local file) are validated before and after this run: what growing cost.
+    # Before, as the checkpoint was fed (training_processor may give them another size below); after, as the exported
+    # model will be.
+    scored = scorable_tasks(model.config, args.size, args.data_dir)["scored"]
+    old_scored = [name for name in old_tasks if name in scored]
+    starting_processor = checkpoint_processor(args.init_from, model.config) if old_scored else None
     with_pretexts = args.pretext_weight > 0
     if with_pretexts:
         with accelerator.main_process_first():
@@ -282,15 +288,14 @@ def main() -> None:
             num_workers=args.num_workers,
         )
     collators = {name: MedformerCollator(data, processor, task_names) for name, data in validation.items()}
-    # The checkpoint's own tasks (those with a local file), validated before and after this run: what growing cost.
-    scored = scorable_tasks(model.config, args.size, args.data_dir)["scored"]
     with accelerator.main_process_first():
         old_validation = {
-            name: validation.get(name) or build_multitask_dataset([name], "validation", **load)
-            for name in old_tasks
-            if name in scored
+            name: validation.get(name) or build_multitask_dataset([name], "validation", **load) for name in old_scored
         }
-    old_collators = {name: MedformerCollator(data, processor, task_names) for name, data in old_validation.items()}
+
+    def old_task_collators(fed_by: MedformerImageProcessor) -> dict[str, MedformerCollator]:
+        return {name: MedformerCollator(data, fed_by, task_names) for name, data in old_validation.items()}
+
     trained = FineTuningWithPretexts(model, args.init_from) if with_pretexts else model
     optimizer, scheduler = create_optimizer(trained, args, accelerator.num_processes, args.layer_decay)
     trained, optimizer, scheduler = accelerator.prepare(trained, optimizer, scheduler)
@@ -338,7 +343,9 @@ def main() -> None:
     # What is evaluated and saved: the EMA of the weights when it is on.
     evaluated = fine_tuned_model(accelerator.unwrap_model(trained) if ema is None else ema.module)
     if old_validation and state.step == 0:
-        old_before, _ = evaluate_tasks(accelerator, evaluated, old_validation, old_collators, args.batch_size)
+        old_before, _ = evaluate_tasks(
+            accelerator, evaluated, old_validation, old_task_collators(starting_processor), args.batch_size
+        )
         if accelerator.is_main_process:
             (output_dir / "old_tasks_before.json").parent.mkdir(parents=True, exist_ok=True)
             (output_dir / "old_tasks_before.json").write_text(json.dumps(old_before, indent=2))
@@ -396,7 +403,7 @@ def main() -> None:
     accelerator.wait_for_everyone()
     if old_validation:  # the exported (best) model on the checkpoint's own tasks, next to where they started
         best = MedformerForMultiTask.from_pretrained(output_dir, dtype="float32").to(accelerator.device)
-        old_after, _ = evaluate_tasks(accelerator, best, old_validation, old_collators, args.batch_size)
+        old_after, _ = evaluate_tasks(accelerator, best, old_validation, old_task_collators(processor), args.batch_size)
         before_file = output_dir / "old_tasks_before.json"
         if accelerator.is_main_process and not before_file.is_file():  # resumed from a copied checkpoint folder
             accelerator.print(f"no {before_file.name} from this run's start: the before/after report is skipped")

@@ -16,7 +16,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from medformer_hf import MedformerForMultiTask
+from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.hub import HubError, card_metrics, push_folder, upload_plan
 
 from .conftest import DATA_DIR, REPO_ROOT
@@ -225,6 +225,12 @@ def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(
     assert json.loads((again / "validation_metrics.json").read_text())["step"] == 0
     started, exported = load_file(finetuned / "model.safetensors"), load_file(again / "model.safetensors")
     assert all(torch.equal(exported[key], started[key]) for key in started)
+    # Retrained at another size, the checkpoint's tasks are still scored "before" as the checkpoint was fed (28 px).
+    resized = tmp_path / "resized"
+    checked(run_script(tmp_path, "finetune.py", *run, "--input_size_2d", "32", "--output_dir", str(resized)))
+    assert MedformerImageProcessor.from_pretrained(resized).size_2d == [32, 32]
+    before = {folder: json.loads((folder / "old_tasks_before.json").read_text()) for folder in (again, resized)}
+    assert before[resized] == before[again]
 
 
 def test_starting_over_in_a_folder_removes_the_earlier_runs_logs_and_pictures(tmp_path):
