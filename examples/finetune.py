@@ -37,6 +37,8 @@ from medformer_hf.training import (
     exported_state_dict,
     fine_tuned_model,
     given_model_flags,
+    input_size_problem,
+    is_hub_id,
     log_line,
     mix_within_tasks,
     model_config_kwargs,
@@ -127,9 +129,13 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--pretext_weight trains the encoder, which --train {args.train} freezes: drop one of them.")
     if args.pretext_weight and args.init_from is None:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
+    if args.init_from is not None and not Path(args.init_from).is_dir() and not is_hub_id(args.init_from):
+        parser.error(f"--init_from {args.init_from} is not a folder (nor a Hub id, user/name).")
     resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
     needed = args.init_from is not None and (args.pretext_weight or resized)  # read once, for the checks below
     init_config = MedformerConfig.from_pretrained(args.init_from) if needed else None
+    if resized and (problem := input_size_problem(args, init_config or MedformerConfig(**model_config_kwargs(args)))):
+        parser.error(problem)
     if args.pretext_weight:
         if "MedformerForPreTraining" not in (init_config.architectures or []):
             parser.error(
@@ -380,9 +386,14 @@ def main() -> None:
         if accelerator.is_main_process:
             export_model_folder(output_dir, write)
 
-    if args.init_from and state.step == 0 and set(args.datasets) <= set(old_tasks):
+    fed_as_before = starting_processor is not None and all(
+        list(getattr(processor, key) or []) == list(getattr(starting_processor, key) or [])
+        for key in ("size_2d", "size_3d")
+    )
+    if args.init_from and state.step == 0 and set(args.datasets) <= set(old_tasks) and fed_as_before:
         # A continuation (a warm restart, more epochs): the starting weights are a candidate too, so a run that only
-        # loses validation AUC exports them, not the best of its worse steps.
+        # loses validation AUC exports them, not the best of its worse steps. Not at a new input size: there they are
+        # not the model they were, and exported they would be labelled with a size they never learned.
         checkpoints.save(0)  # first, as train() does: a folder with an exported model always has a checkpoint
         validate_and_keep_best(0)
         checkpoints.save(0)  # again, holding the step-0 score: a run resumed from here keeps it as the best so far

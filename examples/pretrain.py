@@ -30,6 +30,7 @@ from medformer_hf.training import (
     describe_input_size,
     export_model_folder,
     exported_state_dict,
+    input_size_problem,
     model_config_kwargs,
     refusals_in_one_line,
     resolve_budget,
@@ -72,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     check_common_arguments(parser, args)
+    if problem := input_size_problem(args, MedformerConfig(**model_config_kwargs(args))):
+        parser.error(problem)
     if "masked_reconstruction" not in args.ssl_tasks:
         parser.error("--ssl_tasks must include masked_reconstruction (the other pretexts use its masked views).")
     weights = {}

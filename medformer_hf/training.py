@@ -212,18 +212,34 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     resume = args.resume_from_checkpoint
     if resume not in (None, "latest") and not Path(resume).is_dir():
         parser.error(f"--resume_from_checkpoint {resume} is not a folder (or pass 'latest').")
+    if resume not in (None, "latest") and (Path(resume) / "checkpoints").is_dir():
+        parser.error(
+            f"--resume_from_checkpoint {resume} is a run's folder, not one of its checkpoints: pass "
+            f"--output_dir {resume} --resume_from_checkpoint latest, or a folder in {Path(resume) / 'checkpoints'}."
+        )
     output_dir = Path(args.output_dir)
     if resume is not None and args.overwrite_output_dir:
         parser.error("--resume_from_checkpoint continues a run and --overwrite_output_dir starts over: pass one.")
     if args.max_grad_norm < 0:
         parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
-    if resume == "latest" and not checkpoints_in(output_dir / "checkpoints") and (output_dir / "config.json").is_file():
+    entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    held = [name for name in entries if name not in RUN_BY_PRODUCTS]  # a model, or files of someone else's
+    if resume == "latest" and not checkpoints_in(output_dir / "checkpoints") and held:
+        what = (
+            "a model" if "config.json" in held else f"files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+        )
         parser.error(
-            f"--output_dir {output_dir} holds a model but no checkpoint of a run to continue, so "
+            f"--output_dir {output_dir} holds {what} but no checkpoint of a run to continue, so "
             "--resume_from_checkpoint latest would train a new model over it: pass another --output_dir, or "
             "--overwrite_output_dir to replace it."
         )
-    if output_dir.is_dir() and any(output_dir.iterdir()) and resume is None and not args.overwrite_output_dir:
+    if resume not in (None, "latest") and Path(resume).resolve().parent.parent != output_dir.resolve() and entries:
+        parser.error(
+            f"--resume_from_checkpoint {resume} is not a checkpoint of the run in --output_dir {output_dir}, which is "
+            "not empty: resume it into an empty --output_dir (or continue the run there with "
+            "--resume_from_checkpoint latest)."
+        )
+    if entries and resume is None and not args.overwrite_output_dir:
         parser.error(
             f"--output_dir {output_dir} is not empty: pass --resume_from_checkpoint latest to continue that run, "
             "--overwrite_output_dir to write over it, or another --output_dir."
@@ -243,6 +259,21 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1) (0 turns EMA off), got {args.ema_decay}.")
     return args.datasets
+
+
+def input_size_problem(args: argparse.Namespace, config: MedformerConfig) -> str | None:
+    """Why `--input_size_2d/3d` cannot feed `config`'s model (its patches must tile every axis), or None: found at
+    start-up, before a checkpoint is written."""
+    for dims in (2, 3):
+        side = getattr(args, f"input_size_{dims}d")
+        patch = config.patch_size_2d if dims == 2 else config.patch_size_3d
+        if side is not None and side % patch:
+            nearest = " or ".join(str(size) for size in (side // patch * patch, (side // patch + 1) * patch) if size)
+            return (
+                f"--input_size_{dims}d {side} is not a multiple of the model's {dims}D patch size {patch}: "
+                f"pass {nearest}."
+            )
+    return None
 
 
 def is_hub_id(name: str) -> bool:
@@ -327,7 +358,10 @@ def log_line(accelerator: Accelerator, text: str) -> None:
 
 
 # What a run logs beside its model: TensorBoard's event files, pre-training's reconstruction pictures.
-RUN_LOG_FOLDERS = ("runs", "reconstructions")
+# What a run writes about itself from its start, before any model: its logs, pictures and the before-run scores of
+# the checkpoint's tasks (finetune.py). Removed when a run starts over, so that none reads as the new run's.
+RUN_RECORDS = ("runs", "reconstructions", "old_tasks_before.json")
+RUN_BY_PRODUCTS = ("checkpoints", *RUN_RECORDS)  # all a run killed before its first export leaves
 
 
 def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerator:
@@ -344,10 +378,14 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if args.overwrite_output_dir and accelerator.is_main_process:
-        # Starting over: the earlier run's logs and pictures would otherwise read as this run's (two values per step
-        # in TensorBoard). Its checkpoints go when the run starts (CheckpointManager.resume), its model at export.
-        for leftover in RUN_LOG_FOLDERS:
-            shutil.rmtree(Path(args.output_dir) / leftover, ignore_errors=True)
+        # Starting over: the earlier run's records would otherwise read as this run's (two values per step in
+        # TensorBoard). Its checkpoints go when the run starts (CheckpointManager.resume), its model at export.
+        for name in RUN_RECORDS:
+            leftover = Path(args.output_dir) / name
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if log_with:
         hyperparameters = {
@@ -617,9 +655,10 @@ class CheckpointManager:
         state: TrainState,
         ema: torch.optim.swa_utils.AveragedModel | None = None,
     ) -> CheckpointManager:
-        """A script's manager: `<output_dir>/checkpoints`, `--checkpoints_total_limit`, the run's arguments recorded."""
+        """A script's manager: `<output_dir>/checkpoints`, `--checkpoints_total_limit`, the run's arguments and script
+        recorded."""
         directory = Path(args.output_dir) / "checkpoints"
-        arguments = run_arguments(args, accelerator.num_processes)
+        arguments = {**run_arguments(args, accelerator.num_processes), "script": Path(sys.argv[0]).name}
         return cls(accelerator, directory, args.checkpoints_total_limit, state, ema, arguments=arguments)
 
     def complete(self) -> list[Path]:
@@ -693,6 +732,11 @@ class CheckpointManager:
             return
         saved = json.loads(record.read_text())
         now = json.loads(json.dumps(self.arguments))  # as JSON reads it back (tuples -> lists)
+        if saved.get("script", now.get("script")) != now.get("script"):  # checkpoints before 2026-12-04 have none
+            raise RunRefused(
+                f"{path} is a checkpoint of {saved['script']}, not of {now['script']}: resume it with "
+                f"{saved['script']}, or start a new run (--init_from a model folder to start from its weights)."
+            )
         changed = [
             f"--{name} {saved[name]!r} -> {now[name]!r}"
             for name in sorted(set(saved) & set(now))

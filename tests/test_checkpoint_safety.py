@@ -98,6 +98,11 @@ def test_a_resume_with_other_training_arguments_is_refused_and_with_the_same_one
     with pytest.raises(ValueError, match=r"--datasets \['breastmnist'\] -> .*--learning_rate 0.001 -> 0.5"):
         resumed.resume("latest")
     assert state.step == 0  # nothing was loaded
+    # A checkpoint of the other script is named as such, not as a difference in the flags both scripts have.
+    resumed.arguments = {**arguments, "script": "finetune.py"}
+    (path / "run_arguments.json").write_text(json.dumps({**arguments, "script": "pretrain.py"}))
+    with pytest.raises(ValueError, match="is a checkpoint of pretrain.py, not of finetune.py: resume it with pretrain"):
+        resumed.resume("latest")
     resumed.arguments = {**arguments, "num_processes": 2}  # recorded at 1 process (manager.arguments above)
     manager.arguments = {**arguments, "num_processes": 1}
     manager.save(4)

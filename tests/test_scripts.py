@@ -225,9 +225,12 @@ def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(
     assert json.loads((again / "validation_metrics.json").read_text())["step"] == 0
     started, exported = load_file(finetuned / "model.safetensors"), load_file(again / "model.safetensors")
     assert all(torch.equal(exported[key], started[key]) for key in started)
-    # Retrained at another size, the checkpoint's tasks are still scored "before" as the checkpoint was fed (28 px).
+    # Retrained at another size, the checkpoint's tasks are still scored "before" as the checkpoint was fed (28 px),
+    # and the starting weights are no step-0 candidate: exported, they would claim a size they never learned.
     resized = tmp_path / "resized"
-    checked(run_script(tmp_path, "finetune.py", *run, "--input_size_2d", "32", "--output_dir", str(resized)))
+    result = checked(run_script(tmp_path, "finetune.py", *run, "--input_size_2d", "32", "--output_dir", str(resized)))
+    assert "step 0 validation AUC" not in result.stdout
+    assert json.loads((resized / "validation_metrics.json").read_text())["step"] > 0
     assert MedformerImageProcessor.from_pretrained(resized).size_2d == [32, 32]
     before = {folder: json.loads((folder / "old_tasks_before.json").read_text()) for folder in (again, resized)}
     assert before[resized] == before[again]
@@ -240,7 +243,9 @@ def test_starting_over_in_a_folder_removes_the_earlier_runs_logs_and_pictures(tm
     run = [*SMALL_RUN, "--datasets", "breastmnist", "--report_to", "tensorboard", "--output_dir", str(output)]
     checked(run_script(tmp_path, "pretrain.py", *run, "--max_steps", "2", "--checkpointing_steps", "2"))
     first = set((output / "runs").rglob("events.out.tfevents.*"))
+    (output / "old_tasks_before.json").write_text("{}")  # as an earlier finetune.py run from a checkpoint left it
     checked(run_script(tmp_path, "pretrain.py", *run, "--max_steps", "1", "--overwrite_output_dir"))
+    assert not (output / "old_tasks_before.json").exists()
     second = set((output / "runs").rglob("events.out.tfevents.*"))
     assert first and len(second) == len(first) and not first & second
     assert [path.name for path in (output / "reconstructions").iterdir()] == ["step_00000001_breastmnist.png"]
@@ -489,6 +494,28 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
         assert torch.equal(expected[key], actual[key]), key
 
 
+def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monkeypatch, capsys):
+    """`latest` in a folder of the user's files without a checkpoint once trained a new run over them; another run's
+    checkpoint resumed into a folder holding a model wrote a card of that run beside the folder's own weights."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("mine")
+    elsewhere = tmp_path / "elsewhere" / "checkpoints" / "step_00000002"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for arguments, message in [
+        (
+            ["--output_dir", str(mine), "--resume_from_checkpoint", "latest"],
+            "holds files (README.md) but no checkpoint",
+        ),
+        (["--output_dir", str(mine), "--resume_from_checkpoint", str(elsewhere)], "not a checkpoint of the run in"),
+        (["--resume_from_checkpoint", str(tmp_path / "run")], "is a run's folder, not one of its checkpoints"),
+    ]:
+        result = run_main(monkeypatch, capsys, tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), *arguments)
+        assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
+    assert [path.name for path in mine.iterdir()] == ["README.md"] and (mine / "README.md").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("script", "arguments", "message"),
     [
@@ -569,6 +596,13 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
             + ["--datasets", "breastmnist", "--input_size_2d", "28"],
             "2D tasks ['pneumoniamnist', 'retinamnist'], which this run does not train, learned at 84x84 px",
         ),
+        (  # the model would refuse it at step 0, after a checkpoint was written
+            "finetune.py",
+            ["--data_dir", str(DATA_DIR), "--input_size_2d", "30"],
+            "--input_size_2d 30 is not a multiple of the model's 2D patch size 4: pass 28 or 32",
+        ),
+        ("pretrain.py", ["--data_dir", str(DATA_DIR), "--input_size_3d", "2"], "3D patch size 4: pass 4."),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--init_from", "/no/such/folder"], "is not a folder (nor a Hub"),
         (  # --num_train_epochs once replaced the --max_steps given beside it without a word
             "finetune.py",
             ["--data_dir", str(DATA_DIR), "--max_steps", "5", "--num_train_epochs", "0.3"],
