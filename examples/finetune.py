@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from accelerate.utils import set_seed
+from transformers.utils import CONFIG_NAME
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
@@ -131,9 +132,22 @@ def parse_args() -> argparse.Namespace:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
     if args.init_from is not None and not Path(args.init_from).is_dir() and not is_hub_id(args.init_from):
         parser.error(f"--init_from {args.init_from} is not a folder (nor a Hub id, user/name).")
+    if (
+        args.init_from is not None
+        and Path(args.init_from).is_dir()
+        and not (Path(args.init_from) / CONFIG_NAME).is_file()
+    ):
+        parser.error(
+            f"--init_from {args.init_from} has no {CONFIG_NAME}: pass a folder pretrain.py or finetune.py wrote."
+        )
     resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
-    needed = args.init_from is not None and (args.pretext_weight or resized)  # read once, for the checks below
-    init_config = MedformerConfig.from_pretrained(args.init_from) if needed else None
+    init_config = MedformerConfig.from_pretrained(args.init_from) if args.init_from else None  # read once, for below
+    if init_config is not None and "MedformerForImageClassification" in (init_config.architectures or []):
+        parser.error(
+            f"--init_from {args.init_from} holds a single-task classifier (extract_task.py's or the Trainer's), and "
+            "finetune.py trains multi-task models: pass the multi-task folder it came from, or fine-tune the "
+            "classifier with transformers' Trainer (README, 'With the Hugging Face tools you already use')."
+        )
     if resized and (problem := input_size_problem(args, init_config or MedformerConfig(**model_config_kwargs(args)))):
         parser.error(problem)
     if args.pretext_weight:

@@ -110,3 +110,7 @@ def test_a_near_miss_of_an_option_is_refused_not_kept_as_an_attribute(tmp_path):
     with pytest.raises(ValueError, match="no option 'hidden_dim'; did you mean 'hidden_size'"):
         AutoConfig.from_pretrained(tmp_path, hidden_dim=64)
     assert MedformerConfig.from_pretrained(tmp_path, hidden_size=64).hidden_size == 64
+    # transformers reads a folder without config.json as an empty config: the default model's would come back.
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(OSError, match="has no config.json"):
+        MedformerConfig.from_pretrained(tmp_path / "runs")

@@ -16,13 +16,14 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from medformer_hf import MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf import MedformerForImageClassification, MedformerForMultiTask, MedformerImageProcessor
 from medformer_hf.hub import HubError, card_metrics, push_folder, upload_plan
 
 from .conftest import DATA_DIR, REPO_ROOT
 from .test_remote_code import run_without_the_package
 
 EXAMPLES = REPO_ROOT / "examples"
+RELEASE = REPO_ROOT / "checkpoints" / "medformer-small-medmnist"
 DATASETS = ["breastmnist", "vesselmnist3d"]
 SMALL_RUN = ["--data_dir", str(DATA_DIR), "--datasets", *DATASETS, "--batch_size", "8", "--report_to", "none"]
 
@@ -494,6 +495,14 @@ def test_a_run_killed_between_its_first_export_and_its_first_checkpoint_resumes(
         assert torch.equal(expected[key], actual[key]), key
 
 
+def test_a_single_task_classifier_is_refused_as_a_starting_point_in_one_line(tmp_path, monkeypatch, capsys):
+    """As a multi-task model its trained head would go unused and its task's head would start random."""
+    release = MedformerForMultiTask.from_pretrained(REPO_ROOT / "checkpoints" / "medformer-small-medmnist")
+    MedformerForImageClassification.from_multi_task(release, "breastmnist").config.save_pretrained(tmp_path / "one")
+    result = run_main(monkeypatch, capsys, tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), "--init_from", "one")
+    assert result.returncode == 2 and "holds a single-task classifier" in result.stderr.strip().splitlines()[-1]
+
+
 def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monkeypatch, capsys):
     """`latest` in a folder of the user's files without a checkpoint once trained a new run over them; another run's
     checkpoint resumed into a folder holding a model wrote a card of that run beside the folder's own weights."""
@@ -544,12 +553,12 @@ def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monk
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--output_dir", str(EXAMPLES)], "--overwrite_output_dir"),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--conv_stem_blocks", "1"],
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--conv_stem_blocks", "1"],
             "--conv_stem_blocks shape a model built from scratch",
         ),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--model_size", "tiny"],
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--model_size", "tiny"],
             "--model_size shape a model built from scratch",  # the default value, given: still refused
         ),
         (
@@ -574,18 +583,18 @@ def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monk
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--adapt_input"], "--adapt_input extends the adapters"),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads", "--layer_decay", "0.7"],
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--train", "new_heads", "--layer_decay", "0.7"],
             "--layer_decay changes nothing with --train new_heads",
         ),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--train", "output_and_heads"]
             + ["--drop_path_rate", "0.1"],
             "which --train output_and_heads freezes",
         ),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "new_heads"]
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--train", "new_heads"]
             + ["--drop_path_rate", "0.1"],
             "which --train new_heads freezes",
         ),
@@ -603,6 +612,7 @@ def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monk
         ),
         ("pretrain.py", ["--data_dir", str(DATA_DIR), "--input_size_3d", "2"], "3D patch size 4: pass 4."),
         ("finetune.py", ["--data_dir", str(DATA_DIR), "--init_from", "/no/such/folder"], "is not a folder (nor a Hub"),
+        ("finetune.py", ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES)], "has no config.json: pass a"),
         (  # --num_train_epochs once replaced the --max_steps given beside it without a word
             "finetune.py",
             ["--data_dir", str(DATA_DIR), "--max_steps", "5", "--num_train_epochs", "0.3"],
@@ -610,7 +620,7 @@ def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monk
         ),
         (
             "finetune.py",
-            ["--data_dir", str(DATA_DIR), "--init_from", str(EXAMPLES), "--train", "output_and_heads"]
+            ["--data_dir", str(DATA_DIR), "--init_from", str(RELEASE), "--train", "output_and_heads"]
             + ["--pretext_weight", "1"],
             "--pretext_weight trains the encoder, which --train output_and_heads freezes",
         ),

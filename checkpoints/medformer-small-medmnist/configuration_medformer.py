@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import os
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -593,6 +594,18 @@ class MedformerConfig(PretrainedConfig):
         for key in sorted(set(kwargs) - transformers_own):
             if close := closest_option(key, own):
                 raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close!r}?")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[dict, dict]:
+        """transformers reads a folder without config.json as an empty config, so `from_pretrained` would return the
+        default model's config for a folder that holds none: that is refused."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if not config_dict:
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no config.json: pass a folder that save_pretrained wrote (or "
+                "the scripts' --output_dir), or a Hub id of a Medformer."
+            )
+        return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
