@@ -141,7 +141,10 @@ def parse_args() -> argparse.Namespace:
             f"--init_from {args.init_from} has no {CONFIG_NAME}: pass a folder pretrain.py or finetune.py wrote."
         )
     resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
-    init_config = MedformerConfig.from_pretrained(args.init_from) if args.init_from else None  # read once, for below
+    try:
+        init_config = MedformerConfig.from_pretrained(args.init_from) if args.init_from else None  # once, for below
+    except OSError as error:  # a Hub id offline or not found
+        parser.error(f"--init_from {args.init_from} cannot be read: {str(error).splitlines()[0]}")
     if init_config is not None and "MedformerForImageClassification" in (init_config.architectures or []):
         parser.error(
             f"--init_from {args.init_from} holds a single-task classifier (extract_task.py's or the Trainer's), and "
@@ -400,9 +403,11 @@ def main() -> None:
         if accelerator.is_main_process:
             export_model_folder(output_dir, write)
 
+    def fed_size(fed_by: MedformerImageProcessor, dims: int) -> list[int]:  # no size: the files' own
+        return list(getattr(fed_by, f"size_{dims}d") or [args.size] * dims)
+
     fed_as_before = starting_processor is not None and all(
-        list(getattr(processor, key) or []) == list(getattr(starting_processor, key) or [])
-        for key in ("size_2d", "size_3d")
+        fed_size(processor, dims) == fed_size(starting_processor, dims) for dims in (2, 3)
     )
     if args.init_from and state.step == 0 and set(args.datasets) <= set(old_tasks) and fed_as_before:
         # A continuation (a warm restart, more epochs): the starting weights are a candidate too, so a run that only

@@ -224,20 +224,22 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error(f"--max_grad_norm must be >= 0 (0 turns clipping off), got {args.max_grad_norm}.")
     entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
     held = [name for name in entries if name not in RUN_BY_PRODUCTS]  # a model, or files of someone else's
-    if resume == "latest" and not checkpoints_in(output_dir / "checkpoints") and held:
-        what = (
-            "a model" if "config.json" in held else f"files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
-        )
+    has_checkpoints = bool(checkpoints_in(output_dir / "checkpoints"))
+    if resume == "latest" and not has_checkpoints and held:
+        what = "a model" if "config.json" in held else f"files ({', '.join(held[:3])})"
         parser.error(
             f"--output_dir {output_dir} holds {what} but no checkpoint of a run to continue, so "
             "--resume_from_checkpoint latest would train a new model over it: pass another --output_dir, or "
             "--overwrite_output_dir to replace it."
         )
-    if resume not in (None, "latest") and Path(resume).resolve().parent.parent != output_dir.resolve() and entries:
+    # Another run's checkpoint resumed into a folder holding a model or checkpoints would mix the two runs (a folder
+    # of logs alone, such as a refused attempt leaves, is fine). A symlinked checkpoints/ still names its run folder.
+    elsewhere = resume not in (None, "latest") and Path(resume).parent.parent.resolve() != output_dir.resolve()
+    if elsewhere and (held or has_checkpoints):
         parser.error(
-            f"--resume_from_checkpoint {resume} is not a checkpoint of the run in --output_dir {output_dir}, which is "
-            "not empty: resume it into an empty --output_dir (or continue the run there with "
-            "--resume_from_checkpoint latest)."
+            f"--resume_from_checkpoint {resume} is not a checkpoint of the run in --output_dir {output_dir}, which "
+            "holds a run of its own: continue that one with --resume_from_checkpoint latest, or resume this "
+            "checkpoint into another --output_dir."
         )
     if entries and resume is None and not args.overwrite_output_dir:
         parser.error(
@@ -357,7 +359,6 @@ def log_line(accelerator: Accelerator, text: str) -> None:
         tqdm.write(text)
 
 
-# What a run logs beside its model: TensorBoard's event files, pre-training's reconstruction pictures.
 # What a run writes about itself from its start, before any model: its logs, pictures and the before-run scores of
 # the checkpoint's tasks (finetune.py). Removed when a run starts over, so that none reads as the new run's.
 RUN_RECORDS = ("runs", "reconstructions", "old_tasks_before.json")
@@ -382,7 +383,7 @@ def create_accelerator(args: argparse.Namespace, project_name: str) -> Accelerat
         # TensorBoard). Its checkpoints go when the run starts (CheckpointManager.resume), its model at export.
         for name in RUN_RECORDS:
             leftover = Path(args.output_dir) / name
-            if leftover.is_dir():
+            if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink(missing_ok=True)
@@ -811,7 +812,7 @@ def carry_best_model(
     forget the score instead, so the next validation exports a model; a finished run has none left, so it is refused.
     """
     output_dir = Path(output_dir)
-    source = resumed.resolve().parent.parent if resumed is not None else None
+    source = resumed.parent.parent.resolve() if resumed is not None else None
     move = source is not None and source != output_dir.resolve() and not (output_dir / "config.json").is_file()
     accelerator.wait_for_everyone()  # every process has decided before the main one writes
     if not move:
@@ -957,11 +958,12 @@ def train(
     `loader` must use a `TaskBatchSampler` (its epoch and start batch are set here, so a resumed run reads exactly the
     batches the interrupted one would have). `compute_loss(model, batch)` returns the loss and extra scalars to log.
 
-    A fresh run first saves its step-0 state: `on_checkpoint` may export a model before the first periodic checkpoint
-    is written, and a folder holding a model but no checkpoint is refused as a run to continue.
+    A run without a checkpoint of its own (a fresh one, or one resumed from another folder's checkpoint, whose best
+    model `carry_best_model` brought along) first saves its state: `on_checkpoint` may export a model before the first
+    periodic checkpoint is written, and a folder holding a model but no checkpoint is refused as a run to continue.
     """
-    if state.step == 0 and checkpoints.latest() is None:
-        checkpoints.save(0)
+    if checkpoints.latest() is None:
+        checkpoints.save(state.step)
     sampler = loader.batch_sampler
     progress = tqdm(total=args.max_steps, initial=state.step, disable=not accelerator.is_local_main_process)
     model.train()

@@ -16,7 +16,13 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from medformer_hf import MedformerForImageClassification, MedformerForMultiTask, MedformerImageProcessor
+from medformer_hf import (
+    MedformerConfig,
+    MedformerForImageClassification,
+    MedformerForMultiTask,
+    MedformerImageProcessor,
+)
+from medformer_hf.data import CATALOGUE
 from medformer_hf.hub import HubError, card_metrics, push_folder, upload_plan
 
 from .conftest import DATA_DIR, REPO_ROOT
@@ -85,7 +91,10 @@ def run_main(
     with pytest.raises(SystemExit) as stopped:
         module.main()
     captured = capsys.readouterr()
-    return subprocess.CompletedProcess(script, stopped.value.code or 0, captured.out, captured.err)
+    code = stopped.value.code
+    if isinstance(code, str):  # as the interpreter does at exit: the message on stderr, status 1
+        return subprocess.CompletedProcess(script, 1, captured.out, f"{captured.err}{code}\n")
+    return subprocess.CompletedProcess(script, code or 0, captured.out, captured.err)
 
 
 def checked(result) -> subprocess.CompletedProcess:
@@ -202,6 +211,7 @@ def test_pretrain_finetune_evaluate_end_to_end(pretrained, workdir, tmp_path):
         workdir, "finetune.py", *run, "--resume_from_checkpoint", str(last), "--output_dir", str(moved)
     )
     checked(resumed)
+    assert (moved / "checkpoints" / last.name).is_dir()  # saved at once: `latest` continues it there if killed
     assert load_file(moved / "model.safetensors").keys() == load_file(finetuned / "model.safetensors").keys()
     for name, value in load_file(moved / "model.safetensors").items():
         assert torch.equal(value, load_file(finetuned / "model.safetensors")[name])
@@ -235,6 +245,17 @@ def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(
     assert MedformerImageProcessor.from_pretrained(resized).size_2d == [32, 32]
     before = {folder: json.loads((folder / "old_tasks_before.json").read_text()) for folder in (again, resized)}
     assert before[resized] == before[again]
+
+
+def test_a_folder_saved_without_its_processor_is_continued_from_its_own_weights_too(tmp_path):
+    """No processor and no recorded size: it is fed the files' own size, as this run feeds it, so the starting weights
+    stay a step-0 candidate."""
+    config = MedformerConfig(hidden_size=32, num_latents=4, num_hidden_layers=1, num_attention_heads=2)
+    config.tasks = {"breastmnist": CATALOGUE["breastmnist"].task_spec()}
+    MedformerForMultiTask(config).save_pretrained(tmp_path / "plain")
+    run = [*SMALL_RUN[:2], "--datasets", "breastmnist", "--batch_size", "8", "--report_to", "none"]
+    run += ["--init_from", str(tmp_path / "plain"), "--max_steps", "1", "--output_dir", str(tmp_path / "again")]
+    assert "step 0 validation AUC" in checked(run_script(tmp_path, "finetune.py", *run)).stdout
 
 
 def test_starting_over_in_a_folder_removes_the_earlier_runs_logs_and_pictures(tmp_path):
@@ -523,6 +544,11 @@ def test_a_resume_never_writes_over_a_folder_it_does_not_continue(tmp_path, monk
         result = run_main(monkeypatch, capsys, tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), *arguments)
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
     assert [path.name for path in mine.iterdir()] == ["README.md"] and (mine / "README.md").read_text() == "mine"
+    # A folder with only the logs of a refused attempt takes the checkpoint (here refused later: it is not one).
+    (tmp_path / "retry" / "runs").mkdir(parents=True)
+    arguments = ["--datasets", "breastmnist", "--output_dir", "retry", "--resume_from_checkpoint", str(elsewhere)]
+    result = run_main(monkeypatch, capsys, tmp_path, "finetune.py", "--data_dir", str(DATA_DIR), *arguments)
+    assert result.returncode == 1 and "lacks train_state.json" in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize(
