@@ -9,6 +9,8 @@ checkpoint the model is evaluated on the validation splits; the best mean valida
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -270,6 +272,18 @@ def old_tasks_report(before: dict[str, dict[str, float]], after: dict[str, dict[
     return "\n".join(lines)
 
 
+@contextmanager
+def sizes_recorded_as_fed(config: MedformerConfig, fed_by: MedformerImageProcessor) -> Iterator[None]:
+    """While inside, `config` records the input sizes `fed_by` feeds: the "before" pass feeds the checkpoint as it was
+    fed, which a model already told of this run's new size would warn about as a size it was not trained at."""
+    recorded = config.image_size_2d, config.image_size_3d
+    config.image_size_2d, config.image_size_3d = fed_by.size_2d, fed_by.size_3d
+    try:
+        yield
+    finally:
+        config.image_size_2d, config.image_size_3d = recorded
+
+
 @refusals_in_one_line
 def main() -> None:
     args = parse_args()
@@ -366,9 +380,10 @@ def main() -> None:
     # What is evaluated and saved: the EMA of the weights when it is on.
     evaluated = fine_tuned_model(accelerator.unwrap_model(trained) if ema is None else ema.module)
     if old_validation and state.step == 0:
-        old_before, _ = evaluate_tasks(
-            accelerator, evaluated, old_validation, old_task_collators(starting_processor), args.batch_size
-        )
+        with sizes_recorded_as_fed(evaluated.config, starting_processor):
+            old_before, _ = evaluate_tasks(
+                accelerator, evaluated, old_validation, old_task_collators(starting_processor), args.batch_size
+            )
         if accelerator.is_main_process:
             (output_dir / "old_tasks_before.json").parent.mkdir(parents=True, exist_ok=True)
             (output_dir / "old_tasks_before.json").write_text(json.dumps(old_before, indent=2))

@@ -241,6 +241,7 @@ def test_continuing_a_model_keeps_the_starting_weights_unless_a_step_beats_them(
     resized = tmp_path / "resized"
     result = checked(run_script(tmp_path, "finetune.py", *run, "--input_size_2d", "32", "--output_dir", str(resized)))
     assert "step 0 validation AUC" not in result.stdout
+    assert "but this model was trained at" not in result.stderr  # "before" feeds 28 px to a model fed 28 px
     assert json.loads((resized / "validation_metrics.json").read_text())["step"] > 0
     assert MedformerImageProcessor.from_pretrained(resized).size_2d == [32, 32]
     before = {folder: json.loads((folder / "old_tasks_before.json").read_text()) for folder in (again, resized)}
