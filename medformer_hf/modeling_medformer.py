@@ -985,9 +985,11 @@ class MedformerPreTrainedModel(PreTrainedModel):
         initialised anew (train them before use) and which checkpoint modules this class does not use.
 
         A single-task classifier refuses a multi-task folder (its head would be random): use
-        `MedformerForImageClassification.from_multi_task(path, task=...)`.
+        `MedformerForImageClassification.from_multi_task(path, task=...)`. A keyword that nearly names a config option
+        is refused naming it, as the config does.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        cls.config_class.refuse_near_misses(kwargs)  # `hidden_dim=` would end in "unexpected keyword" otherwise
         relabelling = sorted(key for key in ("num_labels", "id2label", "label2id", "problem_type") if key in kwargs)
         if cls.__name__ == "MedformerForMultiTask" and relabelling:
             raise ValueError(

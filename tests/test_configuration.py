@@ -3,7 +3,7 @@ import json
 import pytest
 from transformers import AutoConfig
 
-from medformer_hf import MedformerConfig
+from medformer_hf import MedformerConfig, MedformerForMultiTask
 from medformer_hf.configuration_medformer import AUTO_MAP
 
 from .conftest import TASKS, make_tiny_config
@@ -110,6 +110,8 @@ def test_a_near_miss_of_an_option_is_refused_not_kept_as_an_attribute(tmp_path):
     with pytest.raises(ValueError, match="no option 'hidden_dim'; did you mean 'hidden_size'"):
         AutoConfig.from_pretrained(tmp_path, hidden_dim=64)
     assert MedformerConfig.from_pretrained(tmp_path, hidden_size=64).hidden_size == 64
+    with pytest.raises(ValueError, match="no option 'num_latent'; did you mean 'num_latents'"):
+        MedformerForMultiTask.from_pretrained(tmp_path, num_latent=8)  # transformers: "unexpected keyword argument"
     # transformers reads a folder without config.json as an empty config: the default model's would come back.
     (tmp_path / "runs").mkdir()
     with pytest.raises(OSError, match="has no config.json"):

@@ -293,7 +293,7 @@ class MedformerConfig(PretrainedConfig):
         **kwargs,
     ):
         if not SAVED_CONFIG_KEYS & set(kwargs):  # built here, not read from a saved config (which may hold old fields)
-            self._refuse_near_misses(kwargs)
+            self.refuse_near_misses(kwargs)
         self.hidden_size = hidden_size
         self.num_latents = num_latents
         self.num_hidden_layers = num_hidden_layers
@@ -582,7 +582,7 @@ class MedformerConfig(PretrainedConfig):
         super().__setattr__(key, value)
 
     @classmethod
-    def _refuse_near_misses(cls, kwargs: dict[str, Any]) -> None:
+    def refuse_near_misses(cls, kwargs: dict[str, Any]) -> None:
         """PretrainedConfig keeps any keyword as an attribute, so `hidden_dim=64` would build a default-width model
         without a word: a keyword that is not transformers' and nearly names one of ours is refused."""
         own = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "kwargs")]
@@ -591,7 +591,7 @@ class MedformerConfig(PretrainedConfig):
             *PretrainedConfig().to_dict(),
             *dir(PretrainedConfig),  # properties such as num_labels
         }
-        for key in sorted(set(kwargs) - transformers_own):
+        for key in sorted(set(kwargs) - transformers_own - set(own)):  # an option itself (a loading override) passes
             if close := closest_option(key, own):
                 raise ValueError(f"MedformerConfig has no option {key!r}; did you mean {close!r}?")
 
@@ -615,7 +615,7 @@ class MedformerConfig(PretrainedConfig):
         if kwargs.get("return_unused_kwargs"):
             return super().from_dict(config_dict, **kwargs)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        cls._refuse_near_misses(unused)
+        cls.refuse_near_misses(unused)
         return config
 
     def to_dict(self) -> dict[str, Any]:
