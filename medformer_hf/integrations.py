@@ -195,6 +195,7 @@ def export_onnx(
     (needs the `[onnx]` extra).
     """
     model = model.eval()
+    specs = model.config.tasks
     if hasattr(model, "task_heads"):
         tasks = list(model.config.tasks)
         task = tasks[0] if task is None and len(tasks) == 1 else task
@@ -209,6 +210,12 @@ def export_onnx(
         model = _TaskLogits(model, task).eval()
     elif task is not None:
         raise ValueError("task= is for multi-task models; this model has a single head.")
+    wanted = (specs.get(task) if task else next(iter(specs.values()), {})).get("num_channels")
+    if wanted is not None and input_shape[1] != wanted:  # the model's own check below words it for images
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} has {input_shape[1]} channels; the task takes {wanted}-channel images: "
+            f"pass ({input_shape[0]}, {wanted}, ...)."
+        )
     batch = input_shape[0]
     ids = {name: torch.zeros(batch, dtype=torch.long) for name in ("modality_ids", "body_part_ids")}
     # One eager forward first: it refuses a shape the task was not trained on (e.g. colour for a grayscale task),

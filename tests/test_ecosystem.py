@@ -324,7 +324,10 @@ def test_onnx_export_refuses_a_shape_the_task_was_not_trained_on(tmp_path):
     from medformer_hf.integrations import export_onnx
 
     model = MedformerForMultiTask(make_tiny_config(tasks={"xray": CATALOGUE["pneumoniamnist"].task_spec()})).eval()
-    for shape, message in [((1, 3, 28, 28), "grayscale"), ((1, 1, 28, 28, 28), "2D")]:
+    for shape, message in [
+        ((1, 3, 28, 28), r"has 3 channels; the task takes 1-channel images: pass \(1, 1, "),
+        ((1, 1, 28, 28, 28), "2D"),
+    ]:
         with pytest.raises(ValueError, match=message):
             export_onnx(model, tmp_path / "model.onnx", shape, task="xray")
     assert not (tmp_path / "model.onnx").exists()
