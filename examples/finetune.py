@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import set_seed
-from transformers.utils import CONFIG_NAME
 
 from medformer_hf import MedformerConfig, MedformerForMultiTask, MedformerImageProcessor, multitask_loss
 from medformer_hf.data import CATALOGUE, MedformerCollator, build_multitask_dataset, multitask_dataloader
@@ -134,18 +133,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--pretext_weight keeps a pre-training's pretext tasks running: pass --init_from <its folder>.")
     if args.init_from is not None and not Path(args.init_from).is_dir() and not is_hub_id(args.init_from):
         parser.error(f"--init_from {args.init_from} is not a folder (nor a Hub id, user/name).")
-    if (
-        args.init_from is not None
-        and Path(args.init_from).is_dir()
-        and not (Path(args.init_from) / CONFIG_NAME).is_file()
-    ):
-        parser.error(
-            f"--init_from {args.init_from} has no {CONFIG_NAME}: pass a folder pretrain.py or finetune.py wrote."
-        )
     resized = [dims for dims in (2, 3) if getattr(args, f"input_size_{dims}d") is not None]
     try:
         init_config = MedformerConfig.from_pretrained(args.init_from) if args.init_from else None  # once, for below
-    except OSError as error:  # a Hub id offline or not found
+    except OSError as error:  # a folder without config.json, a Hub id offline or not found
         parser.error(f"--init_from {args.init_from} cannot be read: {str(error).splitlines()[0]}")
     if init_config is not None and "MedformerForImageClassification" in (init_config.architectures or []):
         parser.error(

@@ -197,7 +197,7 @@ def export_onnx(
     model = model.eval()
     specs = model.config.tasks
     if hasattr(model, "task_heads"):
-        tasks = list(model.config.tasks)
+        tasks = list(specs)
         task = tasks[0] if task is None and len(tasks) == 1 else task
         if task not in tasks:
             raise ValueError(f"Pass the task to export; this multi-task model has {tasks}.")

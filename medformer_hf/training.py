@@ -37,6 +37,7 @@ from .modeling_medformer import (
     MedformerForPreTraining,
     classifier_probabilities,
     mean_over_flips,
+    patch_size_for,
     task_probabilities,
 )
 
@@ -268,7 +269,7 @@ def input_size_problem(args: argparse.Namespace, config: MedformerConfig) -> str
     start-up, before a checkpoint is written."""
     for dims in (2, 3):
         side = getattr(args, f"input_size_{dims}d")
-        patch = config.patch_size_2d if dims == 2 else config.patch_size_3d
+        patch = patch_size_for(config, dims)
         if side is not None and side % patch:
             nearest = " or ".join(str(size) for size in (side // patch * patch, (side // patch + 1) * patch) if size)
             return (
